@@ -1,0 +1,146 @@
+"""Backbone registry: image models looked up by name, as keras.applications and timm do.
+
+Every backbone takes float32 RGB in [0, 255] and carries its own preprocessing as ordinary Keras
+layers (no Lambda layers, so saved models load with `safe_mode`). Adding a backbone is adding one
+`Backbone` entry to `BACKBONES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+# Preprocessing conventions of keras.applications, as layers.
+Preprocess = Callable[[], list[layers.Layer]]
+
+
+def _included() -> list[layers.Layer]:
+    """The application normalises its own [0, 255] input (EfficientNet, MobileNetV3, ConvNeXt)."""
+    return []
+
+
+def _symmetric() -> list[layers.Layer]:
+    """'tf' mode: scale to [-1, 1] (ResNetV2, MobileNetV2, the compact CNN)."""
+    return [layers.Rescaling(1 / 127.5, offset=-1.0)]
+
+
+def _imagenet_standardise() -> list[layers.Layer]:
+    """'torch' mode: [0, 1] then ImageNet mean/std per channel (DenseNet)."""
+    mean = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+    variance = [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]
+    return [layers.Normalization(mean=mean, variance=variance)]
+
+
+def _residual_block(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
+    shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(x)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn1")(x)
+    x = layers.Activation("relu", name=f"{name}_relu1")(x)
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn2")(x)
+    x = layers.Add(name=f"{name}_add")([x, shortcut])
+    x = layers.Activation("relu", name=f"{name}_out")(x)
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+
+
+def compact_cnn(input_shape: tuple[int, int, int], width: int = 32, weights: str | None = None) -> keras.Model:
+    """A small residual CNN (0.3M parameters at width 32; stride-2 stem) that trains from scratch on a CPU."""
+    if weights == "imagenet":
+        raise ValueError("the compact CNN `small` has no ImageNet weights; use --weights none or a path.")
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.Activation("relu", name="stem_relu")(x)
+    for stage, multiplier in enumerate((1, 2, 4)):
+        x = _residual_block(x, width * multiplier, name=f"stage{stage}")
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = keras.Model(inputs, x, name=f"compact_cnn_w{width}")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+def _application(constructor: Callable[..., keras.Model], **fixed: object) -> Callable[..., keras.Model]:
+    """Wrap a keras.applications constructor as a pooled feature extractor."""
+
+    def build(input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
+        return constructor(include_top=False, weights=weights, input_shape=input_shape, pooling="avg", **fixed)
+
+    return build
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A named feature extractor with its preprocessing and the smallest input it accepts."""
+
+    name: str
+    build: Callable[..., keras.Model]
+    preprocess: Preprocess
+    min_size: int = 32
+
+
+apps = keras.applications
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("small", compact_cnn, _symmetric, min_size=8),
+        Backbone("efficientnet_b0", _application(apps.EfficientNetB0), _included),
+        Backbone("efficientnet_b1", _application(apps.EfficientNetB1), _included),
+        Backbone("efficientnet_b2", _application(apps.EfficientNetB2), _included),
+        Backbone("efficientnet_b3", _application(apps.EfficientNetB3), _included),
+        Backbone("efficientnetv2_b0", _application(apps.EfficientNetV2B0, include_preprocessing=True), _included),
+        Backbone("efficientnetv2_s", _application(apps.EfficientNetV2S, include_preprocessing=True), _included),
+        Backbone("mobilenet_v3_small", _application(apps.MobileNetV3Small, include_preprocessing=True), _included),
+        Backbone("mobilenet_v3_large", _application(apps.MobileNetV3Large, include_preprocessing=True), _included),
+        Backbone("resnet50v2", _application(apps.ResNet50V2), _symmetric),
+        Backbone("densenet121", _application(apps.DenseNet121), _imagenet_standardise),
+        Backbone("convnext_tiny", _application(apps.ConvNeXtTiny, include_preprocessing=True), _included),
+    )
+}
+
+
+def resolve_weights(weights: str) -> str | None:
+    """`none` -> None, `imagenet` -> 'imagenet', anything else must be an existing weights file."""
+    if weights.lower() == "none":
+        return None
+    if weights.lower() == "imagenet":
+        return "imagenet"
+    if not Path(weights).exists():
+        raise FileNotFoundError(f"--weights {weights}: no such file; give none, imagenet or a weights file path.")
+    return weights
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by name, listing the registered ones when it is unknown."""
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}.")
+    return BACKBONES[name]
+
+
+def build_classifier(
+    name: str, image_size: int, weights: str = "none", dropout: float = 0.2, bn_momentum: float = 0.9
+) -> keras.Model:
+    """Backbone + its preprocessing + a dropout and sigmoid melanoma head; input float32 [0, 255].
+
+    Batch-norm momentum is lowered from the applications' 0.99 to `bn_momentum` so the moving
+    statistics used at inference catch up within the few hundred steps of a small-data run.
+    """
+    backbone = get_backbone(name)
+    if image_size < backbone.min_size:
+        raise ValueError(f"backbone {name!r} needs images of at least {backbone.min_size} px, got {image_size}.")
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    for layer in backbone.preprocess():
+        x = layer(x)
+    features = backbone.build((image_size, image_size, 3), weights=resolve_weights(weights))
+    for layer in features.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    x = features(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="melanoma")(x)
+    return keras.Model(inputs, outputs, name=f"{name}_classifier")

@@ -1,0 +1,111 @@
+"""LightGBM stacker over CNN OOF probabilities, metadata and patient context, on the CNNs' folds.
+
+Leakage rules: features are built without reading `target`; for each fold the booster is trained
+only on the other folds' rows, whose CNN probabilities are themselves out-of-fold; the number of
+boosting rounds is fixed, never tuned on the held-out fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from metadata.features import check_feature_columns, metadata_features, patient_context_features
+
+
+def default_lgb_params() -> dict[str, object]:
+    """Shallow, regularised trees: the stacker sees few rows and few strong features."""
+    return {
+        "objective": "binary",
+        "learning_rate": 0.03,
+        "num_leaves": 7,
+        "min_data_in_leaf": 20,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 2,
+        "verbose": -1,
+    }
+
+
+@dataclass
+class LightGBMStacker:
+    """A binary LightGBM model with scikit-learn style `fit` / `predict`."""
+
+    num_boost_round: int = 300
+    seed: int = 0
+    params: dict[str, object] = field(default_factory=default_lgb_params)
+    booster: lgb.Booster | None = None
+
+    def fit(self, features: pd.DataFrame, target: np.ndarray) -> LightGBMStacker:
+        check_feature_columns(list(features.columns))
+        params = {**self.params, "seed": self.seed}
+        dataset = lgb.Dataset(features, label=np.asarray(target, dtype=float), free_raw_data=False)
+        self.booster = lgb.train(params, dataset, num_boost_round=self.num_boost_round)
+        return self
+
+    def predict(self, features: pd.DataFrame) -> np.ndarray:
+        if self.booster is None:
+            raise RuntimeError("fit the stacker before predicting.")
+        return self.booster.predict(features[self.booster.feature_name()])
+
+    def save(self, path: Path) -> None:
+        if self.booster is None:
+            raise RuntimeError("fit the stacker before saving.")
+        self.booster.save_model(str(path))
+
+
+def build_stack_features(rows: pd.DataFrame, cnn_probs: pd.DataFrame) -> pd.DataFrame:
+    """Stacker features for `rows` (one split): CNN probabilities, metadata and patient context.
+
+    `cnn_probs` has one column per CNN, aligned with `rows`. Only `patient_id`, `age`, `sex` and
+    `site` of `rows` are read, never the label.
+    """
+    cnn_probs = cnn_probs.set_axis(rows.index)
+    return pd.concat(
+        [cnn_probs, metadata_features(rows), patient_context_features(rows["patient_id"], cnn_probs)], axis=1
+    )
+
+
+@dataclass
+class StackResult:
+    """Out-of-fold and fold-averaged test predictions of the stacker, with the fitted models."""
+
+    oof_probs: np.ndarray
+    test_probs: np.ndarray
+    models: list[LightGBMStacker]
+
+
+def cross_val_stack(
+    train_features: pd.DataFrame,
+    target: np.ndarray,
+    folds: np.ndarray,
+    test_features: pd.DataFrame,
+    num_boost_round: int = 300,
+    seed: int = 0,
+    params: dict[str, object] | None = None,
+) -> StackResult:
+    """Fit one stacker per fold on the other folds; predict the held-out fold and the test set."""
+    target = np.asarray(target)
+    oof = np.full(len(train_features), np.nan)
+    test_probs = []
+    models = []
+    for fold in np.unique(folds):
+        held_out = folds == fold
+        model = LightGBMStacker(
+            num_boost_round=num_boost_round, seed=seed + int(fold), params=params or default_lgb_params()
+        )
+        model.fit(train_features[~held_out], target[~held_out])
+        oof[held_out] = model.predict(train_features[held_out])
+        if len(test_features):
+            test_probs.append(model.predict(test_features))
+        models.append(model)
+    test_mean = np.mean(test_probs, axis=0) if test_probs else np.array([])
+    return StackResult(oof_probs=oof, test_probs=test_mean, models=models)

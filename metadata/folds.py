@@ -1,0 +1,71 @@
+"""Triple-stratified K folds: grouped by patient, stratified by target, balanced in images per patient.
+
+Folds are assigned to *patients* (so no patient is in two folds) with scikit-learn's
+`StratifiedKFold` over one stratum label per patient that combines how many melanomas the patient
+has (0, 1, 2+) with a quantile bin of their image count. Each fold thus gets a similar melanoma rate
+and a similar mix of patients with few and many images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+
+def _patient_strata(patients: pd.DataFrame, k: int) -> np.ndarray:
+    """One stratum label per patient, coarsened until every stratum has at least k patients.
+
+    Finest first: melanoma count (0, 1, 2+) x 4 image-count quantile bins; then fewer bins; then
+    melanoma yes/no alone; then a single stratum.
+    """
+    melanomas = patients["melanomas"].to_numpy()
+    ranks = patients["images"].rank(method="first")
+    for melanoma_classes in (3, 2, 1):
+        melanoma_class = np.minimum(melanomas, melanoma_classes - 1)
+        for bins in (4, 3, 2, 1):
+            size_bin = pd.qcut(ranks, bins, labels=False).to_numpy()
+            strata = melanoma_class * bins + size_bin
+            counts = np.bincount(strata)
+            if counts[counts > 0].min() >= k:
+                return strata
+    return np.zeros(len(patients), dtype=np.int64)
+
+
+def triple_stratified_folds(
+    train: pd.DataFrame, k: int = 5, seed: int = 0, group_col: str = "patient_id"
+) -> pd.DataFrame:
+    """Return `image_id, patient_id, fold` for every training row; folds are 0..k-1."""
+    if k < 2:
+        raise ValueError(f"k must be at least 2, got {k}.")
+    groups = train[group_col].fillna(train["image_id"]).astype(str)
+    patients = (
+        pd.DataFrame({"group": groups, "target": train["target"].astype(int)})
+        .groupby("group", sort=True)
+        .agg(melanomas=("target", "sum"), images=("target", "size"))
+        .reset_index()
+    )
+    if len(patients) < k:
+        raise ValueError(f"only {len(patients)} patients for {k} folds; lower --k.")
+    strata = _patient_strata(patients, k)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    patient_fold = np.empty(len(patients), dtype=np.int64)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(patients)), strata)):
+        patient_fold[held_out] = fold
+    fold_of_group = dict(zip(patients["group"], patient_fold))
+    return pd.DataFrame(
+        {
+            "image_id": train["image_id"].to_numpy(),
+            "patient_id": train["patient_id"].to_numpy(),
+            "fold": groups.map(fold_of_group).to_numpy(dtype=np.int64),
+        }
+    )
+
+
+def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, folds_file: str) -> pd.DataFrame:
+    """Training rows of the canonical table with their `fold`; refuses rows the folds do not cover."""
+    train = table[table["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id", how="left")
+    if train["fold"].isna().any():
+        missing = train.loc[train["fold"].isna(), "image_id"].iloc[0]
+        raise ValueError(f"{folds_file} has no fold for image {missing!r}: re-run `folds` on this data.")
+    return train.astype({"fold": int})

@@ -1,0 +1,55 @@
+"""Run-directory file IO shared by every stage.
+
+Stages talk only through files, so every artifact is written atomically (temp file + rename):
+a crash never leaves a half-written table that a later stage could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` then rename the temp file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a parquet table atomically."""
+    return atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def read_table(path: Path, what: str) -> pd.DataFrame:
+    """Read a parquet table, naming the stage that should have produced it when absent."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `{what}` first.")
+    return pd.read_parquet(path)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Write JSON atomically (pretty-printed, stable key order)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str)
+    return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def write_text(text: str, path: Path) -> Path:
+    """Write a text file atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,45 @@
+"""Shared fixtures: one tiny synthetic cohort and one end-to-end run, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic cohort (SIIM-ISIC 2020 layout) at 32 px."""
+    from metadata.synth import SynthConfig, generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, SynthConfig(patients=160, image_size=32, seed=7))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """folds -> train-cnns (two backbones, 3 folds) -> stack, through the real CLI."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    run = tmp_path_factory.mktemp("run")
+    runner = CliRunner()
+    steps = [
+        ["folds", "--data", str(cohort_dir), "--run", str(run), "--k", "3", "--seed", "7"],
+        [
+            "train-cnns", "--data", str(cohort_dir), "--run", str(run), "--models", "small,mobilenet_v3_small",
+            "--image-size", "32", "--epochs", "3", "--seed", "7",
+        ],
+        ["stack", "--data", str(cohort_dir), "--run", str(run), "--seed", "7"],
+    ]
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}\n{result.exception!r}"
+    return run

@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fusion.stacker import build_stack_features
+from metadata.features import check_feature_columns, metadata_features, patient_context_features
+
+
+def test_patient_context_by_hand() -> None:
+    patients = pd.Series(["a", "a", "a", "b"])
+    scores = pd.DataFrame({"cnn_x": [0.1, 0.2, 0.6, 0.5]})
+    ctx = patient_context_features(patients, scores)
+    assert list(ctx["patient_n_lesions"]) == [3, 3, 3, 1]
+    mean_a, std_a = 0.3, float(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert ctx["cnn_x_patient_diff"].tolist() == pytest.approx([0.1 - mean_a, 0.2 - mean_a, 0.6 - mean_a, 0.0])
+    assert ctx["cnn_x_patient_z"][:3].tolist() == pytest.approx([(v - mean_a) / std_a for v in (0.1, 0.2, 0.6)])
+    assert math.isnan(ctx["cnn_x_patient_z"][3])  # one lesion: no spread, left missing
+    assert ctx["cnn_x_patient_rank"].tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_metadata_keeps_missing_values_missing() -> None:
+    table = pd.DataFrame({"age": [40.0, np.nan], "sex": ["male", None], "site": [None, "torso"]})
+    features = metadata_features(table)
+    assert features["age"].isna().tolist() == [False, True]
+    assert features["sex"].isna().tolist() == [False, True]
+    assert features["site"].isna().tolist() == [True, False]
+    assert "torso" in features["site"].cat.categories
+
+
+def test_stack_features_never_read_the_label() -> None:
+    rows = pd.DataFrame(
+        {"patient_id": ["a", "a", "b"], "age": [30.0, 30.0, 70.0], "sex": ["male", "male", "female"],
+         "site": ["torso", "head/neck", None], "target": [0, 1, 0]}
+    )
+    probs = pd.DataFrame({"cnn_x": [0.2, 0.7, 0.4]})
+    with_label = build_stack_features(rows, probs)
+    flipped = build_stack_features(rows.assign(target=[1, 0, 1]), probs)
+    without = build_stack_features(rows.drop(columns="target"), probs)
+    pd.testing.assert_frame_equal(with_label, flipped)
+    pd.testing.assert_frame_equal(with_label, without)
+    assert "target" not in with_label.columns
+
+
+@pytest.mark.parametrize("column", ["target", "diagnosis", "benign_malignant", "diagnosis_confirm_type"])
+def test_denied_columns_are_refused(column: str) -> None:
+    with pytest.raises(ValueError, match="label-derived"):
+        check_feature_columns(["age", column])

@@ -1,0 +1,60 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from metadata.folds import attach_folds, triple_stratified_folds
+
+
+def _cohort(seed: int = 0, patients: int = 300) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        n = int(1 + rng.poisson(5))
+        risk = rng.random() < 0.2
+        for i in range(n):
+            rows.append({"image_id": f"img{p}_{i}", "patient_id": f"p{p}", "target": int(risk and rng.random() < 0.3)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_no_patient_in_two_folds_and_every_image_once(k: int) -> None:
+    train = _cohort()
+    folds = triple_stratified_folds(train, k=k, seed=1)
+    assert list(folds["image_id"]) == list(train["image_id"])
+    assert folds.groupby("patient_id")["fold"].nunique().max() == 1
+    assert sorted(folds["fold"].unique()) == list(range(k))
+
+
+def test_fold_target_rate_and_size_balanced() -> None:
+    train = _cohort(seed=3)
+    folds = triple_stratified_folds(train, k=5, seed=0).assign(target=train["target"])
+    overall = train["target"].mean()
+    rates = folds.groupby("fold")["target"].mean()
+    # Stated tolerance: each fold's melanoma rate within 35% (relative) of the overall rate.
+    assert (abs(rates - overall) <= 0.35 * overall).all(), rates
+    sizes = folds.groupby("fold").size()
+    assert sizes.max() <= 1.25 * sizes.min(), sizes
+    per_patient = folds.groupby(["fold", "patient_id"]).size().groupby("fold").mean()
+    assert per_patient.max() <= 1.3 * per_patient.min(), per_patient
+
+
+def test_same_seed_same_folds_other_seed_differs() -> None:
+    train = _cohort()
+    a = triple_stratified_folds(train, k=5, seed=4)
+    b = triple_stratified_folds(train, k=5, seed=4)
+    c = triple_stratified_folds(train, k=5, seed=5)
+    assert a.equals(b)
+    assert not a["fold"].equals(c["fold"])
+
+
+def test_too_few_patients_is_refused() -> None:
+    train = _cohort(patients=3)
+    with pytest.raises(ValueError, match="lower --k"):
+        triple_stratified_folds(train, k=5)
+
+
+def test_attach_folds_refuses_uncovered_rows() -> None:
+    train = _cohort(patients=20).assign(split="train")
+    folds = triple_stratified_folds(train, k=3)
+    with pytest.raises(ValueError, match="re-run `folds`"):
+        attach_folds(train, folds.iloc[1:], "RUN/folds.parquet")
