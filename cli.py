@@ -9,29 +9,47 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from metadata.dataset import DataError, load_dataset
+from metadata.schema import DataError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 
-DataOption = Annotated[Path, typer.Option("--data", help="Data folder (e.g. the output of `synth`).")]
+DataOption = Annotated[Path, typer.Option("--data", help="Data folder in any supported layout (see `inspect`).")]
 RunOption = Annotated[Path, typer.Option("--run", help="Run directory for folds, models, predictions, reports.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
+FormatOption = Annotated[Optional[str], typer.Option("--format", help="Data layout name; auto-detected when omitted.")]  # noqa: UP007
+MetadataOption = Annotated[
+    Optional[Path], typer.Option("--metadata", help="Metadata CSV joined by image id (class-folder data).")  # noqa: UP007
+]
+BadImageOption = Annotated[
+    str, typer.Option("--on-bad-image", help="raise: stop at a missing/corrupt image; skip: drop it, listed in RUN.")
+]
 
 
-def _load(data: Path):
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(2)
+
+
+def _run_table(data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"):
+    """The canonical table of `data` as this run uses it: skipped images recorded and left out."""
+    from metadata.dataset import drop_skipped, load_dataset, record_skipped
+
     try:
-        return load_dataset(data)
+        loaded = load_dataset(data, fmt, metadata, on_bad_image)
     except DataError as error:
-        console.print(f"[red]data error:[/red] {error}")
-        raise typer.Exit(2) from error
+        raise _fail(error) from error
+    if len(loaded.skipped):
+        record_skipped(run, loaded.skipped)
+        console.print(f"[yellow]skipped {len(loaded.skipped)} image(s) with no file[/yellow]; see {run}/skipped_images.csv")
+    return drop_skipped(loaded.table, run)
 
 
 @app.command()
@@ -53,20 +71,101 @@ def synth(
 
 
 @app.command()
-def folds(data: DataOption, run: RunOption, k: Annotated[int, typer.Option("--k")] = 5, seed: SeedOption = 0) -> None:
-    """Patient-grouped, target-stratified, image-count-balanced K folds -> RUN/folds.parquet."""
-    from metadata.folds import triple_stratified_folds
+def folds(
+    data: DataOption,
+    run: RunOption,
+    k: Annotated[int, typer.Option("--k", help="Number of folds (not used with --group-by source).")] = 5,
+    group_by: Annotated[str, typer.Option("--group-by", help="patient: triple-stratified K folds; source: leave-one-source-out.")] = "patient",
+    dedup: Annotated[bool, typer.Option(help="Keep exact/near-duplicate images in one fold (perceptual hash).")] = True,
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
+    on_bad_image: BadImageOption = "raise",
+    seed: SeedOption = 0,
+) -> None:
+    """Patient-grouped, target-stratified, image-count-balanced folds -> RUN/folds.parquet.
+
+    Every image is decoded once here: an unreadable one stops the run (or, with --on-bad-image skip,
+    is left out of the whole run and listed in RUN/skipped_images.csv); duplicate images share a fold.
+    """
+    import pandas as pd
+
+    from metadata.dataset import record_skipped
+    from metadata.duplicates import find_duplicate_pairs, fingerprint_images
+    from metadata.folds import fold_groups, source_folds, triple_stratified_folds
     from metadata.io import write_table
 
-    table = _load(data)
+    if group_by not in ("patient", "source"):
+        raise _fail(ValueError(f"--group-by {group_by!r}: choose patient or source."))
+    table = _run_table(data, run, fmt, metadata, on_bad_image)
+    pairs = None
+    with_images = table["image_path"].notna()
+    if with_images.any():
+        try:
+            fingerprints, unreadable = fingerprint_images(
+                table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), on_bad_image
+            )
+        except ValueError as error:
+            raise _fail(error) from error
+        if unreadable:
+            record_skipped(run, pd.DataFrame(unreadable, columns=["image_id", "reason"]))
+            table = table[~table["image_id"].isin([i for i, _ in unreadable])]
+            console.print(f"[yellow]skipped {len(unreadable)} unreadable image(s)[/yellow]; see {run}/skipped_images.csv")
+        if dedup:
+            pairs = find_duplicate_pairs(fingerprints)
+            console.print(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
     train = table[table["split"] == "train"]
-    assigned = triple_stratified_folds(train, k=k, seed=seed)
+    try:
+        assigned = (
+            source_folds(train)
+            if group_by == "source"
+            else triple_stratified_folds(train, k=k, seed=seed, groups=fold_groups(train, pairs))
+        )
+    except ValueError as error:
+        raise _fail(error) from error
     write_table(assigned, run / "folds.parquet")
     summary = assigned.assign(target=train["target"].to_numpy(dtype=int)).groupby("fold")
-    out = Table("fold", "images", "patients", "melanoma rate", title=f"{k} folds")
+    out = Table("fold", "images", "patients", "melanoma rate", title=f"{assigned['fold'].nunique()} folds by {group_by}")
     for fold, rows in summary:
         out.add_row(str(fold), str(len(rows)), str(rows["patient_id"].nunique()), f"{rows['target'].mean():.3f}")
     console.print(out)
+
+
+@app.command()
+def inspect(
+    data: DataOption,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,  # noqa: UP007
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
+) -> None:
+    """Summarise a data folder: layout, counts, missing values, missing/unlisted/unreadable images, duplicates.
+
+    Exits with status 1 when the data cannot be trained on as it is.
+    """
+    from metadata.inspect import inspect_dataset
+    from metadata.io import write_json
+
+    summary = inspect_dataset(data, fmt, metadata)
+    if json_out is not None:
+        write_json(summary, json_out)
+    out = Table("item", "value", title=f"inspect {data}")
+    for key in ("format", "metadata_only", "rows", "patients", "lesions", "melanoma", "diagnosis_counts", "sources", "missing_values"):
+        if key in summary:
+            out.add_row(key, str(summary[key]))
+    for key in ("images_listed_but_missing", "images_present_but_not_listed", "unreadable_images"):
+        if key in summary:
+            out.add_row(key, f"{len(summary[key])} {summary[key][:3] if summary[key] else ''}")
+    if "duplicate_pairs" in summary:
+        d = summary["duplicate_pairs"]
+        out.add_row(
+            "duplicate pairs",
+            f"{d['exact']} exact, {d['near']} near; {len(d['across_train_test'])} across train/test, "
+            f"{len(d['conflicting_diagnosis'])} with conflicting diagnoses",
+        )
+    verdict = "[green]yes[/green]" if summary["trainable"] else f"[red]no[/red]: {'; '.join(summary['errors'])}"
+    out.add_row("trainable", verdict)
+    console.print(out)
+    if not summary["trainable"]:
+        raise typer.Exit(1)
 
 
 @app.command("train-cnns")
@@ -79,6 +178,8 @@ def train_cnns(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 2e-3,
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
     """Train every model on every fold; write OOF and fold-averaged test probabilities (flip TTA)."""
@@ -92,7 +193,7 @@ def train_cnns(
     if unknown:
         console.print(f"[red]unknown model(s) {unknown}[/red]; registered: {', '.join(sorted(BACKBONES))}")
         raise typer.Exit(2)
-    table = _load(data)
+    table = _run_table(data, run, fmt, metadata)
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights,
         learning_rate=learning_rate, seed=seed,
@@ -125,13 +226,19 @@ def stack(
     data: DataOption,
     run: RunOption,
     rounds: Annotated[int, typer.Option("--rounds", help="LightGBM boosting rounds (fixed, not tuned on the held-out fold).")] = 300,
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """LightGBM stacker over CNN OOF probabilities + metadata + patient context; then the report."""
+    """LightGBM stacker over CNN OOF probabilities (zero or more CNNs) + metadata + patient context; then the report."""
     from fusion.stage import run_stack
 
-    auc = run_stack(_load(data), run, num_boost_round=rounds, seed=seed)
-    console.print(f"stack: OOF AUC {auc:.4f}; submission: {run / 'submission.csv'}")
+    try:
+        auc = run_stack(_run_table(data, run, fmt, metadata), run, num_boost_round=rounds, seed=seed)
+    except ValueError as error:
+        raise _fail(error) from error
+    wrote = f"; submission: {run / 'submission.csv'}" if (run / "submission.csv").exists() else " (no test rows)"
+    console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
     report(run)
 
 

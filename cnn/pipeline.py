@@ -5,7 +5,8 @@ Images leave the pipeline as float32 RGB in [0, 255]; each backbone normalises t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import keras
 import keras_cv
@@ -20,11 +21,39 @@ TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
 }
 
 
-def decode_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read and decode one JPEG/PNG to float32 [0, 255] at `image_size` square."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode one JPEG/PNG byte string to float32 [0, 255] at `image_size` square."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
     return tf.ensure_shape(image, (image_size, image_size, 3))
+
+
+def _stream_bytes(sources: list[str]) -> Iterator[bytes]:
+    """Stream the bytes of each source in order: `FILE.hdf5#KEY` entries (each file opened once) or files."""
+    import h5py
+
+    handles: dict[str, h5py.File] = {}
+    try:
+        for source in sources:
+            if ".hdf5#" not in source:
+                yield Path(source).read_bytes()
+                continue
+            file, key = source.rsplit("#", 1)
+            if file not in handles:
+                handles[file] = h5py.File(file, "r")
+            yield bytes(handles[file][key][()])
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def encoded_images(sources: list[str]) -> tf.data.Dataset:
+    """Encoded image bytes per source: files are read in parallel, HDF5 entries streamed in order."""
+    if any(".hdf5#" in s for s in sources):
+        return tf.data.Dataset.from_generator(
+            lambda: _stream_bytes(sources), output_signature=tf.TensorSpec((), tf.string)
+        )
+    return tf.data.Dataset.from_tensor_slices(sources).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
 
 
 def build_augmenter(seed: int) -> keras.Sequential:
@@ -55,8 +84,7 @@ def image_dataset(
     Decoded, resized images are cached in memory after the first pass, so later epochs cost only
     augmentation; shuffling happens after the cache so every epoch sees a new order.
     """
-    path_ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    images = path_ds.map(lambda p: decode_image(p, image_size), num_parallel_calls=AUTOTUNE)
+    images = encoded_images(list(paths)).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE)
     ds = images if labels is None else tf.data.Dataset.zip(
         images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.float32))
     )

@@ -14,7 +14,13 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from metadata.features import check_feature_columns, metadata_features, patient_context_features
+from metadata.features import (
+    check_feature_columns,
+    extra_numeric_features,
+    metadata_features,
+    patient_context_features,
+    patient_metadata_context,
+)
 
 
 def default_lgb_params() -> dict[str, object]:
@@ -28,6 +34,7 @@ def default_lgb_params() -> dict[str, object]:
         "bagging_fraction": 0.8,
         "bagging_freq": 1,
         "lambda_l2": 1.0,
+        "max_cat_to_onehot": 8,  # one-vs-rest splits on sex/site: less overfit-prone on few rows
         "deterministic": True,
         "force_row_wise": True,
         "num_threads": 2,
@@ -63,14 +70,22 @@ class LightGBMStacker:
 
 
 def build_stack_features(rows: pd.DataFrame, cnn_probs: pd.DataFrame) -> pd.DataFrame:
-    """Stacker features for `rows` (one split): CNN probabilities, metadata and patient context.
+    """Stacker features for `rows` (one split): CNN probabilities, metadata, extras, patient context.
 
-    `cnn_probs` has one column per CNN, aligned with `rows`. Only `patient_id`, `age`, `sex` and
-    `site` of `rows` are read, never the label.
+    `cnn_probs` has one column per CNN (possibly none), aligned with `rows`. Read from `rows`:
+    `image_id`, `patient_id`, `age`, `sex`, `site` and the layout's further numeric columns,
+    never a label.
     """
     cnn_probs = cnn_probs.set_axis(rows.index)
     return pd.concat(
-        [cnn_probs, metadata_features(rows), patient_context_features(rows["patient_id"], cnn_probs)], axis=1
+        [
+            cnn_probs,
+            metadata_features(rows),
+            extra_numeric_features(rows),
+            patient_metadata_context(rows),
+            patient_context_features(rows["patient_id"], cnn_probs),
+        ],
+        axis=1,
     )
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from metadata.dataset import SEXES, SITES
+from metadata.schema import CANONICAL_COLUMNS, SEXES, SITES
 
 METADATA_FEATURES: tuple[str, ...] = ("age", "sex", "site")
+RUN_COLUMNS: tuple[str, ...] = ("fold",)  # bookkeeping a run adds to the table; never a feature
 
 
 def metadata_features(table: pd.DataFrame) -> pd.DataFrame:
@@ -20,6 +21,29 @@ def metadata_features(table: pd.DataFrame) -> pd.DataFrame:
             "age": table["age"].astype(float),
             "sex": table["sex"].astype(pd.CategoricalDtype(list(SEXES))),
             "site": table["site"].astype(pd.CategoricalDtype(list(SITES))),
+        },
+        index=table.index,
+    )
+
+
+def patient_metadata_context(table: pd.DataFrame) -> pd.DataFrame:
+    """Per patient, from metadata alone: how many sites, this site's share, and the age within the patient.
+
+    ISIC ages are per image, so a lesion photographed at a later visit has an age above the
+    patient's first one; a lesion on a site where the patient has few others stands apart.
+    """
+    patient = table["patient_id"].fillna(table["image_id"]).to_numpy()
+    site = table["site"].astype("string").fillna("missing")
+    age = table["age"].astype(float)
+    by_patient = age.groupby(patient)
+    n_lesions = site.groupby(patient).transform("size")
+    return pd.DataFrame(
+        {
+            "patient_n_sites": site.groupby(patient).transform("nunique").astype(float),
+            "patient_site_share": site.groupby([patient, site.to_numpy()]).transform("size") / n_lesions,
+            "patient_age_min": by_patient.transform("min"),
+            "age_above_patient_min": age - by_patient.transform("min"),
+            "patient_age_span": by_patient.transform("max") - by_patient.transform("min"),
         },
         index=table.index,
     )
@@ -49,13 +73,38 @@ DENIED_FEATURES: dict[str, str] = {
     "target": "is the label itself",
     "diagnosis": "is the label in finer classes",
     "benign_malignant": "is the label in words",
+    "dx": "is HAM10000's diagnosis (the label)",
+    "dx_type": "says how the diagnosis was confirmed; histopathology is mostly done for suspicious lesions",
+    "lesion_id": "can encode the label where ids are assigned by diagnosis",
     "split": "says whether a label exists, not anything about the lesion",
 }
+# Prefixes of label-derived column families (ISIC 2024 `iddx_*` diagnoses, `mel_*` melanoma details).
+DENIED_PREFIXES: dict[str, str] = {
+    "diagnosis": "is a diagnosis column",
+    "iddx_": "is an ISIC 2024 diagnosis column",
+    "mel_": "describes a melanoma (only set when the label is positive)",
+}
+
+
+def denial_reason(column: str) -> str | None:
+    """Why a column may never be a feature, or None when it may."""
+    if column in DENIED_FEATURES:
+        return DENIED_FEATURES[column]
+    return next((reason for prefix, reason in DENIED_PREFIXES.items() if column.startswith(prefix)), None)
 
 
 def check_feature_columns(columns: list[str]) -> None:
     """Refuse any denied (label-derived) column, naming it and why."""
-    denied = [c for c in columns if c in DENIED_FEATURES or c.startswith("diagnosis")]
+    denied = {c: denial_reason(c) for c in columns if denial_reason(c)}
     if denied:
-        reasons = "; ".join(f"{c} {DENIED_FEATURES.get(c, DENIED_FEATURES['diagnosis'])}" for c in denied)
+        reasons = "; ".join(f"{c} {why}" for c, why in denied.items())
         raise ValueError(f"refusing label-derived feature(s): {reasons}.")
+
+
+def extra_numeric_features(table: pd.DataFrame) -> pd.DataFrame:
+    """The layout's further numeric columns (e.g. ISIC 2024 `tbp_lv_*`), minus any denied one."""
+    columns = [
+        c for c in table.columns
+        if c not in CANONICAL_COLUMNS and c not in RUN_COLUMNS and denial_reason(c) is None and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    return table[columns].astype(float)

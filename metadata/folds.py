@@ -1,6 +1,7 @@
 """Triple-stratified K folds: grouped by patient, stratified by target, balanced in images per patient.
 
-Folds are assigned to *patients* (so no patient is in two folds) with scikit-learn's
+Folds are assigned to *patients* (so no patient is in two folds; patients linked by a duplicate
+image count as one) with scikit-learn's
 `StratifiedKFold` over one stratum label per patient that combines how many melanomas the patient
 has (0, 1, 2+) with a quantile bin of their image count. Each fold thus gets a similar melanoma rate
 and a similar mix of patients with few and many images.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
+
+from metadata.duplicates import duplicate_groups
 
 
 def _patient_strata(patients: pd.DataFrame, k: int) -> np.ndarray:
@@ -32,13 +35,49 @@ def _patient_strata(patients: pd.DataFrame, k: int) -> np.ndarray:
     return np.zeros(len(patients), dtype=np.int64)
 
 
+def fold_groups(train: pd.DataFrame, duplicate_pairs: pd.DataFrame | None = None) -> pd.Series:
+    """Group per training row: its patient, merged with every image it duplicates (transitively).
+
+    A duplicate of a held-out image in the training folds would leak its label, so patients linked
+    by a duplicate pair share one group. Without pairs this is the patient id.
+    """
+    patients = train["patient_id"].fillna(train["image_id"]).astype(str)
+    if duplicate_pairs is None or duplicate_pairs.empty:
+        return patients.set_axis(train.index)
+    ids = train["image_id"].astype(str)
+    in_train = duplicate_pairs["image_id_a"].isin(ids) & duplicate_pairs["image_id_b"].isin(ids)
+    first_of_patient = ids.groupby(patients.to_numpy()).transform("first")
+    same_patient = pd.DataFrame({"image_id_a": first_of_patient.to_numpy(), "image_id_b": ids.to_numpy()})
+    links = pd.concat([duplicate_pairs.loc[in_train, ["image_id_a", "image_id_b"]], same_patient])
+    groups = duplicate_groups(ids.tolist(), links)
+    return pd.Series(groups.reindex(ids).to_numpy(), index=train.index)
+
+
+def source_folds(train: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-source-out folds: fold f holds every image of the f-th source (sorted by name)."""
+    sources = train["source"].astype(str)
+    names = sorted(sources.unique())
+    if len(names) < 2:
+        raise ValueError(f"--group-by source needs at least 2 sources; the data has only {names}.")
+    return pd.DataFrame(
+        {
+            "image_id": train["image_id"].to_numpy(),
+            "patient_id": train["patient_id"].to_numpy(),
+            "fold": sources.map({name: i for i, name in enumerate(names)}).to_numpy(dtype=np.int64),
+        }
+    )
+
+
 def triple_stratified_folds(
-    train: pd.DataFrame, k: int = 5, seed: int = 0, group_col: str = "patient_id"
+    train: pd.DataFrame, k: int = 5, seed: int = 0, groups: pd.Series | None = None
 ) -> pd.DataFrame:
-    """Return `image_id, patient_id, fold` for every training row; folds are 0..k-1."""
+    """Return `image_id, patient_id, fold` for every training row; folds are 0..k-1.
+
+    `groups` (aligned with `train`) are kept whole; by default each patient is a group.
+    """
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}.")
-    groups = train[group_col].fillna(train["image_id"]).astype(str)
+    groups = fold_groups(train) if groups is None else groups.astype(str)
     patients = (
         pd.DataFrame({"group": groups, "target": train["target"].astype(int)})
         .groupby("group", sort=True)

@@ -33,9 +33,10 @@ import pandas as pd
 from PIL import Image
 from rich.progress import Progress
 
-from metadata.dataset import SITES
 from metadata.io import atomic_write
 
+# The SIIM-ISIC 2020 site vocabulary, with ISIC-like frequencies and melanoma log-odds shifts.
+SYNTH_SITES = ("head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital")
 SITE_FREQUENCY = np.array([0.12, 0.15, 0.22, 0.45, 0.03, 0.03])
 SITE_LOGIT_EFFECT = np.array([1.0, -0.3, 0.0, 0.3, -0.9, -0.9])
 BASE_LOGIT = -3.2
@@ -158,7 +159,7 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
         task = progress.add_task("synth: drawing lesions", total=int(patients["n_lesions"].sum()))
         for _, patient in patients.iterrows():
             for _ in range(int(patient["n_lesions"])):
-                site_index = int(rng.choice(len(SITES), p=SITE_FREQUENCY))
+                site_index = int(rng.choice(len(SYNTH_SITES), p=SITE_FREQUENCY))
                 logit = BASE_LOGIT + 1.4 * (patient["age"] - 50) / 15 + SITE_LOGIT_EFFECT[site_index]
                 melanoma = bool(rng.random() < 1 / (1 + np.exp(-(logit + patient["risk"]))))
                 look = _lesion_look(patient, melanoma, rng)
@@ -171,7 +172,7 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
                         "patient_id": patient["patient_id"],
                         "sex": patient["sex"],
                         "age_approx": float(5 * np.round(patient["age"] / 5)),
-                        "anatom_site_general_challenge": None if rng.random() < 0.05 else SITES[site_index],
+                        "anatom_site_general_challenge": None if rng.random() < 0.05 else SYNTH_SITES[site_index],
                         "diagnosis": "melanoma" if melanoma else "nevus",
                         "benign_malignant": "malignant" if melanoma else "benign",
                         "target": int(melanoma),

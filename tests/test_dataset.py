@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from metadata.dataset import DataError, load_dataset
+from metadata.dataset import load_dataset
+from metadata.schema import DataError
 
 TRAIN = pd.DataFrame(
     {
@@ -34,7 +35,7 @@ def _write(root: Path, train: pd.DataFrame = TRAIN, test: pd.DataFrame = TEST, i
 
 
 def test_loads_canonical_table_with_missing_kept(tmp_path: Path) -> None:
-    table = load_dataset(_write(tmp_path))
+    table = load_dataset(_write(tmp_path)).table
     assert len(table) == 6
     assert table["split"].value_counts().to_dict() == {"train": 3, "test": 3}
     train = table[table["split"] == "train"]

@@ -17,7 +17,7 @@ MODELS = ("small", "mobilenet_v3_small")
 
 
 def test_oof_covers_every_training_image_once(cohort_dir: Path, pipeline_run: Path) -> None:
-    table = load_dataset(cohort_dir)
+    table = load_dataset(cohort_dir).table
     train_ids = set(table.loc[table["split"] == "train", "image_id"])
     test_ids = set(table.loc[table["split"] == "test", "image_id"])
     folds = pd.read_parquet(pipeline_run / "folds.parquet").set_index("image_id")["fold"]
@@ -36,7 +36,7 @@ def test_oof_covers_every_training_image_once(cohort_dir: Path, pipeline_run: Pa
 
 
 def test_submission_has_every_test_image_once(cohort_dir: Path, pipeline_run: Path) -> None:
-    table = load_dataset(cohort_dir)
+    table = load_dataset(cohort_dir).table
     submission = pd.read_csv(pipeline_run / "submission.csv")
     assert list(submission.columns) == ["image_name", "target"]
     assert sorted(submission["image_name"]) == sorted(table.loc[table["split"] == "test", "image_id"])
@@ -62,7 +62,7 @@ def test_report_lists_every_model_and_the_stack_beats_them(pipeline_run: Path) -
 def _stack_inputs(cohort_dir: Path, run: Path):
     from ensemble.blend import cnn_prob_table
 
-    table = load_dataset(cohort_dir)
+    table = load_dataset(cohort_dir).table
     train = attach_folds(table, pd.read_parquet(run / "folds.parquet"), "folds")
     features = build_stack_features(train, cnn_prob_table(run, "train", train["image_id"]))
     return train, features
