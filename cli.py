@@ -77,6 +77,7 @@ def folds(
     k: Annotated[int, typer.Option("--k", help="Number of folds (not used with --group-by source).")] = 5,
     group_by: Annotated[str, typer.Option("--group-by", help="patient: triple-stratified K folds; source: leave-one-source-out.")] = "patient",
     dedup: Annotated[bool, typer.Option(help="Keep exact/near-duplicate images in one fold (perceptual hash).")] = True,
+    dedup_distance: Annotated[int, typer.Option("--dedup-distance", help="Max perceptual-hash bits apart for a near duplicate.")] = 2,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     on_bad_image: BadImageOption = "raise",
@@ -111,7 +112,7 @@ def folds(
             table = table[~table["image_id"].isin([i for i, _ in unreadable])]
             console.print(f"[yellow]skipped {len(unreadable)} unreadable image(s)[/yellow]; see {run}/skipped_images.csv")
         if dedup:
-            pairs = find_duplicate_pairs(fingerprints)
+            pairs = find_duplicate_pairs(fingerprints, max_distance=dedup_distance)
             console.print(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
     train = table[table["split"] == "train"]
     try:

@@ -69,21 +69,21 @@ class LightGBMStacker:
         self.booster.save_model(str(path))
 
 
-def build_stack_features(rows: pd.DataFrame, cnn_probs: pd.DataFrame) -> pd.DataFrame:
+def build_stack_features(rows: pd.DataFrame, cnn_scores: pd.DataFrame) -> pd.DataFrame:
     """Stacker features for `rows` (one split): CNN probabilities, metadata, extras, patient context.
 
-    `cnn_probs` has one column per CNN (possibly none), aligned with `rows`. Read from `rows`:
+    `cnn_scores` has one column per CNN score (possibly none), aligned with `rows`. Read from `rows`:
     `image_id`, `patient_id`, `age`, `sex`, `site` and the layout's further numeric columns,
     never a label.
     """
-    cnn_probs = cnn_probs.set_axis(rows.index)
+    cnn_scores = cnn_scores.set_axis(rows.index)
     return pd.concat(
         [
-            cnn_probs,
+            cnn_scores,
             metadata_features(rows),
             extra_numeric_features(rows),
             patient_metadata_context(rows),
-            patient_context_features(rows["patient_id"], cnn_probs),
+            patient_context_features(rows["patient_id"], cnn_scores),
         ],
         axis=1,
     )

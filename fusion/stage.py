@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.blend import cnn_names, cnn_prob_table
+from ensemble.blend import cnn_names, cnn_score_table
 from ensemble.metrics import roc_auc
 from ensemble.submission import write_submission
 from fusion.stacker import build_stack_features, cross_val_stack
@@ -25,8 +25,8 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     folds_file = run_dir / "folds.parquet"
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
-    train_features = build_stack_features(train, cnn_prob_table(run_dir, "train", train["image_id"]))
-    test_features = build_stack_features(test, cnn_prob_table(run_dir, "test", test["image_id"]))
+    train_features = build_stack_features(train, cnn_score_table(run_dir, "train", train["image_id"]))
+    test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]))
     target = train["target"].to_numpy(dtype=int)
     result = cross_val_stack(
         train_features, target, train["fold"].to_numpy(), test_features, num_boost_round=num_boost_round, seed=seed

@@ -81,6 +81,8 @@ def load_dataset(
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root} is not a folder.")
+    if metadata is not None and not Path(metadata).is_file():
+        raise DataError(f"--metadata {metadata}: no such file.")
     if format_name is None:
         fmt = detect_format(root)
     elif format_name in DATASET_FORMATS:

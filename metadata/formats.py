@@ -73,6 +73,38 @@ def _patient(*candidates: pd.Series) -> pd.Series:
     return result
 
 
+def _diagnosis(values: pd.Series, file: Path, column: str) -> pd.Series:
+    """Unified diagnosis codes. ISIC's "unknown" diagnosis is a class (UNK: benign, no specific
+    diagnosis), not a missing value as `clean_text` would read it; empty cells stay missing."""
+    text = values.astype("string").str.strip()
+    return map_vocabulary(text.mask(text.str.lower() == "unknown", "UNK"), DIAGNOSIS_ALIASES, DIAGNOSES, file, column)
+
+
+def _not_this_layout(root: Path, layout: str, wanted: str) -> DataError:
+    """The error for `--format LAYOUT` on a folder without that layout's label file."""
+    return DataError(
+        f"{root}: no {wanted} found, so this is not the {layout} layout; check --data, or drop --format to auto-detect."
+    )
+
+
+def _optional_id(raw: pd.DataFrame, column: str) -> pd.Series:
+    """An optional text column as strings, missing where absent or empty."""
+    values = raw[column] if column in raw else pd.Series(pd.NA, index=raw.index)
+    return values.astype("string").where(clean_text(values).notna())
+
+
+def _binary_target(raw: pd.DataFrame, file: Path, split: str) -> pd.Series:
+    """The 0/1 `target` column of a train CSV (refusing anything else); missing on test rows."""
+    if split != "train":
+        return pd.Series(pd.NA, index=raw.index, dtype="Int8")
+    require_columns(raw, ("target",), file)
+    bad = ~raw["target"].str.strip().isin(["0", "1", "0.0", "1.0"])
+    if bad.any():
+        row = first_bad_row(bad)
+        raise DataError(f"{file}: row {row + 2} has target={raw['target'].iloc[row]!r}; targets must be 0 or 1.")
+    return raw["target"].astype(float).astype("Int8")
+
+
 # ---- SIIM-ISIC 2020 ---------------------------------------------------------------------------
 
 def _siim2020_files(root: Path) -> dict[str, Path]:
@@ -99,29 +131,27 @@ def _siim2020_detect(root: Path) -> bool:
 
 def _siim2020_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """train.csv / test.csv (or ISIC_2020_Training_GroundTruth*.csv) beside jpeg/{train,test} or {train,test}/."""
+    files = _siim2020_files(root)
+    if "train" not in files:
+        raise _not_this_layout(root, "siim-isic-2020", "train.csv or ISIC_2020_Training_GroundTruth*.csv")
     parts = []
-    for split, file in _siim2020_files(root).items():
+    for split, file in files.items():
         raw = read_csv(file)
         require_columns(raw, ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge"), file)
-        if split == "train":
-            require_columns(raw, ("target",), file)
-            bad = ~raw["target"].isin(["0", "1"])
-            if bad.any():
-                row = first_bad_row(bad)
-                raise DataError(f"{file}: row {row + 2} has target={raw['target'].iloc[row]!r}; targets must be 0 or 1.")
         diagnosis = (
-            map_vocabulary(raw["diagnosis"], DIAGNOSIS_ALIASES, DIAGNOSES, file, "diagnosis")
+            _diagnosis(raw["diagnosis"], file, "diagnosis")
             if "diagnosis" in raw
             else pd.Series(pd.NA, index=raw.index)
         )
-        target = raw["target"].astype("Int8") if split == "train" else pd.Series(pd.NA, index=raw.index, dtype="Int8")
+        lesion = _optional_id(raw, "lesion_id")  # ISIC_2020_Training_GroundTruth_v2.csv has one
         parts.append(
             _frame(
                 image_id=raw["image_name"].astype("string"),
                 patient_id=_patient(raw["patient_id"], raw["image_name"]),
+                lesion_id=lesion,
                 split=pd.Series(split, index=raw.index),
                 image_path=_image_paths(_first_dir(root, (f"jpeg/{split}", split)), raw["image_name"]),
-                target=target,
+                target=_binary_target(raw, file, split),
                 diagnosis=diagnosis,
                 age=parse_age(raw["age_approx"], file, "age_approx"),
                 sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file, "sex"),
@@ -158,13 +188,14 @@ def _contributor(lesion_id: pd.Series, dataset: str) -> pd.Series:
 def _isic2019_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """ISIC_2019_Training_GroundTruth.csv (+ _Metadata.csv) beside ISIC_2019_Training_Input/ or images/."""
     truth_file = root / "ISIC_2019_Training_GroundTruth.csv"
+    if not truth_file.exists():
+        raise _not_this_layout(root, "isic-2019", truth_file.name)
     truth = read_csv(truth_file)
     require_columns(truth, ("image", *DIAGNOSES), truth_file)
     meta_file = metadata or root / "ISIC_2019_Training_Metadata.csv"
     meta = read_csv(meta_file) if meta_file.exists() else pd.DataFrame({"image": truth["image"]})
     merged = truth.merge(meta, on="image", how="left", validate="one_to_one")
-    lesion = merged.get("lesion_id", pd.Series(pd.NA, index=merged.index)).astype("string")
-    lesion = lesion.where(clean_text(lesion).notna())
+    lesion = _optional_id(merged, "lesion_id")
     diagnosis = _onehot_diagnosis(merged, DIAGNOSES, truth_file, {})
     sex_column = "sex" if "sex" in merged else "gender"
     return _frame(
@@ -213,14 +244,16 @@ def _ham_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """
     meta_file = metadata or root / "HAM10000_metadata.csv"
     truth_file = _ham_truth_file(root)
+    if not meta_file.exists() and truth_file is None:
+        raise _not_this_layout(root, "ham10000", f"{meta_file.name} or ISIC2018_Task3_Training_GroundTruth*.csv")
     if meta_file.exists():
         raw = read_csv(meta_file)
         require_columns(raw, ("lesion_id", "image_id", "dx", "age", "sex", "localization"), meta_file)
-        diagnosis = map_vocabulary(raw["dx"], DIAGNOSIS_ALIASES, DIAGNOSES, meta_file, "dx")
+        diagnosis = _diagnosis(raw["dx"], meta_file, "dx")
         ages = parse_age(raw["age"], meta_file, "age", zero_is_missing=True)
         sex = map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, meta_file, "sex")
         site = map_vocabulary(raw["localization"], SITE_ALIASES, SITES, meta_file, "localization")
-        lesion = raw["lesion_id"].astype("string").where(clean_text(raw["lesion_id"]).notna())
+        lesion = _optional_id(raw, "lesion_id")
         ids = raw["image_id"]
     else:
         raw = read_csv(truth_file)
@@ -251,12 +284,36 @@ def _isic2024_detect(root: Path) -> bool:
     return (root / "train-metadata.csv").exists()
 
 
+def _numeric_extras(raw: pd.DataFrame, file: Path) -> dict[str, pd.Series]:
+    """The numeric `tbp_*` / `clin_*` columns as floats (empty cells missing).
+
+    Text columns of those families (`tbp_lv_location`, `tbp_tile_type`) are left out; a column
+    that is mostly numbers with a stray text cell is refused, naming the row.
+    """
+    extras = {}
+    for column in (c for c in raw.columns if c.startswith(("tbp_", "clin_"))):
+        text = raw[column].where(raw[column].str.strip() != "")
+        numbers = pd.to_numeric(text, errors="coerce").astype(float)
+        bad = text.notna() & numbers.isna()
+        if not bad.any():
+            extras[column] = numbers
+        elif numbers.notna().any():
+            row = first_bad_row(bad)
+            raise DataError(
+                f"{file}: row {row + 2} has {column}={raw[column].iloc[row]!r}, not a number; "
+                "fix the cell or leave it empty to mark it missing."
+            )
+    return extras
+
+
 def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """train-metadata.csv / test-metadata.csv with train-image.hdf5 (or train-image/image/*.jpg).
 
     Every numeric `tbp_*` / `clin_*` column is kept for the stacker; label-derived columns
     (`iddx_*`, `mel_*`, `lesion_id`) are not carried over.
     """
+    if not (root / "train-metadata.csv").exists():
+        raise _not_this_layout(root, "isic-2024", "train-metadata.csv")
     parts = []
     for split in ("train", "test"):
         file = root / f"{split}-metadata.csv"
@@ -264,31 +321,25 @@ def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
             continue
         raw = read_csv(file)
         require_columns(raw, ("isic_id", "patient_id", "age_approx", "sex", "anatom_site_general"), file)
-        if split == "train":
-            require_columns(raw, ("target",), file)
         hdf5 = root / f"{split}-image.hdf5"
         if hdf5.exists():
             paths = pd.Series([f"{hdf5}#{i}" for i in raw["isic_id"]], index=raw.index, dtype="string")
         else:
             paths = _image_paths(_first_dir(root, (f"{split}-image/image", f"{split}-image")), raw["isic_id"])
-        extras = {
-            c: pd.to_numeric(raw[c].where(raw[c] != ""), errors="coerce")
-            for c in raw.columns
-            if c.startswith(("tbp_", "clin_"))
-        }
-        target = raw["target"].astype("Int8") if split == "train" else pd.Series(pd.NA, index=raw.index, dtype="Int8")
+        extras = _numeric_extras(raw, file)
+        attribution = _optional_id(raw, "attribution")
         parts.append(
             _frame(
                 image_id=raw["isic_id"].astype("string"),
                 patient_id=_patient(raw["patient_id"], raw["isic_id"]),
                 split=pd.Series(split, index=raw.index),
                 image_path=paths,
-                target=target,
+                target=_binary_target(raw, file, split),
                 diagnosis=pd.Series(pd.NA, index=raw.index),
                 age=parse_age(raw["age_approx"], file, "age_approx"),
                 sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file, "sex"),
                 site=map_vocabulary(raw["anatom_site_general"], SITE_ALIASES, SITES, file, "anatom_site_general"),
-                source=("isic2024:" + raw["attribution"].astype("string")) if "attribution" in raw else pd.Series("isic2024", index=raw.index),
+                source=("isic2024:" + attribution).fillna("isic2024"),
                 **{k: v.astype(float) for k, v in extras.items()},
             )
         )
@@ -336,11 +387,11 @@ def _class_folders_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     files.loc[repeated, "image_id"] = files["image_id"] + "~" + files["split"] + "~" + files["diagnosis"]
     meta = pd.DataFrame({"image": base_id.unique()})
     if metadata is not None:
-        meta = read_csv(metadata).drop_duplicates("image")
+        meta = read_csv(metadata)
         require_columns(meta, ("image",), metadata)
+        meta = meta.drop_duplicates("image")
     merged = files.assign(image=base_id).merge(meta, on="image", how="left")
-    lesion = merged.get("lesion_id", pd.Series(pd.NA, index=merged.index)).astype("string")
-    lesion = lesion.where(clean_text(lesion).notna())
+    lesion = _optional_id(merged, "lesion_id")
     diagnosis = merged["diagnosis"].astype(pd.CategoricalDtype(list(DIAGNOSES)))
     meta_file = metadata or root
     sex_column = "sex" if "sex" in merged else "gender"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from metadata.dataset import load_dataset
-from metadata.duplicates import find_duplicate_pairs, fingerprint_images
+from metadata.duplicates import NEAR_DUPLICATE_BITS, find_duplicate_pairs, fingerprint_images
 from metadata.schema import DataError
 
 
@@ -20,7 +20,7 @@ def _pairs_across_splits(pairs: pd.DataFrame, split_of: pd.Series) -> pd.DataFra
 
 
 def inspect_dataset(
-    root: Path, format_name: str | None = None, metadata: Path | None = None, max_distance: int = 4
+    root: Path, format_name: str | None = None, metadata: Path | None = None, max_distance: int = NEAR_DUPLICATE_BITS
 ) -> dict:
     """A JSON-ready summary of the data; `trainable` is False when training would fail or mislead."""
     try:

@@ -31,7 +31,7 @@ def test_metadata_keeps_missing_values_missing() -> None:
 
 def test_stack_features_never_read_the_label() -> None:
     rows = pd.DataFrame(
-        {"patient_id": ["a", "a", "b"], "age": [30.0, 30.0, 70.0], "sex": ["male", "male", "female"],
+        {"image_id": ["i1", "i2", "i3"], "patient_id": ["a", "a", "b"], "age": [30.0, 30.0, 70.0], "sex": ["male", "male", "female"],
          "site": ["torso", "head/neck", None], "target": [0, 1, 0]}
     )
     probs = pd.DataFrame({"cnn_x": [0.2, 0.7, 0.4]})
@@ -47,3 +47,36 @@ def test_stack_features_never_read_the_label() -> None:
 def test_denied_columns_are_refused(column: str) -> None:
     with pytest.raises(ValueError, match="label-derived"):
         check_feature_columns(["age", column])
+
+
+def test_patient_metadata_context_by_hand() -> None:
+    from metadata.features import patient_metadata_context
+
+    table = pd.DataFrame(
+        {"image_id": ["i1", "i2", "i3", "i4"], "patient_id": ["a", "a", "a", "b"],
+         "site": ["torso", "torso", "head/neck", None], "age": [40.0, 45.0, np.nan, 60.0]}
+    )
+    ctx = patient_metadata_context(table)
+    assert ctx["patient_n_sites"].tolist() == [2, 2, 2, 1]
+    assert ctx["patient_site_share"].tolist() == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1.0])
+    assert ctx["age_above_patient_min"].tolist()[:2] == [0.0, 5.0] and math.isnan(ctx["age_above_patient_min"][2])
+    assert ctx["patient_age_span"].tolist() == [5.0, 5.0, 5.0, 0.0]
+
+
+def test_fold_models_are_put_on_one_scale() -> None:
+    from ensemble.blend import fold_model_scales, logit, standardized_oof_scores, standardized_test_scores
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=200)
+    # Fold 1's model is twice as confident and shifted: same ranking, other calibration.
+    oof = pd.DataFrame({"fold": [0] * 100 + [1] * 100, "prob": 1 / (1 + np.exp(-np.r_[base[:100], 2 * base[100:] + 1]))})
+    scales = fold_model_scales(oof)
+    z = standardized_oof_scores(oof, scales)
+    for fold in (0, 1):
+        assert z[oof["fold"] == fold].mean() == pytest.approx(0, abs=1e-9)
+        assert z[oof["fold"] == fold].std(ddof=1) == pytest.approx(1)
+    test = pd.DataFrame({"prob_fold0": [0.2, 0.7], "prob_fold1": [0.4, 0.9]})
+    expected = np.mean(
+        [(logit(test[f"prob_fold{f}"]) - scales.loc[f, "mean"]) / scales.loc[f, "std"] for f in (0, 1)], axis=0
+    )
+    np.testing.assert_allclose(standardized_test_scores(test, scales), expected)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metadata.folds import attach_folds, triple_stratified_folds
+from metadata.folds import attach_folds, fold_groups, source_folds, triple_stratified_folds
 
 
 def _cohort(seed: int = 0, patients: int = 300) -> pd.DataFrame:
@@ -58,3 +58,26 @@ def test_attach_folds_refuses_uncovered_rows() -> None:
     folds = triple_stratified_folds(train, k=3)
     with pytest.raises(ValueError, match="re-run `folds`"):
         attach_folds(train, folds.iloc[1:], "RUN/folds.parquet")
+
+
+def test_duplicate_images_of_different_patients_share_a_fold() -> None:
+    train = _cohort(patients=60)
+    first_of = train.groupby("patient_id")["image_id"].first()
+    pairs = pd.DataFrame(
+        {"image_id_a": [first_of["p1"], first_of["p10"]], "image_id_b": [first_of["p2"], first_of["p11"]],
+         "kind": ["exact", "near"], "distance": [0, 3]}
+    )
+    groups = fold_groups(train, pairs)
+    for seed in range(5):
+        folds = triple_stratified_folds(train, k=5, seed=seed, groups=groups).set_index("patient_id")["fold"]
+        assert folds.groupby(level=0).nunique().max() == 1
+        assert folds["p1"].iloc[0] == folds["p2"].iloc[0] and folds["p10"].iloc[0] == folds["p11"].iloc[0]
+
+
+def test_leave_one_source_out() -> None:
+    train = _cohort(patients=30).assign(source=lambda t: np.where(t["patient_id"].str[-1] < "5", "bcn", "ham"))
+    folds = source_folds(train)
+    assert folds.assign(source=train["source"]).groupby("fold")["source"].nunique().max() == 1
+    assert folds["fold"].nunique() == 2
+    with pytest.raises(ValueError, match="at least 2 sources"):
+        source_folds(train.assign(source="ham"))

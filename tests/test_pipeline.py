@@ -60,11 +60,11 @@ def test_report_lists_every_model_and_the_stack_beats_them(pipeline_run: Path) -
 
 
 def _stack_inputs(cohort_dir: Path, run: Path):
-    from ensemble.blend import cnn_prob_table
+    from ensemble.blend import cnn_score_table
 
     table = load_dataset(cohort_dir).table
     train = attach_folds(table, pd.read_parquet(run / "folds.parquet"), "folds")
-    features = build_stack_features(train, cnn_prob_table(run, "train", train["image_id"]))
+    features = build_stack_features(train, cnn_score_table(run, "train", train["image_id"]))
     return train, features
 
 
