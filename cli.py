@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from metadata.schema import DataError
@@ -102,9 +103,14 @@ def folds(
     with_images = table["image_path"].notna()
     if with_images.any():
         try:
-            fingerprints, unreadable = fingerprint_images(
-                table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), on_bad_image
-            )
+            with Progress(transient=True) as progress:
+                task = progress.add_task("decoding and hashing images", total=int(with_images.sum()))
+                fingerprints, unreadable = fingerprint_images(
+                    table.loc[with_images, "image_id"].tolist(),
+                    table.loc[with_images, "image_path"].tolist(),
+                    on_bad_image,
+                    advance=lambda: progress.advance(task),
+                )
         except ValueError as error:
             raise _fail(error) from error
         if unreadable:
@@ -173,33 +179,46 @@ def inspect(
 def train_cnns(
     data: DataOption,
     run: RunOption,
-    models: Annotated[str, typer.Option("--models", help="Comma-separated backbone names, e.g. small,efficientnet_b0.")],
-    image_size: Annotated[int, typer.Option("--image-size")] = 64,
+    models: Annotated[str, typer.Option("--models", help="Backbones, each with an optional size: small:64,efficientnet_b0:128.")],
+    image_size: Annotated[int, typer.Option("--image-size", help="Size for models given without one.")] = 64,
     epochs: Annotated[int, typer.Option("--epochs")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 2e-3,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak of the warm-up + cosine schedule.")] = 2e-3,
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
+    target: Annotated[str, typer.Option("--target", help="auto, mel (binary) or diagnosis (multi-class head).")] = "auto",
+    loss: Annotated[str, typer.Option("--loss", help="bce or focal.")] = "bce",
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+    augment: Annotated[str, typer.Option("--augment", help="none, light or strong.")] = "light",
+    mix: Annotated[str, typer.Option("--mix", help="none, mixup or cutmix.")] = "none",
+    tta: Annotated[str, typer.Option("--tta", help="Test-time views: none,hflip,vflip,rot90,rot180,rot270.")] = "none,hflip,vflip",
+    cache: Annotated[str, typer.Option("--cache", help="Decoded-image cache: memory, disk or none.")] = "memory",
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism (slower).")] = False,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """Train every model on every fold; write OOF and fold-averaged test probabilities (flip TTA)."""
-    from cnn.backbones import BACKBONES
+    """Train every model on every fold; write OOF and fold-averaged test probabilities (with TTA)."""
+    from cnn.backbones import parse_model_specs
     from cnn.train import CnnConfig
     from cnn.train import train_cnns as run_training
     from metadata.io import read_table
 
-    names = [m.strip() for m in models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in BACKBONES]
-    if unknown:
-        console.print(f"[red]unknown model(s) {unknown}[/red]; registered: {', '.join(sorted(BACKBONES))}")
-        raise typer.Exit(2)
+    if cache not in ("memory", "disk", "none"):
+        raise _fail(ValueError(f"--cache {cache!r}: choose memory, disk or none."))
+    try:
+        specs = parse_model_specs(models, image_size)
+    except (KeyError, ValueError) as error:
+        raise _fail(error) from error
     table = _run_table(data, run, fmt, metadata)
     config = CnnConfig(
-        image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights,
-        learning_rate=learning_rate, seed=seed,
+        image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
+        seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss,
+        label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
     )
-    aucs = run_training(table, read_table(run / "folds.parquet", "folds"), names, config, run)
+    try:
+        aucs = run_training(table, read_table(run / "folds.parquet", "folds"), specs, config, run)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        raise _fail(error) from error
     for name, auc in aucs.items():
         console.print(f"{name}: OOF AUC {auc:.4f}")
 

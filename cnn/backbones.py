@@ -122,9 +122,16 @@ def get_backbone(name: str) -> Backbone:
 
 
 def build_classifier(
-    name: str, image_size: int, weights: str = "none", dropout: float = 0.2, bn_momentum: float = 0.9
+    name: str,
+    image_size: int,
+    weights: str = "none",
+    n_outputs: int = 1,
+    dropout: float = 0.2,
+    bn_momentum: float = 0.9,
 ) -> keras.Model:
-    """Backbone + its preprocessing + a dropout and sigmoid melanoma head; input float32 [0, 255].
+    """Backbone + its preprocessing + dropout and a head; input float32 [0, 255].
+
+    One output is a sigmoid melanoma probability; more are a softmax over diagnoses.
 
     Batch-norm momentum is lowered from the applications' 0.99 to `bn_momentum` so the moving
     statistics used at inference catch up within the few hundred steps of a small-data run.
@@ -142,5 +149,22 @@ def build_classifier(
             layer.momentum = bn_momentum
     x = features(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="melanoma")(x)
+    activation = "sigmoid" if n_outputs == 1 else "softmax"
+    outputs = layers.Dense(n_outputs, activation=activation, dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{name}_classifier")
+
+
+def parse_model_specs(text: str, default_size: int) -> dict[str, int]:
+    """`small:64,efficientnet_b0:128` -> {name: image size}; a name without `:SIZE` gets `default_size`."""
+    specs: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, size = item.partition(":")
+        get_backbone(name)
+        if not (size or str(default_size)).isdigit():
+            raise ValueError(f"--models {item!r}: the size after ':' must be a whole number of pixels.")
+        specs[name] = int(size or default_size)
+    if not specs:
+        raise ValueError("--models is empty; name at least one backbone.")
+    return specs

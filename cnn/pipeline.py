@@ -18,6 +18,9 @@ TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
     "none": lambda x: x,
     "hflip": lambda x: tf.reverse(x, axis=[2]),
     "vflip": lambda x: tf.reverse(x, axis=[1]),
+    "rot90": lambda x: tf.image.rot90(x, 1),
+    "rot180": lambda x: tf.image.rot90(x, 2),
+    "rot270": lambda x: tf.image.rot90(x, 3),
 }
 
 
@@ -56,17 +59,93 @@ def encoded_images(sources: list[str]) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(sources).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
 
 
-def build_augmenter(seed: int) -> keras.Sequential:
-    """Dermoscopy is orientation-free: flips and any rotation, plus mild colour/contrast jitter."""
-    return keras.Sequential(
-        [
-            keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-            keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
-            keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
-            keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
-        ],
-        name="augment",
-    )
+class MicroscopeVignette(keras.layers.Layer):
+    """Darken the corners as a dermatoscope's round field of view does (random strength per image)."""
+
+    def __init__(self, max_strength: float = 0.6, seed: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_strength = max_strength
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        shape = tf.shape(images)
+        axis_y = tf.linspace(-1.0, 1.0, shape[1])
+        axis_x = tf.linspace(-1.0, 1.0, shape[2])
+        radius = tf.sqrt(axis_y[:, None] ** 2 + axis_x[None, :] ** 2) / np.sqrt(2.0)
+        strength = keras.random.uniform((shape[0], 1, 1, 1), 0.0, self.max_strength, seed=self.generator)
+        return images * (1.0 - strength * tf.clip_by_value(radius, 0.0, 1.0)[None, :, :, None] ** 2)
+
+
+class HairLines(keras.layers.Layer):
+    """Draw up to `max_hairs` thin dark straight hairs per image, a common dermoscopy artefact."""
+
+    def __init__(self, max_hairs: int = 4, probability: float = 0.5, seed: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_hairs, self.probability = max_hairs, probability
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        shape = tf.shape(images)
+        batch, height, width = shape[0], shape[1], shape[2]
+        yy = tf.cast(tf.range(height), tf.float32)[None, None, :, None]
+        xx = tf.cast(tf.range(width), tf.float32)[None, None, None, :]
+        size = tf.cast(tf.minimum(height, width), tf.float32)
+        draw = lambda low, high: keras.random.uniform((batch, self.max_hairs, 1, 1), low, high, seed=self.generator)  # noqa: E731
+        point_y, point_x = draw(0.0, 1.0) * size, draw(0.0, 1.0) * size
+        angle = draw(0.0, np.pi)
+        distance = tf.abs((yy - point_y) * tf.cos(angle) - (xx - point_x) * tf.sin(angle))
+        thickness = draw(0.4, 1.0) * tf.maximum(size / 96.0, 0.5)
+        active = tf.cast(draw(0.0, 1.0) < self.probability, tf.float32)
+        hair = tf.reduce_max(active * tf.cast(distance < thickness, tf.float32), axis=1)[..., None]
+        return images * (1.0 - hair) + 40.0 * hair
+
+
+AUGMENT_LEVELS = ("none", "light", "strong")
+
+
+def build_augmenter(seed: int, level: str = "light") -> keras.Sequential | None:
+    """Augmentation run inside tf.data on float32 batches.
+
+    light: dermoscopy is orientation-free, so flips and any rotation, plus mild brightness and
+    contrast jitter. strong: also keras-cv RandAugment-style colour/shape jitter, random erasing
+    (cutout), a microscope vignette and hair-like lines.
+    """
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"--augment {level!r}: choose one of {AUGMENT_LEVELS}.")
+    if level == "none":
+        return None
+    layers = [
+        keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+        keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
+        keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
+        keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
+    ]
+    if level == "strong":
+        layers += [
+            keras_cv.layers.RandomHue(0.05, value_range=(0, 255), seed=seed),
+            keras_cv.layers.RandomSaturation(0.2, seed=seed),
+            keras_cv.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed),
+            keras_cv.layers.RandomCutout(0.25, 0.25, fill_mode="gaussian_noise", seed=seed),
+            MicroscopeVignette(seed=seed),
+            HairLines(seed=seed),
+        ]
+    return keras.Sequential(layers, name=f"augment_{level}")
+
+
+def mix_batches(kind: str, seed: int) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+    """MixUp or CutMix over a batch (keras-cv); labels are mixed in the same proportion."""
+    layer = {"mixup": keras_cv.layers.MixUp, "cutmix": keras_cv.layers.CutMix}[kind](seed=seed)
+
+    def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        two_d = tf.reshape(labels, (tf.shape(labels)[0], -1))
+        mixed = layer({"images": images, "labels": two_d}, training=True)
+        return mixed["images"], tf.reshape(mixed["labels"], tf.shape(labels))
+
+    return apply
 
 
 def image_dataset(
@@ -77,18 +156,22 @@ def image_dataset(
     *,
     shuffle: bool = False,
     augment: keras.Sequential | None = None,
+    mix: str = "none",
+    cache: str = "memory",
     seed: int = 0,
 ) -> tf.data.Dataset:
     """Batches of `(images, labels)` (or images alone when `labels` is None).
 
-    Decoded, resized images are cached in memory after the first pass, so later epochs cost only
-    augmentation; shuffling happens after the cache so every epoch sees a new order.
+    Decoded, resized images are cached (`cache`: "memory", "none", or a file path prefix for an
+    on-disk cache) after the first pass, so later epochs cost only augmentation; shuffling
+    happens after the cache so every epoch sees a new order. `mix` is "none", "mixup" or "cutmix".
     """
     images = encoded_images(list(paths)).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE)
     ds = images if labels is None else tf.data.Dataset.zip(
         images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.float32))
     )
-    ds = ds.cache()
+    if cache != "none":
+        ds = ds.cache("" if cache == "memory" else cache)
     if shuffle:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
@@ -97,16 +180,18 @@ def image_dataset(
             ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=AUTOTUNE)
         else:
             ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
+    if mix != "none" and labels is not None:
+        ds = ds.map(mix_batches(mix, seed), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 
 
 def predict_tta(model: keras.Model, images: tf.data.Dataset, views: Sequence[str] = ("none", "hflip", "vflip")) -> np.ndarray:
-    """Mean of the model's probabilities over the named test-time views of each image."""
+    """Mean of the model's outputs (N, n_outputs) over the named test-time views of each image."""
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
         raise KeyError(f"unknown TTA view(s) {unknown}; known: {sorted(TTA_VIEWS)}.")
     predictions = [
-        model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0).reshape(-1)
+        model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0)
         for view in views
     ]
     return np.mean(predictions, axis=0)

@@ -16,17 +16,20 @@ A finished pair (its `done.json` exists) is skipped when the command is re-run.
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cnn.backbones import build_classifier
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
+from cnn.targets import TargetSpec, resolve_target
 from ensemble.metrics import roc_auc
 from metadata.folds import attach_folds
 from metadata.io import read_table, write_json, write_table
@@ -36,13 +39,20 @@ from metadata.io import read_table, write_json, write_table
 class CnnConfig:
     """Training recipe shared by every (model, fold) pair of a `train-cnns` call."""
 
-    image_size: int = 64
+    image_size: int = 64  # default; each model of a run may have its own (see `parse_model_specs`)
     epochs: int = 5
     batch_size: int = 32
     weights: str = "none"
     learning_rate: float = 2e-3
     seed: int = 0
     tta: tuple[str, ...] = ("none", "hflip", "vflip")
+    target: str = "auto"
+    loss: str = "bce"
+    label_smoothing: float = 0.0
+    augment: str = "light"
+    mix: str = "none"
+    cache: str = "memory"  # memory | disk | none
+    deterministic: bool = False  # TensorFlow op determinism: identical OOF on CPU for the same seed
 
 
 def best_epoch(val_aucs: list[float]) -> int:
@@ -56,15 +66,16 @@ def best_epoch(val_aucs: list[float]) -> int:
 class BestEpochByAUC(keras.callbacks.Callback):
     """Score the validation fold after each epoch and restore the best epoch's weights at the end."""
 
-    def __init__(self, val_images, y_val: np.ndarray) -> None:
+    def __init__(self, val_images, y_val: np.ndarray, target: TargetSpec) -> None:
         super().__init__()
         self.val_images = val_images
         self.y_val = y_val
+        self.target = target
         self.val_aucs: list[float] = []
         self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        probs = self.model.predict(self.val_images, verbose=0).reshape(-1)
+        probs = self.target.melanoma_prob(self.model.predict(self.val_images, verbose=0))
         self.val_aucs.append(roc_auc(self.y_val, probs))
         if best_epoch(self.val_aucs) == epoch:
             self.best_weights = self.model.get_weights()
@@ -92,13 +103,12 @@ class RichBatchProgress(keras.callbacks.Callback):
         self.progress.update(self.task, description=f"{self.label} epoch {epoch + 1} {best}")
 
 
-def _balanced_class_weight(y: np.ndarray) -> dict[int, float]:
-    """Weights that give both classes equal total weight (melanoma is rare)."""
-    positives = float(y.sum())
-    negatives = float(len(y) - positives)
-    if positives == 0 or negatives == 0:
-        return {0: 1.0, 1: 1.0}
-    return {0: len(y) / (2 * negatives), 1: len(y) / (2 * positives)}
+def _probability_columns(outputs: np.ndarray, target: TargetSpec) -> dict[str, np.ndarray]:
+    """`prob` (melanoma) and, for a diagnosis head, one `prob_<CLASS>` column per class."""
+    columns = {"prob": target.melanoma_prob(outputs)}
+    if target.multiclass:
+        columns.update({f"prob_{c}": outputs[:, i] for i, c in enumerate(target.classes)})
+    return columns
 
 
 def train_fold(
@@ -108,28 +118,41 @@ def train_fold(
     val_rows: pd.DataFrame,
     test_rows: pd.DataFrame,
     config: CnnConfig,
+    target: TargetSpec,
     fold_dir: Path,
     progress: Progress,
 ) -> None:
     """Train one (model, fold) pair, keep its best epoch, write its OOF and test probabilities."""
     keras.utils.set_random_seed(config.seed + fold)
-    y_train = train_rows["target"].to_numpy(dtype=np.float32)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    y_train = target.labels(train_rows)
     y_val = val_rows["target"].to_numpy(dtype=np.float32)
+    cache_dir = fold_dir / "cache"
+    if config.cache == "disk":
+        cache_dir.mkdir(exist_ok=True)
+    cache = {split: str(cache_dir / split) if config.cache == "disk" else config.cache for split in ("train", "val", "test")}
+    datasets = {
+        split: image_dataset(rows["image_path"], None, config.image_size, config.batch_size, cache=cache[split])
+        for split, rows in (("val", val_rows), ("test", test_rows))
+    }
     train_ds = image_dataset(
-        train_rows["image_path"], y_train, config.image_size, config.batch_size,
-        shuffle=True, augment=build_augmenter(config.seed + fold), seed=config.seed + fold,
+        train_rows["image_path"], y_train, config.image_size, config.batch_size, shuffle=True,
+        augment=build_augmenter(config.seed + fold, config.augment), mix=config.mix, seed=config.seed + fold,
+        cache=cache["train"],
     )
-    val_images = image_dataset(val_rows["image_path"], None, config.image_size, config.batch_size)
     steps = math.ceil(len(train_rows) / config.batch_size)
-    model = build_classifier(model_name, config.image_size, config.weights)
+    model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=config.learning_rate * 0.1,
         decay_steps=max(1, steps * (config.epochs - 1)),
         warmup_target=config.learning_rate,
         warmup_steps=steps,
     )
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4), loss="binary_crossentropy")
-    best = BestEpochByAUC(val_images, y_val)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+        loss=target.loss(config.loss, config.label_smoothing),
+    )
+    best = BestEpochByAUC(datasets["val"], y_val, target)
     label = f"{model_name} fold {fold}"
     task = progress.add_task(label, total=steps * config.epochs)
     started = time.perf_counter()
@@ -137,17 +160,19 @@ def train_fold(
         train_ds,
         epochs=config.epochs,
         shuffle=False,  # the tf.data pipeline shuffles
-        class_weight=_balanced_class_weight(y_train),
+        class_weight=target.class_weight(y_train),
         callbacks=[best, RichBatchProgress(progress, task, label, best)],
         verbose=0,
     )
-    fold_dir.mkdir(parents=True, exist_ok=True)
     model.save(fold_dir / "model.keras")
-    oof = val_rows[["image_id", "patient_id", "target"]].assign(fold=fold)
-    oof["prob"] = predict_tta(model, val_images, config.tta)
+    oof = val_rows[["image_id", "patient_id", "target"]].assign(
+        fold=fold, **_probability_columns(predict_tta(model, datasets["val"], config.tta), target)
+    )
     test = test_rows[["image_id", "patient_id"]].copy()
-    test_images = image_dataset(test_rows["image_path"], None, config.image_size, config.batch_size)
-    test["prob"] = predict_tta(model, test_images, config.tta) if len(test_rows) else np.array([])
+    if len(test_rows):
+        test = test.assign(**_probability_columns(predict_tta(model, datasets["test"], config.tta), target))
+    else:
+        test = test.assign(prob=np.array([], dtype=float))
     write_table(oof, fold_dir / "oof.parquet")
     write_table(test, fold_dir / "test.parquet")
     chosen = best_epoch(best.val_aucs)
@@ -156,6 +181,7 @@ def train_fold(
             "model": model_name,
             "fold": fold,
             "config": asdict(config),
+            "classes": list(target.classes),
             "loss": [float(v) for v in history.history["loss"]],
             "val_auc": best.val_aucs,
             "best_epoch": chosen,
@@ -165,6 +191,7 @@ def train_fold(
         },
         fold_dir / "history.json",
     )
+    shutil.rmtree(cache_dir, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / "done.json")
 
 
@@ -176,15 +203,27 @@ def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFr
     for f, frame in zip(folds, tests):
         test[f"prob_fold{f}"] = frame["prob"].to_numpy()
     test["prob"] = test[[f"prob_fold{f}" for f in folds]].mean(axis=1)
+    class_columns = [c for c in tests[0].columns if c.startswith("prob_")]
+    for column in class_columns:
+        test[column] = np.mean([frame[column].to_numpy() for frame in tests], axis=0)
     write_table(oof.reset_index(drop=True), model_dir / "oof.parquet")
     write_table(test, model_dir / "test.parquet")
     return oof, test
 
 
 def train_cnns(
-    table: pd.DataFrame, folds: pd.DataFrame, models: list[str], config: CnnConfig, run_dir: Path
+    table: pd.DataFrame, folds: pd.DataFrame, models: dict[str, int], config: CnnConfig, run_dir: Path
 ) -> dict[str, float]:
-    """Train every model on every fold (skipping finished pairs); return each model's OOF AUC."""
+    """Train every model (name -> its image size) on every fold, skipping finished pairs.
+
+    Returns each model's OOF melanoma AUC.
+    """
+    without_image = table["image_path"].isna()
+    if without_image.any():
+        raise ValueError(
+            f"{int(without_image.sum())} row(s) have no image (first: {table.loc[without_image, 'image_id'].iloc[0]!r}); "
+            "metadata-only data cannot train CNNs: run `stack` with zero CNNs instead."
+        )
     train = attach_folds(table, folds, str(Path(run_dir) / "folds.parquet"))
     test = table[table["split"] == "test"]
     fold_ids = sorted(int(f) for f in train["fold"].unique())
@@ -193,15 +232,19 @@ def train_cnns(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
     ]
+    target = resolve_target(config.target, train)  # once, so every fold's head has the same classes
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     with Progress(*columns) as progress:
-        for model_name in models:
+        for model_name, image_size in models.items():
+            model_config = replace(config, image_size=image_size)
             model_dir = Path(run_dir) / "cnn" / model_name
             for fold in fold_ids:
                 fold_dir = model_dir / f"fold{fold}"
                 if (fold_dir / "done.json").exists():
                     continue
                 held_out = train["fold"] == fold
-                train_fold(model_name, fold, train[~held_out], train[held_out], test, config, fold_dir, progress)
+                train_fold(model_name, fold, train[~held_out], train[held_out], test, model_config, target, fold_dir, progress)
             oof, _ = assemble_model_outputs(model_dir, fold_ids)
             aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
     return aucs

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from ensemble.blend import cnn_names, mean_blend  # noqa: E402
 from ensemble.metrics import METRICS, per_fold, roc_auc  # noqa: E402
+from metadata.dataset import SKIPPED_FILE  # noqa: E402
 from metadata.io import read_table, write_json, write_text  # noqa: E402
 
 
@@ -55,8 +56,10 @@ def build_report(run_dir: Path) -> dict:
         entries.append(_entry("mean_blend", "blend", target, mean_blend(oof[cnn_columns]).to_numpy(), folds))
     if "stack" in oof.columns:
         entries.append(_entry("lightgbm_stack", "stack", target, oof["stack"].to_numpy(), folds))
+    skipped_file = Path(run_dir) / SKIPPED_FILE
     return {
         "run": str(Path(run_dir).resolve()),
+        "skipped_images": int(len(pd.read_csv(skipped_file))) if skipped_file.exists() else 0,
         "n_images": int(len(oof)),
         "n_melanoma": int(target.sum()),
         "n_folds": int(len(np.unique(folds))),
@@ -101,7 +104,8 @@ td:first-child, td:nth-child(2), th {{ text-align: left; }} th {{ background: #f
 </style></head><body>
 <h1>Melanoma CV report</h1>
 <p>{report['n_images']} training images, {report['n_melanoma']} melanomas, {report['n_folds']} patient-grouped folds.
-All figures are out-of-fold. pAUC is the partial AUC above 80% TPR (range 0 to 0.2).</p>
+All figures are out-of-fold. pAUC is the partial AUC above 80% TPR (range 0 to 0.2).
+{report['skipped_images']} image(s) skipped as missing or unreadable (listed in skipped_images.csv).</p>
 <table><tr><th>model</th><th>kind</th><th>ROC AUC</th><th>pAUC (TPR&ge;0.8)</th><th>AUC per fold</th><th>fold SD</th></tr>
 {rows}</table>
 <h2>ROC curves</h2>

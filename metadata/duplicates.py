@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import imagehash
@@ -57,12 +57,16 @@ def _fingerprint_one(image_id: str, path: str) -> ImageFingerprint:
 
 
 def fingerprint_images(
-    image_ids: Sequence[str], paths: Sequence[str], on_error: str = "raise"
+    image_ids: Sequence[str],
+    paths: Sequence[str],
+    on_error: str = "raise",
+    advance: Callable[[], None] | None = None,
 ) -> tuple[list[ImageFingerprint], list[tuple[str, str]]]:
     """Fingerprint every image; return the fingerprints and `(image_id, error)` for unreadable ones.
 
     `on_error="raise"` stops at the first unreadable image (a dataset should be clean before
     training); `on_error="skip"` lists it instead, so one scan can report every bad file.
+    `advance` is called once per image (a progress bar's hook).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
@@ -80,6 +84,8 @@ def fingerprint_images(
                     f"{message}; remove or replace the file, or pass on_error='skip' to list it instead."
                 ) from exc
             errors.append((str(image_id), message))
+        if advance is not None:
+            advance()
     return fingerprints, errors
 
 

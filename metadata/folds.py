@@ -87,10 +87,10 @@ def triple_stratified_folds(
     if len(patients) < k:
         raise ValueError(f"only {len(patients)} patients for {k} folds; lower --k.")
     largest = patients.loc[patients["images"].idxmax()]
-    if largest["images"] > len(train) / (2 * k):
+    if largest["images"] > len(train) / k:
         raise ValueError(
-            f"group {largest['group']!r} holds {largest['images']} of {len(train)} images, too many to balance "
-            f"{k} folds; duplicate links probably chained unrelated patients: run `folds --no-dedup` or a "
+            f"group {largest['group']!r} holds {largest['images']} of {len(train)} images, more than a "
+            f"fold of {k}; duplicate links probably chained unrelated patients: run `folds --no-dedup` or a "
             "smaller --dedup-distance."
         )
     strata = _patient_strata(patients, k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from rich.progress import Progress
 
 from metadata.dataset import load_dataset
 from metadata.duplicates import NEAR_DUPLICATE_BITS, find_duplicate_pairs, fingerprint_images
@@ -29,9 +30,14 @@ def inspect_dataset(
         return {"data": str(root), "trainable": False, "errors": [str(error)]}
     table = loaded.table
     has_images = table["image_path"].notna()
-    fingerprints, unreadable = fingerprint_images(
-        table.loc[has_images, "image_id"].tolist(), table.loc[has_images, "image_path"].tolist(), on_error="skip"
-    )
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding and hashing images", total=int(has_images.sum()))
+        fingerprints, unreadable = fingerprint_images(
+            table.loc[has_images, "image_id"].tolist(),
+            table.loc[has_images, "image_path"].tolist(),
+            on_error="skip",
+            advance=lambda: progress.advance(task),
+        )
     pairs = find_duplicate_pairs(fingerprints, max_distance=max_distance)
     by_id = table.set_index("image_id")
     crossing = _pairs_across_splits(pairs, by_id["split"])

@@ -77,3 +77,78 @@ def test_tta_is_the_mean_of_the_views(tmp_path: Path) -> None:
     np.testing.assert_allclose(predict_tta(model, images), np.mean(list(views.values()), axis=0), rtol=1e-6)
     with pytest.raises(KeyError):
         predict_tta(model, images, ("rot45",))
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_offline_and_trains_one_step(name: str) -> None:
+    size = max(32, get_backbone(name).min_size)
+    model = build_classifier(name, size, weights="none", n_outputs=3)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", run_eagerly=True)  # one step: skip graph tracing
+    x = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
+    loss = model.train_on_batch(x, np.eye(3, dtype="float32")[[0, 2, 1, 0]])
+    assert np.isfinite(loss)
+    probs = model(x, training=False).numpy()
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_parse_model_specs() -> None:
+    from cnn.backbones import parse_model_specs
+
+    assert parse_model_specs("small:48, mobilenet_v3_small", 64) == {"small": 48, "mobilenet_v3_small": 64}
+    with pytest.raises(KeyError):
+        parse_model_specs("nope:32", 64)
+    with pytest.raises(ValueError):
+        parse_model_specs("small:big", 64)
+
+
+def test_strong_augmentation_and_dermoscopy_layers(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from cnn.pipeline import HairLines, MicroscopeVignette
+
+    flat = tf.fill((4, 24, 24, 3), 200.0)
+    vignetted = MicroscopeVignette(max_strength=0.6, seed=1)(flat, training=True).numpy()
+    assert np.allclose(vignetted[:, 12, 12], 200.0, atol=3)  # centre untouched
+    assert (vignetted[:, 0, 0] <= 200.0).all() and (vignetted[:, 0, 0] < 199).any()  # corners darkened
+    np.testing.assert_array_equal(MicroscopeVignette()(flat, training=False), flat)
+    hairy = HairLines(max_hairs=3, probability=1.0, seed=2)(flat, training=True).numpy()
+    dark = hairy < 100
+    assert dark.any() and dark.mean() < 0.5  # thin lines, not a dark image
+    paths = _images(tmp_path, 8)
+    labels = np.array([i % 2 for i in range(8)], dtype=np.float32)
+    ds = image_dataset(paths, labels, 24, 4, shuffle=True, augment=build_augmenter(0, "strong"), seed=0)
+    for images, y in ds:
+        assert images.shape[1:] == (24, 24, 3) and images.dtype == "float32" and y.shape == (4,)
+    assert build_augmenter(0, "none") is None
+    with pytest.raises(ValueError):
+        build_augmenter(0, "extreme")
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_batches_keep_label_shape_and_range(tmp_path: Path, mix: str) -> None:
+    paths = _images(tmp_path, 8)
+    one_hot = np.eye(3, dtype=np.float32)[[i % 3 for i in range(8)]]
+    for images, y in image_dataset(paths, one_hot, 16, 8, mix=mix, seed=0):
+        assert y.shape == (8, 3) and np.allclose(y.numpy().sum(axis=1), 1, atol=1e-5)
+        assert (y.numpy() >= 0).all() and images.shape == (8, 16, 16, 3)
+
+
+def test_target_resolution_labels_and_weights() -> None:
+    import pandas as pd
+
+    from cnn.targets import resolve_target
+
+    rows = pd.DataFrame({"diagnosis": ["NV", "MEL", "BCC", "NV", "NV", "MEL"], "target": [0, 1, 0, 0, 0, 1]})
+    spec = resolve_target("auto", rows)
+    assert spec.classes == ("MEL", "NV", "BCC") and spec.multiclass
+    labels = spec.labels(rows)
+    assert labels.shape == (6, 3) and labels[1].tolist() == [1, 0, 0]
+    weights = spec.class_weight(labels)
+    totals = [weights[i] * (labels.argmax(axis=1) == i).sum() for i in range(3)]
+    assert np.allclose(totals, totals[0])  # every class carries the same total weight
+    assert spec.melanoma_prob(np.array([[0.7, 0.2, 0.1]])).tolist() == [0.7]
+    assert resolve_target("mel", rows).classes == ("MEL",)
+    binary = resolve_target("auto", rows.assign(diagnosis=None))
+    assert binary.classes == ("MEL",) and binary.labels(rows).tolist() == rows["target"].tolist()
+    with pytest.raises(ValueError, match="--target mel"):
+        resolve_target("diagnosis", rows.assign(diagnosis=None))

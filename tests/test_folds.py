@@ -81,3 +81,10 @@ def test_leave_one_source_out() -> None:
     assert folds["fold"].nunique() == 2
     with pytest.raises(ValueError, match="at least 2 sources"):
         source_folds(train.assign(source="ham"))
+
+
+def test_a_group_larger_than_a_fold_is_refused() -> None:
+    train = _cohort(patients=40)
+    chained = pd.Series(np.where(np.arange(len(train)) < len(train) // 2, "giant", train["patient_id"]), index=train.index)
+    with pytest.raises(ValueError, match="--no-dedup"):
+        triple_stratified_folds(train, k=5, groups=chained)
