@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from metadata.schema import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -39,7 +42,9 @@ def _fail(error: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _run_table(data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"):
+def _run_table(
+    data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"
+) -> pd.DataFrame:
     """The canonical table of `data` as this run uses it: skipped images recorded and left out."""
     from metadata.dataset import drop_skipped, load_dataset, record_skipped
 
@@ -193,6 +198,7 @@ def train_cnns(
     tta: Annotated[str, typer.Option("--tta", help="Test-time views: none,hflip,vflip,rot90,rot180,rot270.")] = "none,hflip,vflip",
     cache: Annotated[str, typer.Option("--cache", help="Decoded-image cache: memory, disk or none.")] = "memory",
     deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism (slower).")] = False,
+    patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without a better val AUC (0: off).")] = 0,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
@@ -214,6 +220,7 @@ def train_cnns(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
         seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss,
         label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
+        patience=patience,
     )
     try:
         aucs = run_training(table, read_table(run / "folds.parquet", "folds"), specs, config, run)
@@ -250,7 +257,7 @@ def stack(
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """LightGBM stacker over CNN OOF probabilities (zero or more CNNs) + metadata + patient context; then the report."""
+    """LightGBM stacker over CNN OOF scores (zero or more CNNs) + metadata + patient context; then the report."""
     from fusion.stage import run_stack
 
     try:

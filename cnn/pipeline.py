@@ -56,7 +56,8 @@ def encoded_images(sources: list[str]) -> tf.data.Dataset:
         return tf.data.Dataset.from_generator(
             lambda: _stream_bytes(sources), output_signature=tf.TensorSpec((), tf.string)
         )
-    return tf.data.Dataset.from_tensor_slices(sources).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
+    paths = tf.constant(sources, dtype=tf.string)  # typed, so an empty split is an empty string dataset
+    return tf.data.Dataset.from_tensor_slices(paths).map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
 
 
 class MicroscopeVignette(keras.layers.Layer):

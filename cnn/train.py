@@ -53,6 +53,7 @@ class CnnConfig:
     mix: str = "none"
     cache: str = "memory"  # memory | disk | none
     deterministic: bool = False  # TensorFlow op determinism: identical OOF on CPU for the same seed
+    patience: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
 
 
 def best_epoch(val_aucs: list[float]) -> int:
@@ -63,14 +64,20 @@ def best_epoch(val_aucs: list[float]) -> int:
     return int(np.argmax(scores))
 
 
-class BestEpochByAUC(keras.callbacks.Callback):
-    """Score the validation fold after each epoch and restore the best epoch's weights at the end."""
+def should_stop(val_aucs: list[float], patience: int) -> bool:
+    """Early stopping: the best epoch is `patience` or more epochs back (never when patience is 0)."""
+    return patience > 0 and len(val_aucs) - 1 - best_epoch(val_aucs) >= patience
 
-    def __init__(self, val_images, y_val: np.ndarray, target: TargetSpec) -> None:
+
+class BestEpochByAUC(keras.callbacks.Callback):
+    """Score the validation fold after each epoch, stop early if asked, restore the best epoch's weights."""
+
+    def __init__(self, val_images, y_val: np.ndarray, target: TargetSpec, patience: int = 0) -> None:
         super().__init__()
         self.val_images = val_images
         self.y_val = y_val
         self.target = target
+        self.patience = patience
         self.val_aucs: list[float] = []
         self.best_weights: list[np.ndarray] | None = None
 
@@ -79,6 +86,7 @@ class BestEpochByAUC(keras.callbacks.Callback):
         self.val_aucs.append(roc_auc(self.y_val, probs))
         if best_epoch(self.val_aucs) == epoch:
             self.best_weights = self.model.get_weights()
+        self.model.stop_training = should_stop(self.val_aucs, self.patience)
         if logs is not None:
             logs["val_auc"] = self.val_aucs[-1]
 
@@ -152,7 +160,7 @@ def train_fold(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
         loss=target.loss(config.loss, config.label_smoothing),
     )
-    best = BestEpochByAUC(datasets["val"], y_val, target)
+    best = BestEpochByAUC(datasets["val"], y_val, target, config.patience)
     label = f"{model_name} fold {fold}"
     task = progress.add_task(label, total=steps * config.epochs)
     started = time.perf_counter()

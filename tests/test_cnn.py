@@ -7,7 +7,7 @@ from PIL import Image
 
 from cnn.backbones import BACKBONES, build_classifier, get_backbone
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
-from cnn.train import best_epoch
+from cnn.train import best_epoch, should_stop
 
 
 def test_best_epoch_picks_highest_validation_auc() -> None:
@@ -15,6 +15,12 @@ def test_best_epoch_picks_highest_validation_auc() -> None:
     assert best_epoch([float("nan"), 0.6, 0.5]) == 1  # undefined AUC never wins
     with pytest.raises(ValueError):
         best_epoch([])
+
+
+def test_early_stopping_waits_for_patience() -> None:
+    assert not should_stop([0.7, 0.8, 0.79], patience=2)
+    assert should_stop([0.7, 0.8, 0.79, 0.78], patience=2)
+    assert not should_stop([0.7, 0.6, 0.5, 0.4], patience=0)  # 0 = never stop early
 
 
 def test_unknown_backbone_lists_registered_names() -> None:
@@ -152,3 +158,7 @@ def test_target_resolution_labels_and_weights() -> None:
     assert binary.classes == ("MEL",) and binary.labels(rows).tolist() == rows["target"].tolist()
     with pytest.raises(ValueError, match="--target mel"):
         resolve_target("diagnosis", rows.assign(diagnosis=None))
+
+
+def test_empty_split_gives_an_empty_dataset() -> None:
+    assert sum(1 for _ in image_dataset([], None, 16, 4)) == 0
