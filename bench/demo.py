@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from metadata.io import write_json  # noqa: E402
-from provenance import provenance  # noqa: E402
+from common import provenance  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +20,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import pandas as pd  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
-from cli import app  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from provenance import provenance  # noqa: E402
+from common import provenance, run_cli_steps  # noqa: E402
 
 
 def balanced_accuracy(oof: pd.DataFrame, diagnosis: pd.Series) -> float:
@@ -56,13 +53,7 @@ def main() -> None:
          "--batch-size", str(args.batch_size), "--augment", args.augment, "--learning-rate", str(args.learning_rate)],
         ["stack", *common],
     ]
-    seconds = {}
-    for step in steps:
-        started = time.perf_counter()
-        result = CliRunner().invoke(app, step)
-        seconds[step[0]] = round(time.perf_counter() - started, 1)
-        if result.exit_code != 0:
-            raise SystemExit(f"{step[0]} failed:\n{result.output}\n{result.exception!r}")
+    seconds = run_cli_steps(steps)
     report = json.loads((args.run / "report.json").read_text())
     diagnosis = load_dataset(args.data).table.set_index("image_id")["diagnosis"]
     cnns = {}

@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from typer.testing import CliRunner  # noqa: E402
-
-from cli import app  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from provenance import provenance  # noqa: E402
+from common import provenance, run_cli_steps  # noqa: E402
 
 
 def main() -> None:
@@ -29,13 +25,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "isic2020")
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench_isic2020")
     args = parser.parse_args()
-    runner = CliRunner()
-    started = time.perf_counter()
-    for command in (["folds", "--k", "5"], ["stack"]):
-        result = runner.invoke(app, [command[0], "--data", str(args.data), "--run", str(args.run), *command[1:]])
-        if result.exit_code != 0:
-            raise SystemExit(f"{command[0]} failed:\n{result.output}")
-    seconds = time.perf_counter() - started
+    common_args = ["--data", str(args.data), "--run", str(args.run)]
+    seconds = sum(run_cli_steps([["folds", *common_args, "--k", "5"], ["stack", *common_args]]).values())
     report = json.loads((args.run / "report.json").read_text())
     features = json.loads((args.run / "stack" / "features.json").read_text())["features"]
     (stack,) = report["entries"]

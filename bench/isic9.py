@@ -13,9 +13,7 @@ Writes bench/results/isic9.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +22,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from cli import app  # noqa: E402
 from ensemble.metrics import roc_auc  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.inspect import inspect_dataset  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from provenance import provenance  # noqa: E402
+from common import provenance, run_cli_steps  # noqa: E402
 
 
 def scores(truth: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
@@ -55,13 +50,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     args = parser.parse_args()
     common = ["--data", str(args.data), "--run", str(args.run)]
-    started = time.perf_counter()
-    for step in (["folds", *common, "--k", str(args.k)],
-                 ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis"]):
-        result = CliRunner().invoke(app, step)
-        if result.exit_code != 0:
-            raise SystemExit(f"{step[0]} failed:\n{result.output}\n{result.exception!r}")
-    seconds = time.perf_counter() - started
+    steps = [["folds", *common, "--k", str(args.k)],
+             ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis"]]
+    seconds = sum(run_cli_steps(steps).values())
     table = load_dataset(args.data).table.set_index("image_id")
     pairs = pd.DataFrame(inspect_dataset(args.data)["duplicate_pairs"]["across_train_test"])
     leaked = set(pairs["image_id_a"]) | set(pairs["image_id_b"]) if len(pairs) else set()

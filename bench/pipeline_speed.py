@@ -25,7 +25,7 @@ from cnn.backbones import build_classifier  # noqa: E402
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from provenance import provenance  # noqa: E402
+from common import provenance  # noqa: E402
 
 
 def images_per_second(run: callable, n_images: int, repeats: int = 2) -> float:

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ensemble.blend import cnn_names, mean_blend  # noqa: E402
+from ensemble.blend import cnn_names, mean_blend, rank_blend  # noqa: E402
 from ensemble.metrics import METRICS, per_fold, roc_auc  # noqa: E402
 from metadata.dataset import SKIPPED_FILE  # noqa: E402
 from metadata.io import read_table, write_json, write_text  # noqa: E402
@@ -46,7 +46,7 @@ def oof_predictions(run_dir: Path) -> pd.DataFrame:
 
 
 def build_report(run_dir: Path) -> dict:
-    """Metrics of every CNN, the mean blend of the CNNs and the stack on the run's OOF predictions."""
+    """Metrics of every CNN, the mean and rank-mean blends of the CNNs and the stack, out of fold."""
     oof = oof_predictions(run_dir)
     target = oof["target"].to_numpy(dtype=int)
     folds = oof["fold"].to_numpy()
@@ -54,6 +54,7 @@ def build_report(run_dir: Path) -> dict:
     entries = [_entry(c.removeprefix("cnn_"), "cnn", target, oof[c].to_numpy(), folds) for c in cnn_columns]
     if len(cnn_columns) > 1:
         entries.append(_entry("mean_blend", "blend", target, mean_blend(oof[cnn_columns]).to_numpy(), folds))
+        entries.append(_entry("rank_blend", "blend", target, rank_blend(oof[cnn_columns]).to_numpy(), folds))
     if "stack" in oof.columns:
         entries.append(_entry("lightgbm_stack", "stack", target, oof["stack"].to_numpy(), folds))
     skipped_file = Path(run_dir) / SKIPPED_FILE

@@ -10,7 +10,6 @@ import pandas as pd
 
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITES
 
-METADATA_FEATURES: tuple[str, ...] = ("age", "sex", "site")
 RUN_COLUMNS: tuple[str, ...] = ("fold",)  # bookkeeping a run adds to the table; never a feature
 
 

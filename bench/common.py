@@ -1,0 +1,44 @@
+"""Shared by the benchmarks: provenance of a result, and running CLI steps with their timings."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def provenance() -> dict[str, object]:
+    """Command line, UTC date, CPU count, platform, Python and the git commit of the checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "git_commit": commit,
+    }
+
+
+def run_cli_steps(steps: list[list[str]]) -> dict[str, float]:
+    """Run `cli.py` commands in this process, stopping at the first failure; seconds per command."""
+    from cli import app
+
+    seconds = {}
+    for step in steps:
+        started = time.perf_counter()
+        result = CliRunner().invoke(app, step)
+        seconds[step[0]] = round(time.perf_counter() - started, 1)
+        if result.exit_code != 0:
+            raise SystemExit(f"{step[0]} failed:\n{result.output}\n{result.exception!r}")
+    return seconds
