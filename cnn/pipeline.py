@@ -82,7 +82,7 @@ class MicroscopeVignette(keras.layers.Layer):
 class HairLines(keras.layers.Layer):
     """Draw up to `max_hairs` thin dark straight hairs per image, a common dermoscopy artefact."""
 
-    def __init__(self, max_hairs: int = 4, probability: float = 0.5, seed: int | None = None, **kwargs) -> None:
+    def __init__(self, max_hairs: int = 3, probability: float = 0.5, seed: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.max_hairs, self.probability = max_hairs, probability
         self.generator = keras.random.SeedGenerator(seed)
@@ -128,7 +128,7 @@ def build_augmenter(seed: int, level: str = "light") -> keras.Sequential | None:
     if level == "strong":
         layers += [
             keras_cv.layers.RandomHue(0.05, value_range=(0, 255), seed=seed),
-            keras_cv.layers.RandomSaturation(0.2, seed=seed),
+            keras_cv.layers.RandomSaturation((0.4, 0.6), seed=seed),  # 0.5 keeps the colours as they are
             keras_cv.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed),
             keras_cv.layers.RandomCutout(0.25, 0.25, fill_mode="gaussian_noise", seed=seed),
             MicroscopeVignette(seed=seed),

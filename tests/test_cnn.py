@@ -125,6 +125,10 @@ def test_strong_augmentation_and_dermoscopy_layers(tmp_path: Path) -> None:
     ds = image_dataset(paths, labels, 24, 4, shuffle=True, augment=build_augmenter(0, "strong"), seed=0)
     for images, y in ds:
         assert images.shape[1:] == (24, 24, 3) and images.dtype == "float32" and y.shape == (4,)
+    reddish = tf.constant(np.tile(np.array([200.0, 90.0, 70.0], np.float32), (8, 24, 24, 1)))
+    augmented = build_augmenter(3, "strong")(reddish, training=True).numpy()
+    # Colour is the signal in dermoscopy: jitter may shift it, never wash it out to grey.
+    assert (augmented[..., 0].mean(axis=(1, 2)) - augmented[..., 1].mean(axis=(1, 2)) > 50).all()
     assert build_augmenter(0, "none") is None
     with pytest.raises(ValueError):
         build_augmenter(0, "extreme")
