@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -42,3 +43,14 @@ def run_cli_steps(steps: list[list[str]]) -> dict[str, float]:
         if result.exit_code != 0:
             raise SystemExit(f"{step[0]} failed:\n{result.output}\n{result.exception!r}")
     return seconds
+
+
+def cnn_bench_parser(description: str, dataset: str) -> argparse.ArgumentParser:
+    """Options shared by the CNN benchmarks on a `../shared/data/<dataset>` folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / dataset)
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / f"bench_{dataset}")
+    parser.add_argument("--models", default="small:64", help="backbones with sizes, as for train-cnns")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--k", type=int, default=5)
+    return parser

@@ -10,7 +10,6 @@ CNN >= 0.92 AUC, stack >= 0.93, balanced accuracy >= 0.65.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from common import provenance, run_cli_steps  # noqa: E402
+from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
 
 
 def balanced_accuracy(oof: pd.DataFrame, diagnosis: pd.Series) -> float:
@@ -36,12 +35,7 @@ def balanced_accuracy(oof: pd.DataFrame, diagnosis: pd.Series) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000")
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench_ham10000")
-    parser.add_argument("--models", default="small:64")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--k", type=int, default=5)
+    parser = cnn_bench_parser(__doc__.splitlines()[0], "ham10000")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--augment", default="light")
     parser.add_argument("--learning-rate", type=float, default=2e-3)

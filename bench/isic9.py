@@ -12,7 +12,6 @@ Writes bench/results/isic9.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ensemble.metrics import roc_auc  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.inspect import inspect_dataset  # noqa: E402
 from metadata.io import write_json  # noqa: E402
-from common import provenance, run_cli_steps  # noqa: E402
+from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
 
 
 def scores(truth: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
@@ -42,12 +41,7 @@ def scores(truth: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "isic9")
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "bench_isic9")
-    parser.add_argument("--models", default="small:64")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--k", type=int, default=5)
+    parser = cnn_bench_parser(__doc__.splitlines()[0], "isic9")
     args = parser.parse_args()
     common = ["--data", str(args.data), "--run", str(args.run)]
     steps = [["folds", *common, "--k", str(args.k)],
