@@ -6,12 +6,13 @@ Images leave the pipeline as float32 RGB in [0, 255]; each backbone normalises t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import keras
 import keras_cv
 import numpy as np
 import tensorflow as tf
+
+from metadata.images import ImageBytesReader
 
 AUTOTUNE = tf.data.AUTOTUNE
 TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -32,22 +33,10 @@ def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _stream_bytes(sources: list[str]) -> Iterator[bytes]:
-    """Stream the bytes of each source in order: `FILE.hdf5#KEY` entries (each file opened once) or files."""
-    import h5py
-
-    handles: dict[str, h5py.File] = {}
-    try:
+    """Stream the bytes of each source in order (HDF5 files are opened once for the whole pass)."""
+    with ImageBytesReader() as reader:
         for source in sources:
-            if ".hdf5#" not in source:
-                yield Path(source).read_bytes()
-                continue
-            file, key = source.rsplit("#", 1)
-            if file not in handles:
-                handles[file] = h5py.File(file, "r")
-            yield bytes(handles[file][key][()])
-    finally:
-        for handle in handles.values():
-            handle.close()
+            yield reader.read(source)
 
 
 def encoded_images(sources: list[str]) -> tf.data.Dataset:

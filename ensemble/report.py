@@ -45,9 +45,8 @@ def oof_predictions(run_dir: Path) -> pd.DataFrame:
     return table
 
 
-def build_report(run_dir: Path) -> dict:
+def build_report(run_dir: Path, oof: pd.DataFrame) -> dict:
     """Metrics of every CNN, the mean and rank-mean blends of the CNNs and the stack, out of fold."""
-    oof = oof_predictions(run_dir)
     target = oof["target"].to_numpy(dtype=int)
     folds = oof["fold"].to_numpy()
     cnn_columns = [c for c in oof.columns if c.startswith("cnn_")]
@@ -68,9 +67,8 @@ def build_report(run_dir: Path) -> dict:
     }
 
 
-def _roc_plot_png(run_dir: Path) -> str:
+def _roc_plot_png(oof: pd.DataFrame) -> str:
     """ROC curves of every model, as a base64 PNG so the HTML stands alone."""
-    oof = oof_predictions(run_dir)
     target = oof["target"].to_numpy(dtype=int)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     for column in [c for c in oof.columns if c not in ("fold", "target")]:
@@ -119,7 +117,8 @@ All figures are out-of-fold. pAUC is the partial AUC above 80% TPR (range 0 to 0
 def write_report(run_dir: Path) -> dict:
     """Write RUN/report.json and RUN/report.html; return the report."""
     run_dir = Path(run_dir)
-    report = build_report(run_dir)
+    oof = oof_predictions(run_dir)
+    report = build_report(run_dir, oof)
     write_json(report, run_dir / "report.json")
-    write_text(render_html(report, _roc_plot_png(run_dir)), run_dir / "report.html")
+    write_text(render_html(report, _roc_plot_png(oof)), run_dir / "report.html")
     return report

@@ -25,7 +25,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from metadata.images import read_image_bytes
+from metadata.images import ImageBytesReader
 
 HASH_BITS = 64
 # Re-saved or resized copies land at 0-2 bits; at 4 bits independent look-alike lesions start to
@@ -42,9 +42,9 @@ class ImageFingerprint:
     phash: int
 
 
-def _fingerprint_one(image_id: str, path: str) -> ImageFingerprint:
+def _fingerprint_one(image_id: str, path: str, reader: ImageBytesReader) -> ImageFingerprint:
     """Hash the bytes and the fully decoded pixels, so truncated files fail here, not in training."""
-    data = read_image_bytes(path)
+    data = reader.read(path)
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = img.convert("RGB")
@@ -74,18 +74,19 @@ def fingerprint_images(
         raise ValueError(f"got {len(image_ids)} image ids but {len(paths)} paths; pass one path per image id.")
     fingerprints: list[ImageFingerprint] = []
     errors: list[tuple[str, str]] = []
-    for image_id, path in zip(image_ids, paths):
-        try:
-            fingerprints.append(_fingerprint_one(str(image_id), str(path)))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            message = f"image {image_id!r} at {path} cannot be read or decoded ({exc})"
-            if on_error == "raise":
-                raise ValueError(
-                    f"{message}; remove or replace the file, or pass on_error='skip' to list it instead."
-                ) from exc
-            errors.append((str(image_id), message))
-        if advance is not None:
-            advance()
+    with ImageBytesReader() as reader:  # one HDF5 handle for the whole scan, not one per image
+        for image_id, path in zip(image_ids, paths):
+            try:
+                fingerprints.append(_fingerprint_one(str(image_id), str(path), reader))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                message = f"image {image_id!r} at {path} cannot be read or decoded ({exc})"
+                if on_error == "raise":
+                    raise ValueError(
+                        f"{message}; remove or replace the file, or pass on_error='skip' to list it instead."
+                    ) from exc
+                errors.append((str(image_id), message))
+            if advance is not None:
+                advance()
     return fingerprints, errors
 
 

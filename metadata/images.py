@@ -1,18 +1,47 @@
-"""Reading one image's bytes from wherever the canonical table says it lives."""
+"""Reading image bytes from wherever the canonical table says they live."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+
+class ImageBytesReader:
+    """Reads image files or `FILE.hdf5#KEY` entries (ISIC 2024 layout), opening each HDF5 file once.
+
+    Use it as a context manager around a loop over many images; HDF5 handles close on exit.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    def read(self, source: str) -> bytes:
+        """The encoded bytes of one image."""
+        if ".hdf5#" not in source:
+            return Path(source).read_bytes()
+        import h5py
+
+        file, key = source.rsplit("#", 1)
+        if file not in self._handles:
+            self._handles[file] = h5py.File(file, "r")
+        if key not in self._handles[file]:
+            raise OSError(f"{file} has no entry {key!r}")
+        return bytes(self._handles[file][key][()])
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> ImageBytesReader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.close()
 
 
 def read_image_bytes(source: str) -> bytes:
-    """The encoded bytes of an image file, or of a `FILE.hdf5#KEY` entry (ISIC 2024 layout)."""
-    if ".hdf5#" not in source:
-        return Path(source).read_bytes()
-    import h5py
-
-    file, key = source.rsplit("#", 1)
-    with h5py.File(file, "r") as handle:
-        if key not in handle:
-            raise OSError(f"{file} has no entry {key!r}")
-        return bytes(handle[key][()])
+    """The encoded bytes of a single image (for loops, hold one `ImageBytesReader` instead)."""
+    with ImageBytesReader() as reader:
+        return reader.read(source)

@@ -166,3 +166,16 @@ def test_target_resolution_labels_and_weights() -> None:
 
 def test_empty_split_gives_an_empty_dataset() -> None:
     assert sum(1 for _ in image_dataset([], None, 16, 4)) == 0
+
+
+def test_pipeline_streams_images_from_hdf5(tmp_path: Path) -> None:
+    import h5py
+
+    paths = _images(tmp_path, 3)
+    with h5py.File(tmp_path / "train-image.hdf5", "w") as handle:
+        for i, path in enumerate(paths):
+            handle[f"ISIC_{i}"] = np.void(Path(path).read_bytes())
+    sources = [f"{tmp_path / 'train-image.hdf5'}#ISIC_{i}" for i in range(3)]
+    from_hdf5 = np.concatenate([x.numpy() for x in image_dataset(sources, None, 16, 2)])
+    from_files = np.concatenate([x.numpy() for x in image_dataset(paths, None, 16, 2)])
+    np.testing.assert_array_equal(from_hdf5, from_files)
