@@ -35,7 +35,7 @@ def pipeline_run(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         ["folds", "--data", str(cohort_dir), "--run", str(run), "--k", "3", "--seed", "7"],
         [
             "train-cnns", "--data", str(cohort_dir), "--run", str(run), "--models", "small,mobilenet_v3_small",
-            "--image-size", "32", "--epochs", "3", "--seed", "7",
+            "--image-size", "32", "--epochs", "3", "--seed", "7", "--deterministic",
         ],
         ["stack", "--data", str(cohort_dir), "--run", str(run), "--seed", "7"],
     ]
