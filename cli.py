@@ -6,24 +6,66 @@ another machine. TensorFlow is imported only by the commands that train.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Callable
+from inspect import signature, unwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
+from typer.core import TyperGroup
 
+from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
+from metadata.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
+from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.schema import DataError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+CONFIG_EPILOG = (
+    "Any option can also come from a run config: --config FILE (TOML or JSON; keys are option names "
+    "without --, in a section named after the command, or at the top level for every command that has "
+    "them). Flags given here override the file."
+)
+
+
+class ConfigGroup(TyperGroup):
+    """Gives every command `--config FILE`: the file's options (metadata/config.py) become its defaults.
+
+    One mechanism for all commands: the file is read before the command parses its flags and its
+    options are handed over as click's `default_map`, so flags on the command line still win.
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in self.commands.values():
+            command.epilog = "\n\n".join(filter(None, [command.epilog, CONFIG_EPILOG]))
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        try:
+            path, rest = split_config_argument(rest)
+            if path is not None:
+                options = {n: command_options(unwrap(c.callback)) for n, c in self.commands.items()}
+                ctx.default_map = {name: resolve_config(read_config(path), options, str(path))[name]}
+        except ConfigError as error:
+            raise _fail(error) from error
+        return name, command, rest
+
+
+app = typer.Typer(cls=ConfigGroup, add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
+log = logging.getLogger("cli")
 
 DataOption = Annotated[Path, typer.Option("--data", help="Data folder in any supported layout (see `inspect`).")]
 RunOption = Annotated[Path, typer.Option("--run", help="Run directory for folds, models, predictions, reports.")]
@@ -33,20 +75,53 @@ MetadataOption = Annotated[
     Optional[Path], typer.Option("--metadata", help="Metadata CSV joined by image id (class-folder data).")  # noqa: UP007
 ]
 BadImageOption = Annotated[
-    str, typer.Option("--on-bad-image", help="raise: stop at a missing/corrupt image; skip: drop it, listed in RUN.")
+    Literal[BAD_IMAGE_POLICIES],
+    typer.Option("--on-bad-image", help="raise: stop at a missing/corrupt image; skip: drop it, listed in RUN."),
 ]
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {escape(str(error))}")  # escaped: messages name [sections] and lists
     return typer.Exit(2)
+
+
+def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
+    """Run a stage with RUN/log.txt attached: its resolved options go to RUN/config.json and the
+    manifest before it starts, its wall time after it succeeds (called from Python, as `demo` does, too)."""
+    stage = command.__name__.replace("_", "-")
+    parameters = signature(command)
+
+    @functools.wraps(command)
+    def run_stage(*args: Any, **kwargs: Any) -> None:
+        from metadata.config import config_section
+        from metadata.manifest import record_stage_seconds, record_stage_start
+        from metadata.runlog import run_log
+
+        arguments = parameters.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        run = Path(arguments.arguments["run"])
+        with run_log(run):
+            record_stage_start(run, stage, config_section(command_options(command), arguments.arguments))
+            log.info("%s started", stage)
+            started = time.perf_counter()
+            try:
+                command(*args, **kwargs)
+            except Exception as error:
+                handled = isinstance(error, typer.Exit)  # raised by _fail from the error it reported
+                log.error("%s stopped: %s", stage, error.__cause__ if handled else error, exc_info=not handled)
+                raise
+            record_stage_seconds(run, stage, time.perf_counter() - started)
+            log.info("%s finished in %.1f s", stage, time.perf_counter() - started)
+
+    return run_stage
 
 
 def _run_table(
     data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"
 ) -> pd.DataFrame:
-    """The canonical table of `data` as this run uses it: skipped images recorded and left out."""
+    """The canonical table of `data` as this run uses it (skipped images recorded and left out), fingerprinted in the manifest."""
     from metadata.dataset import drop_skipped, load_dataset, record_skipped
+    from metadata.manifest import record_data_fingerprint
 
     try:
         loaded = load_dataset(data, fmt, metadata, on_bad_image)
@@ -55,7 +130,9 @@ def _run_table(
     if len(loaded.skipped):
         record_skipped(run, loaded.skipped)
         console.print(f"[yellow]skipped {len(loaded.skipped)} image(s) with no file[/yellow]; see {run}/skipped_images.csv")
-    return drop_skipped(loaded.table, run)
+    table = drop_skipped(loaded.table, run)
+    record_data_fingerprint(run, table)
+    return table
 
 
 @app.command()
@@ -77,11 +154,15 @@ def synth(
 
 
 @app.command()
+@recorded_stage
 def folds(
     data: DataOption,
     run: RunOption,
     k: Annotated[int, typer.Option("--k", help="Number of folds (not used with --group-by source).")] = 5,
-    group_by: Annotated[str, typer.Option("--group-by", help="patient: triple-stratified K folds; source: leave-one-source-out.")] = "patient",
+    group_by: Annotated[
+        Literal["patient", "source"],
+        typer.Option("--group-by", help="patient: triple-stratified K folds; source: leave-one-source-out."),
+    ] = "patient",
     dedup: Annotated[bool, typer.Option(help="Keep exact/near-duplicate images in one fold (perceptual hash).")] = True,
     dedup_distance: Annotated[int, typer.Option("--dedup-distance", help="Max perceptual-hash bits apart for a near duplicate.")] = 2,
     fmt: FormatOption = None,
@@ -101,8 +182,6 @@ def folds(
     from metadata.folds import fold_groups, source_folds, triple_stratified_folds
     from metadata.io import write_table
 
-    if group_by not in ("patient", "source"):
-        raise _fail(ValueError(f"--group-by {group_by!r}: choose patient or source."))
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     pairs = None
     with_images = table["image_path"].notna()
@@ -181,6 +260,7 @@ def inspect(
 
 
 @app.command("train-cnns")
+@recorded_stage
 def train_cnns(
     data: DataOption,
     run: RunOption,
@@ -190,65 +270,133 @@ def train_cnns(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak of the warm-up + cosine schedule.")] = 2e-3,
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
-    target: Annotated[str, typer.Option("--target", help="auto, mel (binary) or diagnosis (multi-class head).")] = "auto",
-    loss: Annotated[str, typer.Option("--loss", help="bce or focal.")] = "bce",
+    target: Annotated[Literal[TARGET_CHOICES], typer.Option("--target", help="mel: binary; diagnosis: multi-class head; auto: diagnosis when every row has one.")] = "auto",
+    loss: Annotated[Literal[LOSS_CHOICES], typer.Option("--loss")] = "bce",
     label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
-    augment: Annotated[str, typer.Option("--augment", help="none, light or strong.")] = "light",
-    mix: Annotated[str, typer.Option("--mix", help="none, mixup or cutmix.")] = "none",
+    augment: Annotated[Literal[AUGMENT_LEVELS], typer.Option("--augment")] = "light",
+    mix: Annotated[Literal[MIX_CHOICES], typer.Option("--mix")] = "none",
     tta: Annotated[str, typer.Option("--tta", help="Test-time views: none,hflip,vflip,rot90,rot180,rot270.")] = "none,hflip,vflip",
-    cache: Annotated[str, typer.Option("--cache", help="Decoded-image cache: memory, disk or none.")] = "memory",
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism (slower).")] = False,
+    cache: Annotated[Literal[CACHE_CHOICES], typer.Option("--cache", help="Decoded-image cache.")] = "memory",
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism (slower); identical OOF on a CPU.")] = False,
     patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without a better val AUC (0: off).")] = 0,
+    model: Annotated[Optional[str], typer.Option("--model", help="Train only this model of --models (one job of a scale-out).")] = None,  # noqa: UP007
+    fold: Annotated[Optional[int], typer.Option("--fold", help="Train only this fold (one job of a scale-out).")] = None,  # noqa: UP007
+    strategy: Annotated[
+        Literal[STRATEGY_CHOICES],
+        typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none."),
+    ] = "auto",
+    mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
+    jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """Train every model on every fold; write OOF and fold-averaged test probabilities (with TTA)."""
+    """Train every model on every fold (or one pair, for a cluster job); write OOF and fold-averaged test probabilities.
+
+    Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint.
+    """
     from cnn.backbones import parse_model_specs
+    from cnn.pairs import describe_pairs, unfinished_pairs
+    from cnn.tfrecords import SHARD_DIR, shard_sources
     from cnn.train import CnnConfig
     from cnn.train import train_cnns as run_training
     from metadata.io import read_table
 
-    if cache not in ("memory", "disk", "none"):
-        raise _fail(ValueError(f"--cache {cache!r}: choose memory, disk or none."))
     try:
         specs = parse_model_specs(models, image_size)
     except (KeyError, ValueError) as error:
         raise _fail(error) from error
     table = _run_table(data, run, fmt, metadata)
+    try:
+        sharded = shard_sources(table, run)
+    except ValueError as error:
+        raise _fail(error) from error
+    if sharded is not None:
+        console.print(f"reading images from the TFRecord shards in {run / SHARD_DIR}")
+        table = sharded
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
         seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss,
         label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
-        patience=patience,
+        patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
     )
     try:
-        aucs = run_training(table, read_table(run / "folds.parquet", "folds"), specs, config, run)
+        aucs = run_training(table, read_table(run / "folds.parquet", "folds"), specs, config, run, model, fold)
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise _fail(error) from error
     for name, auc in aucs.items():
         console.print(f"{name}: OOF AUC {auc:.4f}")
-
-
-def _print_report(report: dict) -> None:
-    out = Table("model", "kind", "AUC", "pAUC@80TPR", "AUC per fold", title="Out-of-fold CV")
-    for e in report["entries"]:
-        out.add_row(
-            e["name"], e["kind"], f"{e['auc']:.4f}", f"{e['pauc_80tpr']:.4f}", " ".join(f"{a:.3f}" for a in e["fold_auc"])
-        )
-    console.print(out)
+    waiting = unfinished_pairs(run)
+    if waiting:
+        console.print(f"still to train: {describe_pairs(waiting)}; see `python cli.py status --run {run}`")
 
 
 @app.command()
-def report(run: RunOption) -> None:
-    """Write RUN/report.json and RUN/report.html from the run's OOF predictions."""
-    from ensemble.report import write_report
+@recorded_stage
+def tfrecords(
+    data: DataOption,
+    run: RunOption,
+    image_size: Annotated[int, typer.Option("--image-size", help="Store images at this size (0: keep the original bytes).")] = 0,
+    records_per_shard: Annotated[int, typer.Option("--records-per-shard")] = 2048,
+    quality: Annotated[int, typer.Option("--quality", help="JPEG quality of resized images.")] = 95,
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
+    on_bad_image: BadImageOption = "raise",
+) -> None:
+    """Write the run's images as TFRecord shards; later `train-cnns` on RUN read them instead of the files.
 
-    _print_report(write_report(run))
-    console.print(f"report: {run / 'report.html'}")
+    For large sets (ISIC 2020's multi-megapixel JPEGs): each image is decoded and resized once here,
+    not on every run. Store at least the largest size a model of the run uses.
+    """
+    from cnn.tfrecords import SHARD_DIR, write_shards
+
+    table = _run_table(data, run, fmt, metadata, on_bad_image)
+    with Progress(console=console) as progress:
+        task = progress.add_task("writing shards", total=len(table))
+        try:
+            index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
+        except (ValueError, OSError) as error:
+            raise _fail(error) from error
+    size = sum(f.stat().st_size for f in (run / SHARD_DIR).glob("*.tfrec"))
+    console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {run / SHARD_DIR}")
+
+
+def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int) -> None:
+    """Write the report files and print its CV and stack-vs-CNN tables and its warnings."""
+    from ensemble.report import COMPACT_CV_COLUMNS, Bootstrap, summary_tables, write_report
+
+    try:
+        written = write_report(run, table, Bootstrap(n_boot=n_boot, seed=seed))
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(error) from error
+    for summary in summary_tables(written, COMPACT_CV_COLUMNS):
+        out = Table(*summary.header, title=summary.title)
+        for row in summary.rows:
+            out.add_row(*row)
+        console.print(out)
+    for warning in written["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"report: {run / 'report.html'} (standalone), {run / 'report.md'}, {run / 'report.json'}")
 
 
 @app.command()
+def report(
+    run: RunOption,
+    data: Annotated[
+        Optional[Path],  # noqa: UP007
+        typer.Option("--data", help="The run's data: adds subgroup AUCs, multi-class metrics and a labelled test set's table."),
+    ] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")] = 1000,
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
+    seed: SeedOption = 0,
+) -> None:
+    """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md from the run's OOF predictions."""
+    _write_report(run, _run_table(data, run, fmt, metadata) if data is not None else None, bootstrap, seed)
+
+
+@app.command()
+@recorded_stage
 def stack(
     data: DataOption,
     run: RunOption,
@@ -260,13 +408,146 @@ def stack(
     """LightGBM stacker over CNN OOF scores (zero or more CNNs) + metadata + patient context; then the report."""
     from fusion.stage import run_stack
 
+    table = _run_table(data, run, fmt, metadata)
     try:
-        auc = run_stack(_run_table(data, run, fmt, metadata), run, num_boost_round=rounds, seed=seed)
-    except ValueError as error:
+        auc = run_stack(table, run, num_boost_round=rounds, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
     wrote = f"; submission: {run / 'submission.csv'}" if (run / "submission.csv").exists() else " (no test rows)"
     console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
-    report(run)
+    _write_report(run, table, 1000, seed)
+
+
+@app.command()
+def submit(
+    run: RunOption,
+    submission_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="isic2020 (image_name,target), isic2024 (isic_id,target), isic2019 or isic2018 (image + a column per diagnosis)."
+        ),
+    ],
+    model: Annotated[
+        Optional[str],  # noqa: UP007
+        typer.Option("--model", help="Model whose test predictions to submit; default lightgbm_stack (multi-class: mean_blend)."),
+    ] = None,
+    data: Annotated[
+        Optional[Path],  # noqa: UP007
+        typer.Option("--data", help="The run's data; its test split is the id list to check (default: the ids every model predicted)."),
+    ] = None,
+    data_format: Annotated[Optional[str], typer.Option("--data-format", help="Layout of --data; auto-detected when omitted.")] = None,  # noqa: UP007
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write; default RUN/submission_<format>.csv.")] = None,  # noqa: UP007
+) -> None:
+    """Write a validated competition submission CSV (atomically) from the run's test predictions."""
+    from ensemble.run_files import load_run_predictions
+    from ensemble.submission import predicted_test_ids, run_submission, submission_format as find_format
+
+    try:
+        chosen = find_format(submission_format)
+        predictions = load_run_predictions(run)
+        if data is None:
+            expected = predicted_test_ids(predictions)
+        else:
+            table = _run_table(data, run, data_format, None)
+            expected = table.loc[table["split"] == "test", "image_id"]
+        path = out or run / f"submission_{submission_format}.csv"
+        frame, notes = run_submission(predictions, chosen, model, expected, path)
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(error) from error
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"{chosen.title}: {len(frame)} test images from {model or chosen.default_model} -> {path}")
+
+
+@app.command()
+def export(
+    run: RunOption,
+    out: Annotated[Path, typer.Option("--out", help="New folder for the bundle.")],
+    sensitivity: Annotated[float, typer.Option("--sensitivity", help="Target sensitivity of the alert threshold, on OOF predictions.")] = 0.95,
+    seed: SeedOption = 0,
+) -> None:
+    """Export a finished run (CNNs + stack) as a self-contained bundle that scores new patients (`predict`)."""
+    from ensemble.bundle import export_bundle
+
+    try:
+        config = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(error) from error
+    point = config["operating_point"]
+    low, high = point["oof_specificity_ci"]
+    console.print(
+        f"bundle: {out} ({', '.join(c['name'] for c in config['cnns'])} x {len(config['stack']['folds'])} folds + stack)\n"
+        f"alert at probability >= {point['threshold']:.4f}: OOF sensitivity {point['oof_sensitivity']:.3f} "
+        f"(target {sensitivity}), specificity {point['oof_specificity']:.3f} "
+        f"({point['ci_level']:.0%} CI {low:.3f}-{high:.3f}, patient bootstrap)"
+    )
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle folder written by `export`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv, summary.json and explain/.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder in any supported layout.")] = None,  # noqa: UP007
+    images: Annotated[Optional[Path], typer.Option("--images", help="A folder of images (each its own patient unless --metadata names patients).")] = None,  # noqa: UP007
+    metadata: Annotated[
+        Optional[Path],  # noqa: UP007
+        typer.Option("--metadata", help="CSV by image id: patient_id, age, sex, site (any may be missing); with --data as in `folds`."),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="With --data: all, train or test rows.")] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and scored at a time (bounds memory).")] = 32,
+    explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM overlay of every alerted image; an HTML page per patient.")] = False,
+    fmt: FormatOption = None,
+) -> None:
+    """Score new patients with an exported bundle: probability, alert at the operating point, rank within patient."""
+    from ensemble.bundle import BundleError, load_bundle, version_differences
+    from ensemble.predict import score_patients, scoring_rows, write_predictions
+
+    try:
+        rows = scoring_rows(data, images, metadata, fmt, split)
+        loaded = load_bundle(bundle)
+        for difference in version_differences(loaded.manifest):
+            console.print(f"[yellow]note:[/yellow] {difference}")
+        with Progress(console=console) as progress:
+            task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
+            scored = score_patients(loaded, rows, batch_size, lambda n: progress.advance(task, n))
+    except (BundleError, DataError) as error:
+        raise _fail(error) from error
+    summary = write_predictions(scored, loaded, out)
+    for note in summary["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(
+        f"{summary['images']} image(s) of {summary['patients']} patient(s), {summary['alerts']} alert(s): {out / 'predictions.csv'}"
+    )
+    if explain:
+        from ensemble.explain import write_explanations
+
+        with Progress(console=console) as progress:
+            task = progress.add_task("Grad-CAM of alerted images", total=summary["alerts"])
+            index = write_explanations(
+                loaded, rows, scored.predictions, out / "explain", batch_size, lambda n: progress.advance(task, n)
+            )
+        console.print(f"explanations: {index}")
+
+
+STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
+
+
+@app.command()
+def status(run: RunOption) -> None:
+    """Each declared (model, fold) pair: done, running, failed, interrupted (re-run resumes it) or pending; best val AUC so far."""
+    from cnn.pairs import run_status
+
+    pairs = run_status(run, time.time())
+    if not pairs:
+        raise _fail(FileNotFoundError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first."))
+    out = Table("model", "fold", "state", "epochs", "best val AUC", "detail", title=f"CNN pairs of {run}")
+    for pair in pairs:
+        out.add_row(
+            pair.model, str(pair.fold), f"[{STATE_COLOURS[pair.state]}]{pair.state}[/]", f"{pair.epochs_done}/{pair.epochs or '?'}",
+            "-" if pair.best_val_auc is None else f"{pair.best_val_auc:.4f}", pair.detail,
+        )
+    console.print(out)
+    console.print(", ".join(f"{count} {state}" for state, count in Counter(p.state for p in pairs).items()))
 
 
 @app.command()

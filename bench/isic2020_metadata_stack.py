@@ -29,7 +29,7 @@ def main() -> None:
     seconds = sum(run_cli_steps([["folds", *common_args, "--k", "5"], ["stack", *common_args]]).values())
     report = json.loads((args.run / "report.json").read_text())
     features = json.loads((args.run / "stack" / "features.json").read_text())["features"]
-    (stack,) = report["entries"]
+    stack = next(e for e in report["entries"] if e["name"] == "lightgbm_stack")
     result = {
         **provenance(),
         "data": str(args.data),

@@ -12,6 +12,8 @@ import keras_cv
 import numpy as np
 import tensorflow as tf
 
+from cnn.options import AUGMENT_LEVELS
+from cnn.tfrecords import is_shard_source, shard_images
 from metadata.images import ImageBytesReader
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -40,7 +42,9 @@ def _stream_bytes(sources: list[str]) -> Iterator[bytes]:
 
 
 def encoded_images(sources: list[str]) -> tf.data.Dataset:
-    """Encoded image bytes per source: files are read in parallel, HDF5 entries streamed in order."""
+    """Encoded image bytes per source: files are read in parallel, HDF5 and TFRecord entries streamed in order."""
+    if sources and all(is_shard_source(s) for s in sources):
+        return shard_images(sources)
     if any(".hdf5#" in s for s in sources):
         return tf.data.Dataset.from_generator(
             lambda: _stream_bytes(sources), output_signature=tf.TensorSpec((), tf.string)
@@ -112,9 +116,6 @@ class HairLines(keras.layers.Layer):
         active = tf.cast(draw(0.0, 1.0) < self.probability, tf.float32)
         hair = tf.reduce_max(active * tf.cast(distance < thickness, tf.float32), axis=1)[..., None]
         return images * (1.0 - hair) + 40.0 * hair
-
-
-AUGMENT_LEVELS = ("none", "light", "strong")
 
 
 def build_augmenter(seed: int, level: str = "light") -> keras.Sequential | None:

@@ -13,10 +13,8 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cnn.options import LOSS_CHOICES, TARGET_CHOICES
 from metadata.schema import DIAGNOSES
-
-TARGET_CHOICES = ("auto", "mel", "diagnosis")
-LOSS_CHOICES = ("bce", "focal")
 
 
 @dataclass(frozen=True)

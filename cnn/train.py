@@ -10,14 +10,21 @@ Run-directory layout written here:
     RUN/cnn/<model>/oof.parquet             image_id, patient_id, fold, target, prob
     RUN/cnn/<model>/test.parquet            image_id, patient_id, prob (mean over folds), prob_fold<k>
 
-A finished pair (its `done.json` exists) is skipped when the command is re-run.
+plus the plan, heartbeat, checkpoint and failure files of `cnn/pairs.py`. A finished pair (its
+`done.json` exists) is skipped when the command is re-run; an unfinished one resumes from its last
+epoch checkpoint (weights, optimizer, RNG states, validation AUCs), so with `--deterministic` on a
+CPU a resumed pair ends bit-for-bit where an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import shutil
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,11 +35,26 @@ import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cnn.backbones import build_classifier
+from cnn.pairs import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_STATE,
+    DONE_FILE,
+    assemble_model_outputs,
+    heartbeat,
+    is_done,
+    other_live_owner,
+    pair_dir,
+    record_failure,
+    start_attempt,
+    write_plan,
+)
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
 from cnn.targets import TargetSpec, resolve_target
 from ensemble.metrics import roc_auc
 from metadata.folds import attach_folds
-from metadata.io import read_table, write_json, write_table
+from metadata.io import atomic_write, write_json, write_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,13 @@ class CnnConfig:
     cache: str = "memory"  # memory | disk | none
     deterministic: bool = False  # TensorFlow op determinism: identical OOF on CPU for the same seed
     patience: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
+    strategy: str = "auto"  # a key of STRATEGIES
+    mixed_precision: bool = False  # float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU
+    jit: bool | None = None  # XLA: None leaves it to Keras (on for one GPU); a no-op on a CPU
+
+
+# Options an attempt may change when it resumes another's checkpoint: none alters the trained state.
+RESUMABLE_CHANGES = frozenset({"tta", "cache", "strategy", "jit", "deterministic"})
 
 
 def best_epoch(val_aucs: list[float]) -> int:
@@ -70,16 +99,27 @@ def should_stop(val_aucs: list[float], patience: int) -> bool:
 
 
 class BestEpochByAUC(keras.callbacks.Callback):
-    """Score the validation fold after each epoch, stop early if asked, restore the best epoch's weights."""
+    """Score the validation fold after each epoch, stop early if asked, restore the best epoch's weights.
 
-    def __init__(self, val_images, y_val: np.ndarray, target: TargetSpec, patience: int = 0) -> None:
+    A resumed fold passes the AUCs and best weights of its earlier epochs.
+    """
+
+    def __init__(
+        self,
+        val_images,
+        y_val: np.ndarray,
+        target: TargetSpec,
+        patience: int = 0,
+        val_aucs: Sequence[float] = (),
+        best_weights: list[np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.val_images = val_images
         self.y_val = y_val
         self.target = target
         self.patience = patience
-        self.val_aucs: list[float] = []
-        self.best_weights: list[np.ndarray] | None = None
+        self.val_aucs: list[float] = list(val_aucs)
+        self.best_weights = best_weights
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         probs = self.target.melanoma_prob(self.model.predict(self.val_images, verbose=0))
@@ -96,19 +136,181 @@ class BestEpochByAUC(keras.callbacks.Callback):
 
 
 class RichBatchProgress(keras.callbacks.Callback):
-    """Advance a rich progress task per batch and show the epoch and best validation AUC."""
+    """Advance two rich progress bars per batch, the (model, fold) pair's and the epoch's, each with an ETA."""
 
-    def __init__(self, progress: Progress, task: int, label: str, best: BestEpochByAUC) -> None:
+    def __init__(self, progress: Progress, pair_task: int, epoch_task: int, label: str, best: BestEpochByAUC) -> None:
         super().__init__()
-        self.progress, self.task, self.label, self.best = progress, task, label, best
+        self.progress, self.pair_task, self.epoch_task, self.label, self.best = progress, pair_task, epoch_task, label, best
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.progress.reset(self.epoch_task, description=f"  epoch {epoch + 1}")
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.progress.advance(self.task)
+        self.progress.advance(self.pair_task)
+        self.progress.advance(self.epoch_task)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         aucs = self.best.val_aucs
         best = f"best val AUC {aucs[best_epoch(aucs)]:.3f}" if aucs else ""
-        self.progress.update(self.task, description=f"{self.label} epoch {epoch + 1} {best}")
+        self.progress.update(self.pair_task, description=f"{self.label} epoch {epoch + 1} {best}")
+
+
+def random_state_variables(*layers: keras.Layer | None) -> list:
+    """Every RNG state training draws from: Keras seed generators (dropout, custom augmentations) and
+    keras-cv's `tf.random.Generator`s.
+
+    Saved with each checkpoint, so a resumed fold draws the same dropout masks and augmentations as
+    an uninterrupted one. Not reached: the MixUp/CutMix layer of `--mix`, built inside the input pipeline.
+    """
+    states = []
+    for layer in filter(None, layers):
+        weights = {id(w) for w in layer.weights}
+        states += [v for v in layer.variables if id(v) not in weights]
+        for sublayer in getattr(layer, "layers", []):
+            states += [a.state for a in vars(sublayer).values() if isinstance(a, tf.random.Generator)]
+    return states
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch save what resuming needs: weights + optimizer state, RNG states, AUCs, losses.
+
+    Files are per epoch; `state.json`, written last, names the epoch to resume from. The best epoch's
+    weights are kept too, since the fold's model is its best epoch, not its last.
+    """
+
+    def __init__(
+        self, folder: Path, label: str, best: BestEpochByAUC, rng: list, config: CnnConfig, losses: list[float], seconds: float
+    ) -> None:
+        super().__init__()
+        self.folder, self.label, self.best, self.rng, self.config = folder, label, best, rng, config
+        self.losses = list(losses)
+        self.seconds_before = seconds
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.losses.append(float((logs or {})["loss"]))
+        done, best = epoch + 1, best_epoch(self.best.val_aucs) + 1
+        atomic_write(self.folder / f"epoch{done}.weights.h5", self.model.save_weights)
+        atomic_write(self.folder / f"epoch{done}.rng.npz", lambda tmp: np.savez(tmp, *[v.numpy() for v in self.rng]))
+        write_json(
+            {
+                "epochs_done": done,
+                "best_epochs_done": best,
+                "val_auc": self.best.val_aucs,
+                "loss": self.losses,
+                "config": asdict(self.config),
+                "seconds": self.seconds_before + time.perf_counter() - self.started,
+            },
+            self.folder / CHECKPOINT_STATE,
+        )
+        for stale in self.folder.glob("epoch*"):
+            if stale.name.split(".")[0] not in (f"epoch{done}", f"epoch{best}"):
+                stale.unlink(missing_ok=True)
+        log.info(
+            "%s epoch %d/%d: loss %.4f, val AUC %.4f (best %.4f, epoch %d)", self.label, done, self.config.epochs,
+            self.losses[-1], self.best.val_aucs[-1], self.best.val_aucs[best - 1], best,
+        )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a fold's earlier attempts left: its epochs' AUCs and losses, best weights, time spent."""
+
+    val_aucs: list[float]
+    losses: list[float]
+    best_weights: list[np.ndarray] | None
+    seconds: float
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.val_aucs)
+
+
+def restore_checkpoint(folder: Path, model: keras.Model, rng: list, config: CnnConfig) -> Resumed:
+    """Load the last epoch checkpoint into `model` (optimizer included) and `rng`; nothing when there is none."""
+    state_file = folder / CHECKPOINT_STATE
+    if not state_file.exists():
+        return Resumed([], [], None, 0.0)
+    state = json.loads(state_file.read_text())
+    current = json.loads(json.dumps(asdict(config)))
+    changed = {k: state["config"].get(k) for k in current if k not in RESUMABLE_CHANGES and state["config"].get(k) != current[k]}
+    if changed:
+        earlier = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+        raise ValueError(
+            f"{folder} was written with other options ({earlier}); re-run with those, "
+            f"or delete {folder} to train this pair from scratch."
+        )
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(folder / f"epoch{state['best_epochs_done']}.weights.h5")
+    best_weights = model.get_weights()
+    model.load_weights(folder / f"epoch{state['epochs_done']}.weights.h5")
+    with np.load(folder / f"epoch{state['epochs_done']}.rng.npz") as saved:
+        for i, variable in enumerate(rng):
+            variable.assign(saved[f"arr_{i}"])
+    return Resumed(state["val_auc"], state["loss"], best_weights, state["seconds"])
+
+
+def _gpus() -> list:
+    return tf.config.list_physical_devices("GPU")
+
+
+def _default_strategy() -> tf.distribute.Strategy:
+    return tf.distribute.get_strategy()
+
+
+def _mirrored_strategy() -> tf.distribute.Strategy:
+    if not _gpus():
+        log.warning("--strategy mirrored: no GPU here, so it is a no-op (training on the CPU)")
+        return _default_strategy()
+    return tf.distribute.MirroredStrategy()
+
+
+def _tpu_strategy() -> tf.distribute.Strategy:
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise ValueError(f"--strategy tpu: no TPU reachable ({error}); run on a TPU VM or set TPU_NAME.") from error
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _auto_strategy() -> tf.distribute.Strategy:
+    return _mirrored_strategy() if len(_gpus()) > 1 else _default_strategy()
+
+
+# --strategy: auto mirrors over two or more GPUs, else one device; multiworker reads TF_CONFIG.
+STRATEGIES: dict[str, Callable[[], tf.distribute.Strategy]] = {
+    "auto": _auto_strategy,
+    "mirrored": _mirrored_strategy,
+    "multiworker": tf.distribute.MultiWorkerMirroredStrategy,
+    "tpu": _tpu_strategy,
+    "none": _default_strategy,
+}
+
+
+def _has_accelerator() -> bool:
+    return bool(_gpus() or tf.config.list_logical_devices("TPU"))
+
+
+def dtype_policy(mixed_precision: bool) -> str:
+    """mixed_bfloat16 on a TPU, mixed_float16 on a GPU; float32 on a CPU, where half precision only slows training."""
+    if not mixed_precision:
+        return "float32"
+    if tf.config.list_logical_devices("TPU"):
+        return "mixed_bfloat16"
+    if _gpus():
+        return "mixed_float16"
+    log.warning("--mixed-precision: no GPU or TPU here, so it is a no-op (float32)")
+    return "float32"
+
+
+def jit_compile(jit: bool | None) -> bool | str:
+    """Keras's `jit_compile`: XLA as asked, except on a CPU, where --jit is a no-op."""
+    if jit and not _has_accelerator():
+        log.warning("--jit: no GPU or TPU here, so it is a no-op (XLA stays off)")
+        return False
+    return "auto" if jit is None else jit
 
 
 def _probability_columns(outputs: np.ndarray, target: TargetSpec) -> dict[str, np.ndarray]:
@@ -129,50 +331,71 @@ def train_fold(
     target: TargetSpec,
     fold_dir: Path,
     progress: Progress,
+    strategy: tf.distribute.Strategy,
 ) -> None:
-    """Train one (model, fold) pair, keep its best epoch, write its OOF and test probabilities."""
+    """Train one (model, fold) pair (resuming its last epoch checkpoint), keep its best epoch, write its outputs."""
     keras.utils.set_random_seed(config.seed + fold)
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    # keras-cv layers draw from TF's global generator, which op determinism (left on by an earlier
+    # --deterministic run in this process) refuses to create implicitly: seed it explicitly.
+    tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
     y_train = target.labels(train_rows)
     y_val = val_rows["target"].to_numpy(dtype=np.float32)
     cache_dir = fold_dir / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a killed attempt's half-written cache is locked
     if config.cache == "disk":
-        cache_dir.mkdir(exist_ok=True)
+        cache_dir.mkdir()
     cache = {split: str(cache_dir / split) if config.cache == "disk" else config.cache for split in ("train", "val", "test")}
     datasets = {
         split: image_dataset(rows["image_path"], None, config.image_size, config.batch_size, cache=cache[split])
         for split, rows in (("val", val_rows), ("test", test_rows))
     }
+    augmenter = build_augmenter(config.seed + fold, config.augment)
     train_ds = image_dataset(
         train_rows["image_path"], y_train, config.image_size, config.batch_size, shuffle=True,
-        augment=build_augmenter(config.seed + fold, config.augment), mix=config.mix, seed=config.seed + fold,
-        cache=cache["train"],
+        augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"],
     )
     steps = math.ceil(len(train_rows) / config.batch_size)
-    model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate * 0.1,
-        decay_steps=max(1, steps * (config.epochs - 1)),
-        warmup_target=config.learning_rate,
-        warmup_steps=steps,
-    )
-    model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
-        loss=target.loss(config.loss, config.label_smoothing),
-    )
-    best = BestEpochByAUC(datasets["val"], y_val, target, config.patience)
+    checkpoint_dir = fold_dir / CHECKPOINT_DIR
+    with strategy.scope():
+        model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=config.learning_rate * 0.1,
+            decay_steps=max(1, steps * (config.epochs - 1)),
+            warmup_target=config.learning_rate,
+            warmup_steps=steps,
+        )
+        model.compile(
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+            loss=target.loss(config.loss, config.label_smoothing),
+            jit_compile=jit_compile(config.jit),
+        )
+        rng = random_state_variables(model, augmenter)
+        resumed = restore_checkpoint(checkpoint_dir, model, rng, config)
+    # The dataset reshuffles each time an iterator is opened on it. With steps_per_epoch, Keras opens
+    # exactly one per epoch and reads it, so epoch e reads shuffle e; a resumed run opens (without
+    # reading) one per finished epoch to arrive at the order an uninterrupted run would draw next.
+    for _ in range(resumed.epochs_done):
+        iter(train_ds)
+    best = BestEpochByAUC(datasets["val"], y_val, target, config.patience, resumed.val_aucs, resumed.best_weights)
     label = f"{model_name} fold {fold}"
-    task = progress.add_task(label, total=steps * config.epochs)
-    started = time.perf_counter()
-    history = model.fit(
+    if resumed.epochs_done:
+        log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
+    pair_task = progress.add_task(label, total=steps * config.epochs, completed=steps * resumed.epochs_done)
+    epoch_task = progress.add_task("  epoch", total=steps)
+    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config, resumed.losses, resumed.seconds)
+    last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
+    model.fit(
         train_ds,
-        epochs=config.epochs,
+        epochs=last_epoch,
+        initial_epoch=resumed.epochs_done,
+        steps_per_epoch=steps,
         shuffle=False,  # the tf.data pipeline shuffles
         class_weight=target.class_weight(y_train),
-        callbacks=[best, RichBatchProgress(progress, task, label, best)],
+        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
         verbose=0,
     )
-    model.save(fold_dir / "model.keras")
+    progress.remove_task(epoch_task)
+    atomic_write(fold_dir / "model.keras", model.save)
     oof = val_rows[["image_id", "patient_id", "target"]].assign(
         fold=fold, **_probability_columns(predict_tta(model, datasets["val"], config.tta), target)
     )
@@ -190,41 +413,76 @@ def train_fold(
             "fold": fold,
             "config": asdict(config),
             "classes": list(target.classes),
-            "loss": [float(v) for v in history.history["loss"]],
+            "loss": checkpoint.losses,
             "val_auc": best.val_aucs,
             "best_epoch": chosen,
             "best_val_auc": best.val_aucs[chosen],
             "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy()),
-            "seconds": time.perf_counter() - started,
+            "resumed_after_epoch": resumed.epochs_done,
+            "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
         },
         fold_dir / "history.json",
     )
     shutil.rmtree(cache_dir, ignore_errors=True)
-    write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / "done.json")
+    write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("%s done: best val AUC %.4f at epoch %d", label, best.val_aucs[chosen], chosen + 1)
 
 
-def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Concatenate per-fold OOF tables and average per-fold test probabilities."""
-    oof = pd.concat([read_table(model_dir / f"fold{f}" / "oof.parquet", "train-cnns") for f in folds])
-    tests = [read_table(model_dir / f"fold{f}" / "test.parquet", "train-cnns") for f in folds]
-    test = tests[0][["image_id", "patient_id"]].copy()
-    for f, frame in zip(folds, tests):
-        test[f"prob_fold{f}"] = frame["prob"].to_numpy()
-    test["prob"] = test[[f"prob_fold{f}" for f in folds]].mean(axis=1)
-    class_columns = [c for c in tests[0].columns if c.startswith("prob_")]
-    for column in class_columns:
-        test[column] = np.mean([frame[column].to_numpy() for frame in tests], axis=0)
-    write_table(oof.reset_index(drop=True), model_dir / "oof.parquet")
-    write_table(test, model_dir / "test.parquet")
-    return oof, test
+def train_pair(
+    model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, config: CnnConfig, target: TargetSpec,
+    run_dir: Path, progress: Progress, strategy: tf.distribute.Strategy,
+) -> None:
+    """Train one pair under a heartbeat, unless it is done or another live process trains it; record a failure."""
+    fold_dir = pair_dir(run_dir, model_name, fold)
+    if is_done(run_dir, model_name, fold):
+        return
+    owner = other_live_owner(fold_dir, time.time())
+    if owner is not None:
+        log.warning("%s fold %d: skipped, %s pid %d is training it", model_name, fold, owner["host"], owner["pid"])
+        return
+    start_attempt(fold_dir)
+    held_out = train["fold"] == fold
+    with heartbeat(fold_dir):
+        try:
+            train_fold(model_name, fold, train[~held_out], train[held_out], test, config, target, fold_dir, progress, strategy)
+        except Exception as error:
+            record_failure(fold_dir, error, traceback.format_exc())
+            log.error("%s fold %d failed: %s", model_name, fold, error)
+            raise
+
+
+def selected_pairs(models: dict[str, int], fold_ids: list[int], model: str | None, fold: int | None) -> list[tuple[str, int]]:
+    """The pairs one call trains: every model on every fold, or those `--model` and/or `--fold` pick."""
+    if model is not None and model not in models:
+        raise ValueError(f"--model {model!r} is not one of --models ({', '.join(models)}); name one of those.")
+    if fold is not None and fold not in fold_ids:
+        raise ValueError(f"--fold {fold} is not a fold of this run; folds.parquet has folds {fold_ids}.")
+    return [(m, f) for m in models for f in fold_ids if model in (None, m) and fold in (None, f)]
+
+
+def assemble_finished_models(run_dir: Path, models: dict[str, int], fold_ids: list[int]) -> dict[str, float]:
+    """Assemble every model whose folds are all done (pairs may finish in other jobs); return their OOF AUCs."""
+    aucs: dict[str, float] = {}
+    for model_name in models:
+        if all(is_done(run_dir, model_name, fold) for fold in fold_ids):
+            oof, _ = assemble_model_outputs(Path(run_dir) / "cnn" / model_name, fold_ids)
+            aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
+    return aucs
 
 
 def train_cnns(
-    table: pd.DataFrame, folds: pd.DataFrame, models: dict[str, int], config: CnnConfig, run_dir: Path
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    models: dict[str, int],
+    config: CnnConfig,
+    run_dir: Path,
+    model: str | None = None,
+    fold: int | None = None,
 ) -> dict[str, float]:
-    """Train every model (name -> its image size) on every fold, skipping finished pairs.
+    """Declare every model (name -> its image size) x fold pair, then train those selected, skipping finished ones.
 
-    Returns each model's OOF melanoma AUC.
+    Returns the OOF melanoma AUC of each model whose folds are all done.
     """
     without_image = table["image_path"].isna()
     if without_image.any():
@@ -235,7 +493,8 @@ def train_cnns(
     train = attach_folds(table, folds, str(Path(run_dir) / "folds.parquet"))
     test = table[table["split"] == "test"]
     fold_ids = sorted(int(f) for f in train["fold"].unique())
-    aucs: dict[str, float] = {}
+    pairs = selected_pairs(models, fold_ids, model, fold)
+    write_plan(run_dir, models, fold_ids, config.epochs)
     columns = [
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -243,16 +502,14 @@ def train_cnns(
     target = resolve_target(config.target, train)  # once, so every fold's head has the same classes
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    with Progress(*columns) as progress:
-        for model_name, image_size in models.items():
-            model_config = replace(config, image_size=image_size)
-            model_dir = Path(run_dir) / "cnn" / model_name
-            for fold in fold_ids:
-                fold_dir = model_dir / f"fold{fold}"
-                if (fold_dir / "done.json").exists():
-                    continue
-                held_out = train["fold"] == fold
-                train_fold(model_name, fold, train[~held_out], train[held_out], test, model_config, target, fold_dir, progress)
-            oof, _ = assemble_model_outputs(model_dir, fold_ids)
-            aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
-    return aucs
+    strategy = STRATEGIES[config.strategy]()
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy(config.mixed_precision))
+    try:
+        with Progress(*columns) as progress:
+            for model_name, fold_id in pairs:
+                model_config = replace(config, image_size=models[model_name])
+                train_pair(model_name, fold_id, train, test, model_config, target, run_dir, progress, strategy)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    return assemble_finished_models(run_dir, models, fold_ids)

@@ -1,124 +1,470 @@
-"""K-fold CV report of a run: every CNN, their mean blend and the stack, as JSON and standalone HTML."""
+"""K-fold CV report of a run: `RUN/report.json`, a standalone `RUN/report.html` and `RUN/report.md`.
+
+One table ranks every CNN, the mean and rank-mean blends of the CNNs, the logistic-regression
+stack and the LightGBM stack out of fold, with patient-bootstrap intervals; the stack is tested
+against the best CNN on the same resamples. A labelled test set is scored in its own table, never
+pooled with CV. With the run's data (`--data`) the report adds subgroup AUCs and, for diagnosis
+heads, multi-class metrics. Leakage checks (`ensemble.diagnostics`) put their warnings on top.
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_table
+from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
+from ensemble.metrics import (
+    METRICS,
+    PROBABILITY_METRICS,
+    bootstrap_ci,
+    bootstrap_cis,
+    multiclass_summary,
+    paired_bootstrap,
+    per_fold,
+    roc_auc,
+    top_n_sensitivity,
+)
+from ensemble.provenance import run_provenance
+from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions
+from metadata.dataset import SKIPPED_FILE
+from metadata.io import write_json, write_text
+from metadata.schema import SEXES, SITES
 
-from ensemble.blend import cnn_names, mean_blend, rank_blend  # noqa: E402
-from ensemble.metrics import METRICS, per_fold, roc_auc  # noqa: E402
-from metadata.dataset import SKIPPED_FILE  # noqa: E402
-from metadata.io import read_table, write_json, write_text  # noqa: E402
+CI_LEVEL = 0.95
+CI_METRICS = ("auc", "pauc_80tpr")  # the ranking metrics: the ones a CI decides between
+TOP_N = 15  # ISIC 2024 secondary metric: melanomas among each patient's 15 top-scored lesions
+AGE_BANDS = pd.IntervalIndex.from_breaks([0, 30, 45, 60, 75, np.inf], closed="left")
+AGE_BAND_NAMES = ["<30", "30-44", "45-59", "60-74", "75+"]
 
 
-def _entry(name: str, kind: str, target: np.ndarray, probs: np.ndarray, folds: np.ndarray) -> dict:
-    entry: dict = {"name": name, "kind": kind}
-    entry.update({metric: fn(target, probs) for metric, fn in METRICS.items()})
-    entry["fold_auc"] = per_fold(roc_auc, target, probs, folds)
+def age_band(table: pd.DataFrame) -> pd.Categorical:
+    """Age in the bands dermatology papers report (under 30 ... 75 and over)."""
+    return pd.Categorical(pd.cut(table["age"].astype(float), AGE_BANDS).cat.rename_categories(AGE_BAND_NAMES))
+
+
+def _vocabulary(column: str, categories: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.Categorical]:
+    return lambda table: pd.Categorical(table[column].astype("string"), categories=list(categories))
+
+
+# Subgroup variable -> each row's group, with the groups in reading order.
+SUBGROUPS: dict[str, Callable[[pd.DataFrame], pd.Categorical]] = {
+    "sex": _vocabulary("sex", SEXES),
+    "age band": age_band,
+    "site": _vocabulary("site", SITES),
+}
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Bootstrap settings shared by every interval of a report (same seed: the same resamples for every model)."""
+
+    n_boot: int = 1000
+    seed: int = 0
+
+
+def metric_entry(
+    name: str, kind: str, is_probability: bool, target: np.ndarray, score: np.ndarray, patients: np.ndarray, boot: Bootstrap
+) -> dict[str, object]:
+    """Every binary metric of one model's scores, with patient-bootstrap intervals for the ranking metrics.
+
+    Calibration metrics are None for scores that are not probabilities (a rank blend), and top-15
+    sensitivity is None when no patient has more than 15 lesions (it would be 1 by construction).
+    """
+    entry: dict[str, object] = {"name": name, "kind": kind}
+    entry.update({metric: fn(target, score) for metric, fn in METRICS.items()})
+    intervals = bootstrap_cis({m: METRICS[m] for m in CI_METRICS}, target, score, patients, boot.n_boot, boot.seed, CI_LEVEL)
+    entry.update({f"{m}_ci": list(ci) for m, ci in intervals.items()})
+    entry.update({metric: fn(target, score) if is_probability else None for metric, fn in PROBABILITY_METRICS.items()})
+    ranks_patients = pd.Series(patients).value_counts().max() > TOP_N
+    entry["top15_sensitivity"] = top_n_sensitivity(target, score, patients, TOP_N) if ranks_patients else None
     return entry
 
 
-def oof_predictions(run_dir: Path) -> pd.DataFrame:
-    """One row per training image: fold, target, and one probability column per model of the run."""
-    run_dir = Path(run_dir)
-    names = cnn_names(run_dir)
-    sources = {f"cnn_{n}": run_dir / "cnn" / n / "oof.parquet" for n in names}
-    if (run_dir / "stack" / "oof.parquet").exists():
-        sources["stack"] = run_dir / "stack" / "oof.parquet"
-    if not sources:
-        raise FileNotFoundError(f"{run_dir}: no OOF predictions found; run `train-cnns` or `stack` first.")
-    frames = {key: read_table(path, "train-cnns").set_index("image_id") for key, path in sources.items()}
-    first = next(iter(frames.values()))
-    table = first[["fold", "target"]].copy()
-    for key, frame in frames.items():
-        table[key] = frame["prob"].reindex(table.index)
-    return table
+def cv_entries(predictions: RunPredictions, boot: Bootstrap) -> list[dict[str, object]]:
+    """Out-of-fold metrics of every model, with its per-fold AUC and their spread."""
+    rows = predictions.rows
+    target, folds, patients = rows["target"].to_numpy(dtype=int), rows["fold"].to_numpy(), rows["patient_id"].to_numpy()
+    entries = []
+    for model in predictions.models:
+        score = model.oof["prob"].to_numpy()
+        entry = metric_entry(model.name, model.kind, model.is_probability, target, score, patients, boot)
+        entry["fold_auc"] = per_fold(roc_auc, target, score, folds)
+        entry["fold_auc_sd"] = float(np.std(entry["fold_auc"]))
+        entries.append(entry)
+    return entries
 
 
-def build_report(run_dir: Path, oof: pd.DataFrame) -> dict:
-    """Metrics of every CNN, the mean and rank-mean blends of the CNNs and the stack, out of fold."""
-    target = oof["target"].to_numpy(dtype=int)
-    folds = oof["fold"].to_numpy()
-    cnn_columns = [c for c in oof.columns if c.startswith("cnn_")]
-    entries = [_entry(c.removeprefix("cnn_"), "cnn", target, oof[c].to_numpy(), folds) for c in cnn_columns]
-    if len(cnn_columns) > 1:
-        entries.append(_entry("mean_blend", "blend", target, mean_blend(oof[cnn_columns]).to_numpy(), folds))
-        entries.append(_entry("rank_blend", "blend", target, rank_blend(oof[cnn_columns]).to_numpy(), folds))
-    if "stack" in oof.columns:
-        entries.append(_entry("lightgbm_stack", "stack", target, oof["stack"].to_numpy(), folds))
-    skipped_file = Path(run_dir) / SKIPPED_FILE
+def best_cnn(entries: list[dict[str, object]]) -> str | None:
+    cnns = [e for e in entries if e["kind"] == "cnn"]
+    return max(cnns, key=lambda e: e["auc"])["name"] if cnns else None
+
+
+def headline_models(predictions: RunPredictions, entries: list[dict[str, object]]) -> list[ModelPredictions]:
+    """The models the figures compare: the best CNN by OOF AUC and every stack."""
+    best = best_cnn(entries)
+    return [m for m in predictions.models if m.name == best or m.kind == "stack"]
+
+
+def stack_vs_best_cnn(predictions: RunPredictions, entries: list[dict[str, object]], boot: Bootstrap) -> list[dict[str, object]]:
+    """Paired patient bootstrap of each stack against the best single CNN, for AUC and pAUC."""
+    best = best_cnn(entries)
+    if best is None:
+        return []
+    target, patients = predictions.rows["target"].to_numpy(dtype=int), predictions.rows["patient_id"].to_numpy()
+    cnn_score = predictions.model(best).oof["prob"].to_numpy()
+    return [
+        {
+            "model": stack.name,
+            "versus": best,
+            "metric": metric,
+            **asdict(
+                paired_bootstrap(
+                    METRICS[metric], target, stack.oof["prob"].to_numpy(), cnn_score, patients, boot.n_boot, boot.seed, CI_LEVEL
+                )
+            ),
+        }
+        for stack in predictions.of_kind("stack")
+        for metric in CI_METRICS
+    ]
+
+
+def _rows_in_data(table: pd.DataFrame, image_ids: pd.Index) -> pd.DataFrame:
+    """The data's rows of these images, in this order; refuses images the data does not have."""
+    by_id = table.set_index("image_id")
+    missing = image_ids.difference(by_id.index)
+    if len(missing):
+        raise ValueError(
+            f"the data has no image {missing[0]!r} (and {len(missing) - 1} more) of the run's predictions: "
+            "pass the --data the run was trained on."
+        )
+    return by_id.reindex(image_ids)
+
+
+def multiclass_entries(predictions: RunPredictions, oof_rows: pd.DataFrame) -> list[dict[str, object]]:
+    """Balanced accuracy, per-class AUC and confusion matrix of every multi-class (diagnosis-head) model."""
+    diagnosis = oof_rows["diagnosis"].astype("string").to_numpy(dtype=object, na_value=None)
+
+    def summary(model: ModelPredictions) -> dict[str, object]:
+        probs = model.oof[[f"prob_{c}" for c in model.classes]].to_numpy()
+        return {"name": model.name, "classes": model.classes, **multiclass_summary(diagnosis, probs, model.classes)}
+
+    return [summary(m) for m in predictions.models if m.classes and m.is_probability]
+
+
+def subgroup_entries(
+    predictions: RunPredictions, oof_rows: pd.DataFrame, models: list[ModelPredictions], boot: Bootstrap
+) -> list[dict[str, object]]:
+    """AUC with a patient-bootstrap interval in every sex, age band and site, for the headline models."""
+    target, patients = predictions.rows["target"].to_numpy(dtype=int), predictions.rows["patient_id"].to_numpy()
+    entries = []
+    for variable, grouping in SUBGROUPS.items():
+        groups = grouping(oof_rows).add_categories("missing").fillna("missing")
+        for group in groups.categories[np.isin(groups.categories, groups)]:
+            rows = np.asarray(groups == group)
+            for model in models:
+                score = model.oof["prob"].to_numpy()[rows]
+                entries.append(
+                    {
+                        "variable": variable,
+                        "group": str(group),
+                        "model": model.name,
+                        "n": int(rows.sum()),
+                        "n_melanoma": int(target[rows].sum()),
+                        "auc": roc_auc(target[rows], score),
+                        "auc_ci": list(
+                            bootstrap_ci(roc_auc, target[rows], score, patients[rows], boot.n_boot, boot.seed, CI_LEVEL)
+                        ),
+                    }
+                )
+    return entries
+
+
+def test_set_section(predictions: RunPredictions, table: pd.DataFrame, boot: Bootstrap) -> dict[str, object] | None:
+    """Metrics on the labelled test rows, if any: a separate table, never pooled with the CV figures."""
+    labelled = table[(table["split"] == "test") & table["target"].notna()]
+    if labelled.empty:
+        return None
+    ids = pd.Index(labelled["image_id"])
+    target, patients = labelled["target"].to_numpy(dtype=int), labelled["patient_id"].to_numpy()
+    training_sources = sorted(table.loc[table["split"] == "train", "source"].dropna().astype(str).unique())
+    test_sources = sorted(labelled["source"].dropna().astype(str).unique())
+    scored = [m for m in predictions.models if ids.isin(m.test.index).all()]
     return {
-        "run": str(Path(run_dir).resolve()),
-        "skipped_images": int(len(pd.read_csv(skipped_file))) if skipped_file.exists() else 0,
-        "n_images": int(len(oof)),
+        "sources": test_sources,
+        "training_sources": training_sources,
+        "independent_source": not set(test_sources) & set(training_sources),
+        "n_images": len(labelled),
         "n_melanoma": int(target.sum()),
-        "n_folds": int(len(np.unique(folds))),
-        "entries": entries,
+        "entries": [
+            metric_entry(m.name, m.kind, m.is_probability, target, m.test["prob"].reindex(ids).to_numpy(), patients, boot)
+            for m in scored
+        ],
     }
 
 
-def _roc_plot_png(oof: pd.DataFrame) -> str:
-    """ROC curves of every model, as a base64 PNG so the HTML stands alone."""
-    target = oof["target"].to_numpy(dtype=int)
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    for column in [c for c in oof.columns if c not in ("fold", "target")]:
-        fpr, tpr, _ = roc_curve(target, oof[column])
-        ax.plot(fpr, tpr, label=f"{column} (AUC {roc_auc(target, oof[column]):.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.axhline(0.8, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate (melanoma)", title="Out-of-fold ROC")
-    ax.legend(loc="lower right", fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+def build_report(
+    run_dir: Path, predictions: RunPredictions, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()
+) -> dict[str, object]:
+    """Every section of the report as JSON-ready data (the HTML and Markdown only format this)."""
+    run_dir = Path(run_dir)
+    rows = predictions.rows
+    entries = cv_entries(predictions, boot)
+    stack_features = stack_feature_table(run_dir, predictions)
+    skipped_file = run_dir / SKIPPED_FILE
+    oof_rows = _rows_in_data(table, rows.index) if table is not None else None
+    headline = headline_models(predictions, entries)
+    return {
+        "run": str(run_dir.resolve()),
+        "skipped_images": int(len(pd.read_csv(skipped_file))) if skipped_file.exists() else 0,
+        "n_images": int(len(rows)),
+        "n_melanoma": int(rows["target"].sum()),
+        "n_folds": int(rows["fold"].nunique()),
+        "n_patients": int(rows["patient_id"].nunique()),
+        "bootstrap": {"n_boot": boot.n_boot, "seed": boot.seed, "level": CI_LEVEL, "resampled": "patients"},
+        "warnings": leakage_warnings(RunEvidence(run_dir, predictions, stack_features)),
+        "entries": entries,
+        "stack_vs_best_cnn": stack_vs_best_cnn(predictions, entries, boot),
+        "test_set": test_set_section(predictions, table, boot) if table is not None else None,
+        "multiclass": multiclass_entries(predictions, oof_rows) if oof_rows is not None else [],
+        "subgroups": subgroup_entries(predictions, oof_rows, headline, boot) if oof_rows is not None else [],
+        "stack_features": stack_features,
+        "with_data": table is not None,
+        "provenance": run_provenance(run_dir),
+    }
 
 
-def render_html(report: dict, roc_png_b64: str) -> str:
-    """A standalone HTML page (inline CSS and images; no network needed)."""
-    rows = "".join(
-        "<tr>"
-        f"<td>{html.escape(e['name'])}</td><td>{e['kind']}</td><td>{e['auc']:.4f}</td>"
-        f"<td>{e['pauc_80tpr']:.4f}</td><td>{' '.join(f'{a:.3f}' for a in e['fold_auc'])}</td>"
-        f"<td>{np.std(e['fold_auc']):.3f}</td>"
-        "</tr>"
-        for e in report["entries"]
+def report_figures(report: dict[str, object], predictions: RunPredictions) -> dict[str, str]:
+    """Caption -> base64 PNG of every figure there is something to draw for."""
+    target = predictions.rows["target"].to_numpy(dtype=int)
+    headline = headline_models(predictions, report["entries"])
+    scores = {m.name: m.oof["prob"].to_numpy() for m in headline}
+    probabilities = {m.name: m.oof["prob"].to_numpy() for m in headline if m.is_probability}
+    figures = {
+        "ROC curves of the best CNN and the stacks (shaded: the pAUC region)": roc_figure(target, scores),
+        "Precision-recall curves of the best CNN and the stacks": pr_figure(target, scores),
+        "AUC of every model on every fold": fold_auc_figure({e["name"]: e["fold_auc"] for e in report["entries"]}),
+        "Reliability diagram (10 equal-width bins)": reliability_figure(target, probabilities),
+        "LightGBM stack feature importance (share of gain, mean over fold models)": importance_figure(report["stack_features"]),
+        "Subgroup AUC by sex, age band and site": subgroup_figure(report["subgroups"]),
+    }
+    return {caption: png for caption, png in figures.items() if png is not None}
+
+
+# ---- tables: one model of the report's tables, rendered as HTML and as Markdown --------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def _num(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _with_ci(value: object, ci: list[float], digits: int = 3) -> str:
+    return f"{_num(value, digits)} [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+
+
+# Column header -> the cell of one metric entry (CV or test set).
+ENTRY_COLUMNS: dict[str, Callable[[dict], str]] = {
+    "model": lambda e: e["name"],
+    "kind": lambda e: e["kind"],
+    "ROC AUC [95% CI]": lambda e: _with_ci(e["auc"], e["auc_ci"]),
+    "pAUC TPR>=0.8 [95% CI]": lambda e: _with_ci(e["pauc_80tpr"], e["pauc_80tpr_ci"], 4),
+    "sens @ 90% / 95% spec": lambda e: f"{_num(e['sens_at_90spec'])} / {_num(e['sens_at_95spec'])}",
+    "spec @ 90% / 95% sens": lambda e: f"{_num(e['spec_at_90sens'])} / {_num(e['spec_at_95sens'])}",
+    "AP": lambda e: _num(e["average_precision"]),
+    "Brier": lambda e: _num(e["brier"], 4),
+    "ECE": lambda e: _num(e["ece"], 4),
+    "top-15 sens": lambda e: _num(e["top15_sensitivity"]),
+}
+FOLD_COLUMNS: dict[str, Callable[[dict], str]] = {
+    "AUC per fold": lambda e: " ".join(_num(a) for a in e["fold_auc"]),
+    "fold SD": lambda e: _num(e["fold_auc_sd"]),
+}
+CV_COLUMNS = {**ENTRY_COLUMNS, **FOLD_COLUMNS}
+# What fits a terminal: the ranking metrics and the fold spread.
+COMPACT_CV_COLUMNS = {k: CV_COLUMNS[k] for k in ("model", "kind", "ROC AUC [95% CI]", "pAUC TPR>=0.8 [95% CI]", "fold SD", "ECE")}
+
+
+def _entry_table(title: str, entries: list[dict], columns: dict[str, Callable[[dict], str]], note: str) -> Table:
+    return Table(title, list(columns), [[cell(e) for cell in columns.values()] for e in entries], note)
+
+
+def summary_tables(report: dict[str, object], cv_columns: dict[str, Callable[[dict], str]] = CV_COLUMNS) -> list[Table]:
+    """The CV table and, when the run has CNNs and a stack, the stack-vs-best-CNN test."""
+    n_boot = report["bootstrap"]["n_boot"]
+    tables = [
+        _entry_table(
+            "Out-of-fold cross-validation",
+            report["entries"],
+            cv_columns,
+            f"Intervals: {n_boot} bootstrap resamples of patients. pAUC: ISIC 2024 partial AUC above 80% TPR (0 to 0.2). "
+            "sens/spec: best achievable at the named specificity/sensitivity. ECE and Brier only for probabilities.",
+        )
+    ]
+    if report["stack_vs_best_cnn"]:
+        tables.append(
+            Table(
+                "Stack vs best single CNN (paired patient bootstrap)",
+                ["model", "versus", "metric", "difference [95% CI]", "p (two-sided)"],
+                [
+                    [c["model"], c["versus"], c["metric"], _with_ci(c["difference"], c["ci"], 4), _num(c["p_value"], 4)]
+                    for c in report["stack_vs_best_cnn"]
+                ],
+            )
+        )
+    return tables
+
+
+def report_tables(report: dict[str, object]) -> list[Table]:
+    """Every table of the report, in reading order; sections without data are left out."""
+    tables = summary_tables(report)
+    test_set = report["test_set"]
+    if test_set:
+        kind = "Independent test set" if test_set["independent_source"] else "Test set from the training sources"
+        tables.append(
+            _entry_table(
+                f"{kind}: {test_set['n_images']} images, {test_set['n_melanoma']} melanomas (never pooled with CV)",
+                test_set["entries"],
+                ENTRY_COLUMNS,
+                f"Test sources: {', '.join(test_set['sources'])}; training sources: {', '.join(test_set['training_sources'])}.",
+            )
+        )
+    for entry in report["multiclass"]:
+        tables.append(
+            Table(
+                f"{entry['name']}: balanced accuracy {_num(entry['balanced_accuracy'])}; "
+                "confusion matrix (rows: true, columns: predicted)",
+                ["true \\ predicted", *entry["classes"], "one-vs-rest AUC"],
+                [
+                    [c, *(str(n) for n in counts), _num(entry["class_auc"][c])]
+                    for c, counts in zip(entry["classes"], entry["confusion_matrix"])
+                ],
+            )
+        )
+    if report["subgroups"]:
+        tables.append(
+            Table(
+                "Subgroup AUC (out of fold) [95% CI]",
+                ["variable", "group", "model", "images", "melanomas", "AUC [95% CI]"],
+                [
+                    [s["variable"], s["group"], s["model"], str(s["n"]), str(s["n_melanoma"]), _with_ci(s["auc"], s["auc_ci"])]
+                    for s in report["subgroups"]
+                ],
+            )
+        )
+    if report["stack_features"]:
+        tables.append(
+            Table(
+                "Stack features: what the LightGBM stack used, and how much stacking adds over each feature alone",
+                ["feature", "gain share", "AUC alone", "stack AUC minus AUC alone"],
+                [
+                    [f["feature"], _num(f["gain_share"]), _num(f["single_feature_auc"]), _num(f["stack_auc_minus_single"])]
+                    for f in report["stack_features"]
+                ],
+                "AUC alone: the feature's own OOF AUC in its better direction (numeric features only).",
+            )
+        )
+    return tables
+
+
+def _summary(report: dict[str, object]) -> str:
+    without_data = "" if report["with_data"] else " Subgroup, multi-class and test-set sections need the run's data: pass --data."
+    return (
+        f"{report['n_images']} training images of {report['n_patients']} patients, {report['n_melanoma']} melanomas, "
+        f"{report['n_folds']} patient-grouped folds; every figure is out-of-fold. {report['skipped_images']} image(s) "
+        f"skipped as missing or unreadable (listed in {SKIPPED_FILE}).{without_data}"
     )
+
+
+def _html_table(table: Table) -> str:
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table.rows)
+    note = f"<p class='note'>{html.escape(table.note)}</p>" if table.note else ""
+    return f"<h2>{html.escape(table.title)}</h2>\n<table><tr>{header}</tr>{rows}</table>{note}\n"
+
+
+def render_html(report: dict[str, object], figures: dict[str, str]) -> str:
+    """A standalone page: inline CSS, images as data URIs, no script and no network."""
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
+    warning_block = f"<div class='warn'><h2>Warnings</h2><ul>{warnings}</ul></div>" if warnings else ""
+    figure_block = "".join(
+        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        for caption, png in figures.items()
+    )
+    provenance = html.escape(json.dumps(report["provenance"], indent=2, default=str))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>CV report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-td:first-child, td:nth-child(2), th {{ text-align: left; }} th {{ background: #f2f2f2; }}
+table {{ border-collapse: collapse; margin-bottom: 0.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+td:first-child, th {{ text-align: left; }} th {{ background: #f2f2f2; }} .note {{ color: #555; font-size: 0.9em; }}
+.warn {{ background: #fff3cd; border: 1px solid #e0b400; padding: 0.5em 1em; }}
+figure {{ display: inline-block; margin: 1em; vertical-align: top; }}
+figcaption {{ font-size: 0.9em; color: #555; max-width: 32em; }}
+pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 </style></head><body>
 <h1>Melanoma CV report</h1>
-<p>{report['n_images']} training images, {report['n_melanoma']} melanomas, {report['n_folds']} patient-grouped folds.
-All figures are out-of-fold. pAUC is the partial AUC above 80% TPR (range 0 to 0.2).
-{report['skipped_images']} image(s) skipped as missing or unreadable (listed in skipped_images.csv).</p>
-<table><tr><th>model</th><th>kind</th><th>ROC AUC</th><th>pAUC (TPR&ge;0.8)</th><th>AUC per fold</th><th>fold SD</th></tr>
-{rows}</table>
-<h2>ROC curves</h2>
-<img alt="out-of-fold ROC curves" src="data:image/png;base64,{roc_png_b64}">
+<p>{html.escape(_summary(report))}</p>
+{warning_block}
+{''.join(_html_table(t) for t in report_tables(report))}
+<h2>Figures</h2>
+{figure_block}
+<h2>Provenance</h2>
+<pre>{provenance}</pre>
 <p>Run directory: {html.escape(report['run'])}</p>
 </body></html>
 """
 
 
-def write_report(run_dir: Path) -> dict:
-    """Write RUN/report.json and RUN/report.html; return the report."""
+def _markdown_table(table: Table) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"## {table.title}", "", line(table.header), line(["---"] * len(table.header)), *map(line, table.rows)]
+    return "\n".join([*lines, *(["", table.note] if table.note else [])]) + "\n"
+
+
+def render_markdown(report: dict[str, object]) -> str:
+    """The same tables as Markdown (figures are in report.html)."""
+    warnings = "".join(f"- **warning:** {w}\n" for w in report["warnings"])
+    tables = "\n".join(_markdown_table(t) for t in report_tables(report))
+    provenance = json.dumps(report["provenance"], indent=2, default=str)
+    return (
+        f"# Melanoma CV report\n\n{_summary(report)}\n\n{warnings}\n{tables}\nFigures: see report.html.\n\n"
+        f"## Provenance\n\n```json\n{provenance}\n```\n"
+    )
+
+
+def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()) -> dict[str, object]:
+    """Write RUN/report.json, RUN/report.html and RUN/report.md; return the report.
+
+    `table` is the run's canonical data table (optional): it adds the subgroup, multi-class and test-set sections.
+    """
+    started = time.perf_counter()
     run_dir = Path(run_dir)
-    oof = oof_predictions(run_dir)
-    report = build_report(run_dir, oof)
+    predictions = load_run_predictions(run_dir)
+    report = build_report(run_dir, predictions, table, boot)
+    figures = report_figures(report, predictions)
+    report["report_seconds"] = round(time.perf_counter() - started, 2)
     write_json(report, run_dir / "report.json")
-    write_text(render_html(report, _roc_plot_png(oof)), run_dir / "report.html")
+    write_text(render_html(report, figures), run_dir / "report.html")
+    write_text(render_markdown(report), run_dir / "report.md")
     return report

@@ -1,29 +1,139 @@
-"""Submission CSVs, validated before they are written and written atomically."""
+"""Competition submission CSVs, built from a run's test predictions, validated, and written atomically.
+
+A submission is checked before it is written: the official columns in the official order, every
+test id exactly once and no other, every probability finite and in [0, 1]. It is written to a temp
+file and renamed, so a crash never leaves half a submission where the last one was.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ensemble.run_files import PRIMARY_STACK, RunPredictions
 from metadata.io import atomic_write
 
 
-def write_submission(
-    image_ids: pd.Series, probs: np.ndarray, expected_ids: pd.Series, path: Path, id_column: str = "image_name"
-) -> pd.DataFrame:
-    """Write `id_column,target`: every expected id exactly once, probabilities finite in [0, 1]."""
-    submission = pd.DataFrame({id_column: np.asarray(image_ids, dtype=object), "target": np.asarray(probs, dtype=float)})
-    duplicated = submission[id_column][submission[id_column].duplicated()]
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """A challenge's CSV: the id column, then each prediction column and the run's column it is read from."""
+
+    title: str
+    id_column: str
+    columns: dict[str, str]  # submission column -> prediction column (`prob` or `prob_<CLASS>`)
+    default_model: str
+
+    @property
+    def header(self) -> list[str]:
+        return [self.id_column, *self.columns]
+
+    @property
+    def multiclass(self) -> bool:
+        return any(source != "prob" for source in self.columns.values())
+
+
+ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+# ISIC 2018 Task 3 calls actinic keratosis / intraepithelial carcinoma AKIEC; the unified code is AK.
+ISIC2018_COLUMNS = {
+    "MEL": "prob_MEL", "NV": "prob_NV", "BCC": "prob_BCC", "AKIEC": "prob_AK", "BKL": "prob_BKL", "DF": "prob_DF", "VASC": "prob_VASC",
+}
+
+SUBMISSION_FORMATS: dict[str, SubmissionFormat] = {
+    "isic2020": SubmissionFormat("SIIM-ISIC 2020 (melanoma probability)", "image_name", {"target": "prob"}, PRIMARY_STACK),
+    "isic2024": SubmissionFormat("ISIC 2024 (malignancy probability)", "isic_id", {"target": "prob"}, PRIMARY_STACK),
+    "isic2019": SubmissionFormat("ISIC 2019 (9 diagnoses)", "image", {c: f"prob_{c}" for c in ISIC2019_CLASSES}, "mean_blend"),
+    "isic2018": SubmissionFormat("ISIC 2018 Task 3 (7 diagnoses)", "image", ISIC2018_COLUMNS, "mean_blend"),
+}
+
+
+def submission_format(name: str) -> SubmissionFormat:
+    if name not in SUBMISSION_FORMATS:
+        raise ValueError(f"--format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")
+    return SUBMISSION_FORMATS[name]
+
+
+def build_submission(fmt: SubmissionFormat, model: str, test: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The submission rows of one model's test predictions (indexed by image id), and notes on what was filled in.
+
+    A class the format has but the model never learnt (ISIC 2019's UNK has no training images) gets
+    probability 0 and a note; a class the model predicts but the format has no column for is an error.
+    """
+    predicted = {c for c in test.columns if c.startswith("prob_")}
+    if fmt.multiclass and not predicted:
+        raise ValueError(
+            f"{model} predicts melanoma only; {fmt.title} needs a probability per diagnosis: "
+            "train a diagnosis head (`train-cnns --target diagnosis`) and submit it or the mean_blend."
+        )
+    unmapped = sorted(predicted - set(fmt.columns.values())) if fmt.multiclass else []
+    if unmapped:
+        raise ValueError(f"{model} predicts {unmapped}, which {fmt.title} has no column for; choose a format with those classes.")
+    filled = [column for column, source in fmt.columns.items() if source not in test.columns]
+    columns = {
+        column: test[source].to_numpy(dtype=float) if source in test.columns else np.zeros(len(test))
+        for column, source in fmt.columns.items()
+    }
+    frame = pd.DataFrame({fmt.id_column: test.index.to_numpy(dtype=object), **columns})
+    notes = [f"{model} has no {column} output: the column is 0 for every image." for column in filled]
+    return frame, notes
+
+
+def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: pd.Series | pd.Index) -> None:
+    """Refuse a submission the challenge would reject or mis-score, naming the first offending id."""
+    if list(frame.columns) != fmt.header:
+        raise ValueError(f"submission columns {list(frame.columns)}; {fmt.title} needs exactly {fmt.header}, in that order.")
+    ids = frame[fmt.id_column]
+    duplicated = ids[ids.duplicated()]
     if len(duplicated):
         raise ValueError(f"submission: id {duplicated.iloc[0]!r} appears more than once.")
-    expected, got = set(expected_ids), set(submission[id_column])
+    expected, got = set(expected_ids), set(ids)
     if expected != got:
         missing, extra = sorted(expected - got), sorted(got - expected)
-        raise ValueError(f"submission: {len(missing)} test id(s) missing (e.g. {missing[:3]}), {len(extra)} extra (e.g. {extra[:3]}).")
-    bad = ~np.isfinite(submission["target"]) | (submission["target"] < 0) | (submission["target"] > 1)
-    if bad.any():
-        raise ValueError(f"submission: id {submission[id_column][bad].iloc[0]!r} has probability outside [0, 1].")
-    atomic_write(path, lambda tmp: submission.to_csv(tmp, index=False))
-    return submission
+        raise ValueError(
+            f"submission: {len(missing)} test id(s) missing (e.g. {missing[:3]}), {len(extra)} extra (e.g. {extra[:3]}); "
+            "the predictions are not for this test set: re-run the stages on the same data."
+        )
+    values = frame[list(fmt.columns)].to_numpy(dtype=float)
+    bad_rows, bad_columns = np.nonzero(~np.isfinite(values) | (values < 0) | (values > 1))
+    if len(bad_rows):
+        row, column = bad_rows[0], list(fmt.columns)[bad_columns[0]]
+        raise ValueError(
+            f"submission: id {ids.iloc[row]!r} has {column}={float(values[row, bad_columns[0]])}, not a probability in [0, 1] "
+            f"({len(bad_rows)} such value(s)); submit a model whose outputs are probabilities."
+        )
+
+
+def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: pd.Series | pd.Index, path: Path) -> pd.DataFrame:
+    """Validate, then write atomically (temp file + rename)."""
+    validate_submission(frame, fmt, expected_ids)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return frame
+
+
+def predicted_test_ids(predictions: RunPredictions) -> pd.Index:
+    """The test ids every model of the run predicted; refuses models that disagree (outputs of other data)."""
+    reference = predictions.models[0]
+    for model in predictions.models[1:]:
+        if set(model.test.index) != set(reference.test.index):
+            raise ValueError(
+                f"{model.name} and {reference.name} predicted different test images: one of them is stale; "
+                "re-run its stage, or pass --data to check against the data's test split."
+            )
+    if reference.test.empty:
+        raise ValueError("the run has no test predictions: its data has no test split.")
+    return reference.test.index
+
+
+def run_submission(
+    predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, path: Path
+) -> tuple[pd.DataFrame, list[str]]:
+    """Build, validate and write the submission of one model of the run (the format's default when None)."""
+    name = model or fmt.default_model
+    try:
+        chosen = predictions.model(name)
+    except KeyError as error:
+        raise ValueError(f"{error.args[0]} Pass --model.") from error
+    frame, notes = build_submission(fmt, name, chosen.test)
+    return write_submission(frame, fmt, expected_ids, path), notes

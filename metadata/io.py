@@ -17,10 +17,15 @@ import pandas as pd
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` then rename the temp file onto `path`."""
+    """Call `write(tmp_path)` then rename the temp file onto `path`.
+
+    The temp file keeps the target's extensions (`.tmp.weights.h5`), since some writers (Keras)
+    choose the format by them; its leading dot and `.tmp` keep it from being read as an artifact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    suffix = ".tmp" + "".join(path.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -43,3 +43,16 @@ def pipeline_run(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         result = runner.invoke(app, args)
         assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}\n{result.exception!r}"
     return run
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(pipeline_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline run exported through the CLI (`export`), at the default 95% sensitivity."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    result = CliRunner().invoke(app, ["export", "--run", str(pipeline_run), "--out", str(out)])
+    assert result.exit_code == 0, f"export failed:\n{result.output}\n{result.exception!r}"
+    return out

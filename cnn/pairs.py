@@ -1,0 +1,280 @@
+"""The (model, fold) pairs of a run: which are declared, where their files live, what state each is in.
+
+Importable without TensorFlow, so `status` and `stack` read a run at once. Files of one pair:
+
+    RUN/cnn/plan.json                       declared models (with sizes), folds and epochs
+    RUN/cnn/<model>/fold<k>/heartbeat.json  host, pid and time, refreshed while a process trains the pair
+    RUN/cnn/<model>/fold<k>/checkpoint/     last epoch (weights + optimizer + RNG state) and state.json
+    RUN/cnn/<model>/fold<k>/failed.json     the error of the last attempt, if it raised
+    RUN/cnn/<model>/fold<k>/done.json       written last: the pair's outputs are complete
+
+Every file is written atomically (temp file + rename), so a killed process leaves either the previous
+version or the new one, plus dot-prefixed `.tmp` files that nothing reads and the next attempt removes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from metadata.io import read_table, write_json, write_table
+
+PLAN_FILE = Path("cnn") / "plan.json"
+DONE_FILE = "done.json"
+FAILED_FILE = "failed.json"
+HEARTBEAT_FILE = "heartbeat.json"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE = "state.json"
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belongs to a dead or stuck process
+
+
+def pair_dir(run_dir: Path, model: str, fold: int) -> Path:
+    return Path(run_dir) / "cnn" / model / f"fold{fold}"
+
+
+def write_plan(run_dir: Path, models: dict[str, int], folds: list[int], epochs: int) -> None:
+    """Declare the pairs of a run, so `stack` and `status` know what is still missing."""
+    write_json({"models": models, "folds": folds, "epochs": epochs}, Path(run_dir) / PLAN_FILE)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it does not exist (it may vanish between check and read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def read_plan(run_dir: Path) -> dict | None:
+    return _read_json(Path(run_dir) / PLAN_FILE)
+
+
+def declared_pairs(run_dir: Path) -> list[tuple[str, int]]:
+    plan = read_plan(run_dir) or {"models": {}, "folds": []}
+    return [(model, fold) for model in plan["models"] for fold in plan["folds"]]
+
+
+def is_done(run_dir: Path, model: str, fold: int) -> bool:
+    return (pair_dir(run_dir, model, fold) / DONE_FILE).exists()
+
+
+def unfinished_pairs(run_dir: Path) -> list[tuple[str, int]]:
+    """Declared pairs without a done marker."""
+    return [(model, fold) for model, fold in declared_pairs(run_dir) if not is_done(run_dir, model, fold)]
+
+
+def describe_pairs(pairs: list[tuple[str, int]]) -> str:
+    """`small (folds 1, 2), mobilenet_v3_small (fold 0)`."""
+    by_model: dict[str, list[int]] = {}
+    for model, fold in pairs:
+        by_model.setdefault(model, []).append(fold)
+    return ", ".join(
+        f"{model} (fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))})" for model, folds in by_model.items()
+    )
+
+
+# --- heartbeat: which process trains a pair right now ---------------------------------------------
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def is_live(beat: dict, now: float) -> bool:
+    """A heartbeat is live while it is recent and, on this host, its process still exists."""
+    if now - beat["updated"] > STALE_AFTER_SECONDS:
+        return False
+    return beat["host"] != socket.gethostname() or _process_alive(beat["pid"])
+
+
+def other_live_owner(fold_dir: Path, now: float) -> dict | None:
+    """The live heartbeat of another process training this pair, if any."""
+    beat = _read_json(fold_dir / HEARTBEAT_FILE)
+    if beat is None or not is_live(beat, now) or (beat["host"], beat["pid"]) == (socket.gethostname(), os.getpid()):
+        return None
+    return beat
+
+
+@contextmanager
+def heartbeat(fold_dir: Path, interval: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """Refresh `heartbeat.json` from a background thread while the block runs; remove it afterwards.
+
+    A thread rather than a per-epoch write, since one epoch (or the final TTA pass) of a large model
+    can outlast any sensible staleness limit.
+    """
+    started = time.time()
+    path = fold_dir / HEARTBEAT_FILE
+    stop = threading.Event()
+
+    def beat() -> None:
+        write_json({"host": socket.gethostname(), "pid": os.getpid(), "started": started, "updated": time.time()}, path)
+
+    def refresh() -> None:
+        while not stop.wait(interval):
+            beat()
+
+    beat()
+    thread = threading.Thread(target=refresh, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
+
+
+def start_attempt(fold_dir: Path) -> None:
+    """Forget a previous attempt's failure and remove the temp files a killed attempt left behind."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    (fold_dir / FAILED_FILE).unlink(missing_ok=True)
+    for leftover in fold_dir.rglob(".*.tmp*"):
+        leftover.unlink(missing_ok=True)
+
+
+def record_failure(fold_dir: Path, error: BaseException, trace: str) -> None:
+    write_json(
+        {"error": f"{type(error).__name__}: {error}", "traceback": trace, "host": socket.gethostname(), "time": time.time()},
+        fold_dir / FAILED_FILE,
+    )
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairEvidence:
+    """What the files of one pair say."""
+
+    done: bool
+    heartbeat: dict | None
+    failure: dict | None
+    checkpoint: dict | None  # checkpoint/state.json
+    history: dict | None  # history.json of a finished pair
+
+    @classmethod
+    def read(cls, fold_dir: Path) -> PairEvidence:
+        return cls(
+            done=(fold_dir / DONE_FILE).exists(),
+            heartbeat=_read_json(fold_dir / HEARTBEAT_FILE),
+            failure=_read_json(fold_dir / FAILED_FILE),
+            checkpoint=_read_json(fold_dir / CHECKPOINT_DIR / CHECKPOINT_STATE),
+            history=_read_json(fold_dir / "history.json"),
+        )
+
+
+# First matching rule wins; no rule matching means "pending" (nothing trained yet).
+STATE_RULES: tuple[tuple[str, Callable[[PairEvidence, float], bool]], ...] = (
+    ("done", lambda e, now: e.done),
+    ("running", lambda e, now: e.heartbeat is not None and is_live(e.heartbeat, now)),
+    ("failed", lambda e, now: e.failure is not None),
+    ("interrupted", lambda e, now: e.checkpoint is not None),  # killed mid-fold: re-running resumes it
+)
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    """One row of `status`: a pair's state, progress and best validation AUC so far."""
+
+    model: str
+    fold: int
+    state: str  # done | running | failed | interrupted | pending
+    epochs_done: int
+    epochs: int | None
+    best_val_auc: float | None
+    detail: str
+
+
+def _best(val_aucs: list[float]) -> float | None:
+    finite = [a for a in val_aucs if not math.isnan(a)]
+    return max(finite) if finite else None
+
+
+def _detail(state: str, evidence: PairEvidence, now: float) -> str:
+    beat, failure, checkpoint = evidence.heartbeat, evidence.failure, evidence.checkpoint
+    details: dict[str, Callable[[], str]] = {
+        "done": lambda: f"{evidence.history['seconds']:.0f} s" if evidence.history else "",
+        "running": lambda: f"{beat['host']} pid {beat['pid']}, heartbeat {now - beat['updated']:.0f} s ago",
+        "failed": lambda: failure["error"].splitlines()[0] if failure["error"] else "",
+        "interrupted": lambda: f"resumes at epoch {checkpoint['epochs_done'] + 1}",
+        "pending": lambda: "",
+    }
+    return details[state]()
+
+
+def pair_status(run_dir: Path, model: str, fold: int, now: float, planned_epochs: int | None) -> PairStatus:
+    evidence = PairEvidence.read(pair_dir(run_dir, model, fold))
+    state = next((name for name, holds in STATE_RULES if holds(evidence, now)), "pending")
+    progress = evidence.history if evidence.done and evidence.history else evidence.checkpoint
+    val_aucs = (progress or {}).get("val_auc", [])
+    epochs = progress["config"]["epochs"] if progress else planned_epochs
+    return PairStatus(model, fold, state, len(val_aucs), epochs, _best(val_aucs), _detail(state, evidence, now))
+
+
+def run_status(run_dir: Path, now: float) -> list[PairStatus]:
+    """Every declared pair, plus any pair with files from an earlier declaration, in plan order."""
+    plan = read_plan(run_dir) or {"models": {}, "folds": [], "epochs": None}
+    found = [
+        (fold_dir.parent.name, int(fold_dir.name.removeprefix("fold")))
+        for fold_dir in sorted((Path(run_dir) / "cnn").glob("*/fold*"))
+        if fold_dir.is_dir() and fold_dir.name.removeprefix("fold").isdigit()
+    ]
+    pairs = list(dict.fromkeys(declared_pairs(run_dir) + found))
+    return [pair_status(run_dir, model, fold, now, plan["epochs"]) for model, fold in pairs]
+
+
+# --- assembling a model's folds ------------------------------------------------------------------
+
+
+def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate per-fold OOF tables and average per-fold test probabilities."""
+    oof = pd.concat([read_table(model_dir / f"fold{f}" / "oof.parquet", "train-cnns") for f in folds])
+    tests = [read_table(model_dir / f"fold{f}" / "test.parquet", "train-cnns") for f in folds]
+    test = tests[0][["image_id", "patient_id"]].copy()
+    for f, frame in zip(folds, tests):
+        test[f"prob_fold{f}"] = frame["prob"].to_numpy()
+    test["prob"] = test[[f"prob_fold{f}" for f in folds]].mean(axis=1)
+    class_columns = [c for c in tests[0].columns if c.startswith("prob_")]
+    for column in class_columns:
+        test[column] = np.mean([frame[column].to_numpy() for frame in tests], axis=0)
+    write_table(oof.reset_index(drop=True), model_dir / "oof.parquet")
+    write_table(test, model_dir / "test.parquet")
+    return oof, test
+
+
+def require_finished_cnns(run_dir: Path) -> None:
+    """Stop unless every declared pair is done; assemble a model whose last fold finished but was not assembled.
+
+    Pairs may run as separate jobs, so the job that finishes a model's last fold assembles it; a job
+    killed between its done marker and the assembly leaves that to here.
+    """
+    missing = unfinished_pairs(run_dir)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(declared_pairs(run_dir))} declared CNN (model, fold) pairs are not done: "
+            f"{describe_pairs(missing)}. Train them with `python cli.py train-cnns --run {run_dir} ...` "
+            f"(one pair per job: `--model M --fold K`); `python cli.py status --run {run_dir}` shows each pair."
+        )
+    plan = read_plan(run_dir)
+    for model in (plan or {"models": {}})["models"]:
+        model_dir = Path(run_dir) / "cnn" / model
+        if not (model_dir / "oof.parquet").exists():
+            assemble_model_outputs(model_dir, plan["folds"])

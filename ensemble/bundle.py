@@ -1,0 +1,256 @@
+"""An exported model bundle: everything needed to score new patients, without the training data.
+
+    BUNDLE/manifest.json              format, library versions, SHA-256 of every other file
+    BUNDLE/config.json                CNNs (image size, TTA views, classes, fold-model scales),
+                                      stack features, category vocabularies, operating point
+    BUNDLE/cnn/<model>/fold<k>.keras  inference-only Keras models (native format, no Lambda layers)
+    BUNDLE/stack/model_fold<k>.txt    LightGBM text models
+
+Nothing in a bundle is pickled: the Keras models load with `safe_mode=True` (checked at export),
+the boosters and JSON are text. A bundle whose files do not match the manifest is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import keras
+import lightgbm as lgb
+import pandas as pd
+
+from cnn.targets import TargetSpec
+from ensemble.blend import fold_model_scales
+from ensemble.operating_point import OperatingPoint, choose_operating_point
+from ensemble.run_files import PRIMARY_STACK, STACK_OUTPUTS
+from fusion.stacker import LightGBMStacker
+from metadata.io import read_table, write_json
+from metadata.schema import SEXES, SITES
+
+BUNDLE_FORMAT = "melanoma-pipeline-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+VERSIONED_PACKAGES = ("melanoma-pipeline", "tensorflow", "keras", "lightgbm", "numpy", "pandas")
+VOCABULARIES: dict[str, list[str]] = {"sex": list(SEXES), "site": list(SITES)}
+
+
+class BundleError(ValueError):
+    """A run that cannot be exported, or a bundle that cannot be trusted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class CnnMember:
+    """One CNN of the ensemble: its fold models and how their outputs become a stacker feature."""
+
+    name: str
+    image_size: int
+    tta: tuple[str, ...]
+    target: TargetSpec
+    scales: pd.DataFrame  # fold -> mean, std of that fold model's OOF log-odds (see ensemble.blend)
+    models: dict[int, keras.Model]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, checksum-verified bundle."""
+
+    path: Path
+    manifest: dict
+    cnns: list[CnnMember]
+    stackers: list[LightGBMStacker]  # one per fold; new patients get their mean, as the run's test set did
+    features: list[str]
+    operating_point: OperatingPoint
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (model files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Python and the versions of the packages a bundle's files depend on."""
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"python": platform.python_version(), **{p: installed(p) for p in VERSIONED_PACKAGES}}
+
+
+def version_differences(manifest: dict) -> list[str]:
+    """Packages whose installed version differs from the exporting one (results may differ slightly)."""
+    now = library_versions()
+    return [
+        f"{package} {then} at export, {now.get(package)} here"
+        for package, then in manifest["versions"].items()
+        if now.get(package) != then
+    ]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise BundleError(f"{path} is missing: {what}.")
+    return json.loads(path.read_text())
+
+
+def _load_keras(path: Path) -> keras.Model:
+    """Load a Keras model in safe mode (no Lambda layers, no pickled code), for inference only."""
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:  # Keras raises ValueError, TypeError or its own errors here
+        raise BundleError(
+            f"{path} does not load as a safe Keras model ({error}); it must hold only registered Keras layers: "
+            "retrain it with this version of `train-cnns`."
+        ) from error
+
+
+def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
+    """Copy one CNN's fold models (re-saved without optimizer state) and describe them for the config."""
+    model_dir = run_dir / "cnn" / name
+    scales = fold_model_scales(read_table(model_dir / "oof.parquet", "train-cnns"))
+    if sorted(int(f) for f in scales.index) != folds:
+        raise BundleError(
+            f"{model_dir}/oof.parquet covers folds {sorted(scales.index)} but the stack has folds {folds}; "
+            "re-run `train-cnns` and `stack` on the same folds."
+        )
+    history = _read_json(model_dir / f"fold{folds[0]}" / "history.json", "re-run `train-cnns`")  # one recipe for all folds
+    for fold in folds:
+        model_file = model_dir / f"fold{fold}" / "model.keras"
+        if not model_file.exists():
+            raise BundleError(f"{model_file} is missing: re-run `train-cnns` on {run_dir}.")
+        target = out / "cnn" / name / f"fold{fold}.keras"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _load_keras(model_file).save(target)
+    return {
+        "name": name,
+        "image_size": int(history["config"]["image_size"]),
+        "tta": list(history["config"]["tta"]),
+        "classes": list(history.get("classes", ["MEL"])),  # runs from before diagnosis heads had melanoma heads only
+        "scales": {str(f): {"mean": float(r["mean"]), "std": float(r["std"])} for f, r in scales.iterrows()},
+    }
+
+
+def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Write the bundle of a finished run (CNNs + stack) to `out`; return its config.
+
+    The bundle is assembled in a temporary folder and renamed into place, so a failed export leaves
+    nothing behind that could be mistaken for a bundle.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    stack_dir = run_dir / "stack"
+    stack_info = _read_json(stack_dir / "features.json", f"run `python cli.py stack --data DIR --run {run_dir}` first")
+    if not stack_info["cnns"]:
+        raise BundleError(
+            f"the stack of {run_dir} uses no CNN (a metadata-only baseline); a bundle scores images: "
+            "run `train-cnns` and then `stack` on this run first."
+        )
+    boosters = {int(p.stem.removeprefix("model_fold")): p for p in stack_dir.glob("model_fold*.txt")}
+    if not boosters:
+        raise BundleError(f"{stack_dir} has no model_fold<k>.txt: re-run `python cli.py stack` on {run_dir}.")
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} exists and is not empty; choose a new --out or delete it.")
+    oof = read_table(stack_dir / STACK_OUTPUTS[PRIMARY_STACK][0], "stack")
+    point = choose_operating_point(oof["target"], oof["prob"], oof["patient_id"], sensitivity, n_boot=n_boot, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        folds = sorted(boosters)
+        config = {
+            "cnns": [_export_cnn(run_dir, name, folds, building) for name in stack_info["cnns"]],
+            "stack": {"folds": folds, "features": stack_info["features"], "num_boost_round": stack_info["num_boost_round"]},
+            "vocabularies": VOCABULARIES,
+            "operating_point": point.to_json(),
+        }
+        (building / "stack").mkdir()
+        for path in boosters.values():
+            shutil.copyfile(path, building / "stack" / path.name)
+        write_json(config, building / CONFIG)
+        files = {p.relative_to(building).as_posix(): file_sha256(p) for p in sorted(building.rglob("*")) if p.is_file()}
+        write_json(
+            {
+                "format": BUNDLE_FORMAT,
+                "format_version": BUNDLE_FORMAT_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "source_run": str(run_dir.resolve()),
+                "stack_oof_auc": stack_info.get("oof_auc"),
+                "versions": library_versions(),
+                "files": files,
+            },
+            building / MANIFEST,
+        )
+        if out.exists():
+            out.rmdir()
+        building.rename(out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return config
+
+
+def verify_bundle(path: Path) -> dict:
+    """The manifest of a bundle whose every listed file exists with its recorded checksum; else BundleError."""
+    path = Path(path)
+    manifest = _read_json(path / MANIFEST, "not a bundle folder; create one with `python cli.py export`")
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "
+            f"this code reads {BUNDLE_FORMAT!r} version {BUNDLE_FORMAT_VERSION}: re-export the run."
+        )
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file} is listed in {MANIFEST} but missing; the bundle is incomplete: re-export it.")
+        if file_sha256(file) != expected:
+            raise BundleError(
+                f"{file}: checksum differs from {MANIFEST} (the file was changed or corrupted); "
+                "refusing to score with it: re-export the bundle with `python cli.py export`."
+            )
+    return manifest
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Verify a bundle's checksums, then load its CNN fold models and stack boosters."""
+    path = Path(path)
+    manifest = verify_bundle(path)
+    config = json.loads((path / CONFIG).read_text())
+    if config["vocabularies"] != VOCABULARIES:
+        raise BundleError(
+            f"{path / CONFIG}: the stack was trained with category vocabularies {config['vocabularies']}, "
+            f"this code has {VOCABULARIES}; score with the pipeline version that exported it ({manifest['versions']})."
+        )
+    cnns = [
+        CnnMember(
+            name=c["name"],
+            image_size=int(c["image_size"]),
+            tta=tuple(c["tta"]),
+            target=TargetSpec(tuple(c["classes"])),
+            scales=pd.DataFrame.from_dict(c["scales"], orient="index").set_axis([int(f) for f in c["scales"]]),
+            models={int(f): _load_keras(path / "cnn" / c["name"] / f"fold{f}.keras") for f in c["scales"]},
+        )
+        for c in config["cnns"]
+    ]
+    stackers = [
+        LightGBMStacker(booster=lgb.Booster(model_file=str(path / "stack" / f"model_fold{f}.txt")))
+        for f in config["stack"]["folds"]
+    ]
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        cnns=cnns,
+        stackers=stackers,
+        features=list(config["stack"]["features"]),
+        operating_point=OperatingPoint.from_json(config["operating_point"]),
+    )

@@ -1,0 +1,240 @@
+"""Score new patients with an exported bundle: every fold's CNNs, the stacker's features, the alert.
+
+The CNN scores, patient-context features and stack are computed exactly as `stack` computed them
+for the run's test set, so a bundle reproduces the run's test predictions. Images are streamed in
+batches (memory bounded by the batch size, not the number of images), each decoded once per CNN
+and passed through every fold model and test-time view of that CNN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from cnn.pipeline import TTA_VIEWS, decode_image, image_dataset
+from ensemble.blend import standardized_test_scores
+from ensemble.bundle import Bundle, CnnMember
+from fusion.stacker import build_stack_features
+from metadata.dataset import load_dataset
+from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
+from metadata.images import ImageBytesReader
+from metadata.io import atomic_write, write_json
+from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataError, clean_text, map_vocabulary, parse_age, read_csv
+
+Advance = Callable[[int], None]
+SPLITS = ("all", "train", "test")
+METADATA_FIELDS = ("age", "sex", "site")
+# Accepted headers of a `--metadata` CSV for `--images`, per canonical column (the layouts' spellings).
+METADATA_HEADERS: dict[str, tuple[str, ...]] = {
+    "image_id": ("image_id", "image_name", "isic_id", "image"),
+    "patient_id": ("patient_id",),
+    "age": ("age", "age_approx"),
+    "sex": ("sex", "gender"),
+    "site": ("site", "anatom_site_general", "anatom_site_general_challenge", "localization"),
+}
+
+
+def _header(raw: pd.DataFrame, column: str) -> str | None:
+    return next((h for h in METADATA_HEADERS[column] if h in raw.columns), None)
+
+
+def _metadata_table(file: Path) -> pd.DataFrame:
+    """A `--metadata` CSV as image_id plus whichever of patient_id, age, sex, site it has (canonical values)."""
+    raw = read_csv(file)
+    id_header = _header(raw, "image_id")
+    if id_header is None:
+        raise DataError(f"{file}: no image id column; name one of {list(METADATA_HEADERS['image_id'])}.")
+    ids = raw[id_header].astype("string")
+    duplicated = ids[ids.duplicated()]
+    if len(duplicated):
+        raise DataError(f"{file}: row {duplicated.index[0] + 2} repeats image id {duplicated.iloc[0]!r}; ids must be unique.")
+    parsers: dict[str, Callable[[pd.Series, str], pd.Series]] = {
+        "patient_id": lambda values, _: values.astype("string").where(clean_text(values).notna()),
+        "age": lambda values, header: parse_age(values, file, header),
+        "sex": lambda values, header: map_vocabulary(values, SEX_ALIASES, SEXES, file, header),
+        "site": lambda values, header: map_vocabulary(values, SITE_ALIASES, SITES, file, header),
+    }
+    columns = {"image_id": ids}
+    for column, parse in parsers.items():
+        header = _header(raw, column)
+        if header is not None:
+            columns[column] = parse(raw[header], header)
+    return pd.DataFrame(columns)
+
+
+def image_folder_rows(images: Path, metadata: Path | None = None) -> pd.DataFrame:
+    """Canonical rows for every image in a folder, metadata joined by image id where a CSV gives it.
+
+    Without a patient id an image is its own patient (no patient context to compare it with).
+    """
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"--images {images}: not a folder.")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files.")
+    ids = pd.Series([p.stem for p in files], dtype="string")
+    if ids.duplicated().any():
+        raise DataError(f"--images {images}: two files share the name {ids[ids.duplicated()].iloc[0]!r}; rename one.")
+    rows = pd.DataFrame({"image_id": ids, "image_path": pd.Series([str(p) for p in files], dtype="string")})
+    if metadata is not None:
+        table = _metadata_table(Path(metadata))
+        if not ids.isin(table["image_id"]).any():
+            raise DataError(
+                f"--metadata {metadata}: no row names an image in {images} (ids like {table['image_id'].iloc[0]!r}, "
+                f"images like {ids.iloc[0]!r}); the id column must hold the file names without extension."
+            )
+        rows = rows.merge(table, on="image_id", how="left")
+    table = pd.DataFrame({c: rows[c] if c in rows else pd.Series(np.nan, index=rows.index) for c in CANONICAL_COLUMNS})
+    return table.assign(split="test", patient_id=table["patient_id"].astype("string").fillna(table["image_id"]))
+
+
+def scoring_rows(
+    data: Path | None, images: Path | None, metadata: Path | None = None, fmt: str | None = None, split: str = "all"
+) -> pd.DataFrame:
+    """The rows to score: a data folder in any supported layout (`split` of it), or a folder of images."""
+    if (data is None) == (images is None):
+        raise DataError("give exactly one of --data DIR (a supported layout) or --images DIR (a folder of images).")
+    if images is not None:
+        return image_folder_rows(images, metadata)
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose one of {SPLITS}.")
+    table = load_dataset(data, fmt, metadata).table
+    rows = table if split == "all" else table[table["split"] == split]
+    if rows.empty:
+        raise DataError(f"{data}: no {split} rows to score.")
+    without_image = rows["image_path"].isna()
+    if without_image.any():
+        raise DataError(
+            f"{data}: {int(without_image.sum())} row(s) have no image (first: {rows.loc[without_image, 'image_id'].iloc[0]!r}); "
+            "the bundle's CNNs score images: add the images or leave those rows out."
+        )
+    return rows.reset_index(drop=True)
+
+
+def _first_unreadable(sources: list[str], image_size: int) -> str | None:
+    """The first source that cannot be read or decoded, if any (checked only once a batch has failed)."""
+    with ImageBytesReader() as reader:
+        for source in sources:
+            try:
+                decode_image(reader.read(source), image_size)
+            except (OSError, tf.errors.OpError):
+                return source
+    return None
+
+
+def _image_batches(sources: list[str], image_size: int, batch_size: int) -> Iterator[tf.Tensor]:
+    """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
+    batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none"))
+    done = 0
+    while True:
+        try:
+            images = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.OpError as error:
+            unreadable = _first_unreadable(sources[done:], image_size)
+            if unreadable is None:
+                raise
+            raise DataError(f"{unreadable}: cannot be read or decoded as an image; replace the file or leave it out.") from error
+        done += len(images)
+        yield images
+
+
+def cnn_fold_probabilities(member: CnnMember, sources: list[str], batch_size: int, advance: Advance) -> pd.DataFrame:
+    """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views."""
+    parts: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
+    for images in _image_batches(sources, member.image_size, batch_size):
+        for fold, model in member.models.items():
+            outputs = np.mean([model.predict_on_batch(TTA_VIEWS[view](images)) for view in member.tta], axis=0)
+            parts[fold].append(member.target.melanoma_prob(outputs))
+        advance(len(images))
+    return pd.DataFrame({f"prob_fold{fold}": np.concatenate(chunks) for fold, chunks in parts.items()})
+
+
+def rank_within_patient(patient_id: pd.Series, probability: pd.Series) -> pd.Series:
+    """1 for each patient's riskiest lesion, 2 for the next, ... (ties share the better rank)."""
+    return probability.groupby(patient_id.to_numpy()).rank(ascending=False, method="min").astype(int)
+
+
+def missing_metadata(rows: pd.DataFrame) -> pd.Series:
+    """Per row, the metadata fields it lacks, space-separated ('' when complete)."""
+    missing = rows[list(METADATA_FIELDS)].isna().to_numpy()
+    return pd.Series([" ".join(f for f, gap in zip(METADATA_FIELDS, gaps) if gap) for gaps in missing], index=rows.index)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Predictions for new patients, and what the stack had to treat as missing."""
+
+    predictions: pd.DataFrame
+    absent_features: list[str]  # stack features the data has no column for (scored as missing)
+
+
+def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance) -> Scored:
+    """Probability, alert and within-patient rank of every row; `advance(n)` after each batch of each CNN."""
+    rows = rows.reset_index(drop=True)
+    sources = rows["image_path"].astype(str).tolist()
+    cnn_scores = pd.DataFrame(
+        {
+            f"cnn_{member.name}": standardized_test_scores(
+                cnn_fold_probabilities(member, sources, batch_size, advance), member.scales
+            )
+            for member in bundle.cnns
+        },
+        index=rows.index,
+    )
+    built = build_stack_features(rows, cnn_scores)
+    absent = [f for f in bundle.features if f not in built.columns]
+    features = built.reindex(columns=bundle.features)
+    probability = pd.Series(np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0), index=rows.index)
+    predictions = pd.DataFrame(
+        {
+            "image_id": rows["image_id"],
+            "patient_id": rows["patient_id"],
+            "melanoma_probability": probability,
+            "alert": (probability >= bundle.operating_point.threshold).astype(int),
+            "rank_in_patient": rank_within_patient(rows["patient_id"], probability),
+            "missing_metadata": missing_metadata(rows),
+        }
+    )
+    return Scored(predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent)
+
+
+def scoring_notes(scored: Scored) -> list[str]:
+    """What a reader of the predictions must know: metadata scored as missing, patients without context."""
+    predictions = scored.predictions
+    fields = predictions["missing_metadata"].str.split()
+    gaps = {field: int(fields.map(lambda missing: field in missing).sum()) for field in METADATA_FIELDS}
+    notes = [f"{count} of {len(predictions)} image(s) have no {field}" for field, count in gaps.items() if count]
+    if scored.absent_features:
+        notes.append(f"this data has no column for the stack feature(s) {scored.absent_features}")
+    if notes:
+        notes.append("those features were scored as missing (the stack was trained with missing values allowed)")
+    alone = int((predictions["patient_id"].value_counts() == 1).sum())
+    if alone:
+        notes.append(f"{alone} patient(s) have a single image: no other lesion of theirs to compare it with")
+    return notes
+
+
+def write_predictions(scored: Scored, bundle: Bundle, out: Path) -> dict:
+    """Write OUT/predictions.csv and OUT/summary.json (bundle, operating point, counts, notes)."""
+    out = Path(out)
+    atomic_write(out / "predictions.csv", lambda tmp: scored.predictions.to_csv(tmp, index=False))
+    predictions = scored.predictions
+    summary = {
+        "bundle": str(bundle.path.resolve()),
+        "bundle_created": bundle.manifest["created"],
+        "images": int(len(predictions)),
+        "patients": int(predictions["patient_id"].nunique()),
+        "alerts": int(predictions["alert"].sum()),
+        "operating_point": bundle.operating_point.to_json(),
+        "notes": scoring_notes(scored),
+    }
+    write_json(summary, out / "summary.json")
+    return summary

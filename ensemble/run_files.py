@@ -1,0 +1,122 @@
+"""The predictions of a run as the report and `submit` read them: every CNN, their blends and the stacks.
+
+CNNs write `RUN/cnn/<name>/{oof,test}.parquet`; the stacks write the files named in `STACK_OUTPUTS`
+under `RUN/stack/`. Blends are computed here, not stored, so they always match the CNNs on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ensemble.blend import cnn_names, mean_blend, rank_blend
+from metadata.io import read_table
+from metadata.schema import DIAGNOSES
+
+# Stack name -> (OOF file, test file) under RUN/stack, in report order (the linear baseline first).
+STACK_OUTPUTS: dict[str, tuple[str, str]] = {
+    "logreg_stack": ("logreg_oof.parquet", "logreg_test.parquet"),
+    "lightgbm_stack": ("oof.parquet", "test.parquet"),
+}
+STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
+PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
+
+# Blend name -> (how the CNN columns are combined, whether the result is a probability).
+BLENDS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], bool]] = {
+    "mean_blend": (mean_blend, True),
+    "rank_blend": (rank_blend, False),
+}
+PROBABILITY_COLUMNS = ("prob", *(f"prob_{code}" for code in DIAGNOSES))
+WRITTEN_BY: dict[str, str] = {"cnn": "train-cnns", "stack": "stack"}  # the command that writes a kind's files
+
+
+@dataclass(frozen=True)
+class ModelPredictions:
+    """One model's predictions, indexed by image id: `prob` (melanoma) plus `prob_<CLASS>` of a diagnosis head.
+
+    `oof` also has the `fold` each row was predicted in; `test` is empty when the run has no test rows.
+    """
+
+    name: str
+    kind: str  # "cnn", "blend" or "stack"
+    is_probability: bool  # False for a rank blend: no calibration metrics, no calibration plot
+    oof: pd.DataFrame
+    test: pd.DataFrame
+
+    @property
+    def classes(self) -> list[str]:
+        """Diagnosis classes of a multi-class model, in its column order; empty for a binary one."""
+        return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
+
+
+@dataclass(frozen=True)
+class RunPredictions:
+    """OOF rows (indexed by image id: `patient_id`, `fold`, `target`) and every model, in report order."""
+
+    rows: pd.DataFrame
+    models: list[ModelPredictions]
+
+    def model(self, name: str) -> ModelPredictions:
+        found = {m.name: m for m in self.models}
+        if name not in found:
+            raise KeyError(f"no model {name!r} in this run; choose one of {sorted(found)}.")
+        return found[name]
+
+    def of_kind(self, kind: str) -> list[ModelPredictions]:
+        return [m for m in self.models if m.kind == kind]
+
+
+def _predictions(path: Path, stage: str) -> pd.DataFrame:
+    """A prediction table indexed by image id, with `fold` (OOF tables) and its probability columns."""
+    table = read_table(path, stage).set_index("image_id")
+    return table[[c for c in ("fold", *PROBABILITY_COLUMNS) if c in table.columns]]
+
+
+def _aligned(frame: pd.DataFrame, image_ids: pd.Index, path: Path) -> pd.DataFrame:
+    missing = image_ids.difference(frame.index)
+    if len(missing):
+        raise ValueError(
+            f"{path} has no prediction for image {missing[0]!r} (and {len(missing) - 1} more): it comes from "
+            "other data or folds than the rest of the run; re-run the stage that wrote it."
+        )
+    return frame.reindex(image_ids)
+
+
+def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredictions]:
+    """Each blend over every probability column all CNNs share (so diagnosis heads blend per class too)."""
+    shared = [c for c in PROBABILITY_COLUMNS if all(c in m.oof.columns for m in cnns)]
+
+    def combine(split: str, blend: Callable[[pd.DataFrame], pd.Series]) -> pd.DataFrame:
+        frames = [getattr(m, split) for m in cnns]
+        return pd.DataFrame({c: blend(pd.concat([f[c] for f in frames], axis=1)) for c in shared}, index=frames[0].index)
+
+    return [
+        ModelPredictions(name, "blend", is_probability, combine("oof", blend).assign(fold=folds), combine("test", blend))
+        for name, (blend, is_probability) in BLENDS.items()
+    ]
+
+
+def load_run_predictions(run_dir: Path) -> RunPredictions:
+    """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted."""
+    run_dir = Path(run_dir)
+    cnn_dirs = {name: run_dir / "cnn" / name for name in cnn_names(run_dir)}
+    sources = {name: ("cnn", folder / "oof.parquet", folder / "test.parquet") for name, folder in cnn_dirs.items()}
+    sources.update(
+        {name: ("stack", run_dir / "stack" / oof, run_dir / "stack" / test) for name, (oof, test) in STACK_OUTPUTS.items()}
+    )
+    sources = {name: source for name, source in sources.items() if source[1].exists()}
+    if not sources:
+        raise FileNotFoundError(f"{run_dir}: no OOF predictions found; run `train-cnns` or `stack` first.")
+    first_oof = next(iter(sources.values()))[1]
+    rows = read_table(first_oof, "train-cnns").set_index("image_id")[["patient_id", "fold", "target"]]
+    models = []
+    for name, (kind, oof_path, test_path) in sources.items():
+        oof = _aligned(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, oof_path)
+        test = _predictions(test_path, WRITTEN_BY[kind]) if test_path.exists() else pd.DataFrame()
+        models.append(ModelPredictions(name, kind, True, oof, test))
+    cnns = [m for m in models if m.kind == "cnn"]
+    blends = _blends(cnns, rows["fold"]) if len(cnns) > 1 else []
+    return RunPredictions(rows=rows, models=[*cnns, *blends, *[m for m in models if m.kind == "stack"]])
