@@ -56,14 +56,18 @@ def main() -> None:
             oof = pd.read_parquet(args.run / "cnn" / entry["name"] / "oof.parquet")
             cnns[entry["name"]] = {"mel_auc": entry["auc"], "fold_auc": entry["fold_auc"],
                                    "balanced_accuracy_7class": balanced_accuracy(oof, diagnosis)}
-    stack = next(e for e in report["entries"] if e["kind"] == "stack")
+    stacks = {e["name"]: e for e in report["entries"] if e["kind"] == "stack"}
+    stack = stacks["lightgbm_stack"]
     result = {
         **provenance(),
         "recipe": {k: v for k, v in vars(args).items() if k not in ("data", "run")},
         "n_images": report["n_images"],
         "n_melanoma": report["n_melanoma"],
         "cnns": cnns,
-        "stack": {"mel_auc": stack["auc"], "fold_auc": stack["fold_auc"], "pauc_80tpr": stack["pauc_80tpr"]},
+        "stack": {"mel_auc": stack["auc"], "auc_ci": stack["auc_ci"], "fold_auc": stack["fold_auc"],
+                  "pauc_80tpr": stack["pauc_80tpr"]},
+        "logreg_stack_mel_auc": stacks["logreg_stack"]["auc"],
+        "stack_vs_best_cnn": report["stack_vs_best_cnn"],
         "wall_seconds": seconds,
         "targets": {"best_cnn_auc": 0.92, "stack_auc": 0.93, "balanced_accuracy": 0.65},
     }

@@ -23,6 +23,16 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-patient synthetic cohort at 16 px, for tests of the plumbing (never written to)."""
+    from metadata.synth import SynthConfig, generate_cohort
+
+    out = tmp_path_factory.mktemp("tiny_cohort")
+    generate_cohort(out, SynthConfig(patients=40, image_size=16, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
 def pipeline_run(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """folds -> train-cnns (two backbones, 3 folds) -> stack, through the real CLI."""
     from typer.testing import CliRunner

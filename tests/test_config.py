@@ -18,15 +18,6 @@ from metadata.config import VALUE_TYPES, command_options, resolve_config, split_
 RUNNER = CliRunner(env={"COLUMNS": "300"})  # wide, so messages are not wrapped
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from metadata.synth import SynthConfig, generate_cohort
-
-    out = tmp_path_factory.mktemp("config_cohort")
-    generate_cohort(out, SynthConfig(patients=40, image_size=16, seed=2))
-    return out
-
-
 def _commands() -> dict:
     group = typer.main.get_command(app)
     return {name: command_options(unwrap(command.callback)) for name, command in group.commands.items()}
@@ -38,17 +29,17 @@ def _invoke(*args: str) -> str:
     return result.output
 
 
-def test_config_supplies_options_flags_override_and_the_resolved_config_repeats_the_stage(cohort: Path, tmp_path: Path) -> None:
+def test_config_supplies_options_flags_override_and_the_resolved_config_repeats_the_stage(tiny_cohort: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     config = tmp_path / "run.toml"
-    config.write_text(f'data = "{cohort}"\nrun = "{run}"\nseed = 4\n\n[folds]\nk = 2\ndedup = false\n')
+    config.write_text(f'data = "{tiny_cohort}"\nrun = "{run}"\nseed = 4\n\n[folds]\nk = 2\ndedup = false\n')
     _invoke("folds", "--config", str(config))
     assert pd.read_parquet(run / "folds.parquet")["fold"].nunique() == 2
     _invoke("folds", "--config", str(config), "--k", "3")
     three = pd.read_parquet(run / "folds.parquet")
     assert three["fold"].nunique() == 3
     resolved = json.loads((run / "config.json").read_text())["folds"]
-    assert (resolved["k"], resolved["seed"], resolved["dedup"], resolved["data"]) == (3, 4, False, str(cohort))
+    assert (resolved["k"], resolved["seed"], resolved["dedup"], resolved["data"]) == (3, 4, False, str(tiny_cohort))
     (run / "folds.parquet").unlink()
     _invoke("folds", "--config", str(run / "config.json"))
     pd.testing.assert_frame_equal(pd.read_parquet(run / "folds.parquet"), three)

@@ -19,31 +19,22 @@ from metadata.manifest import images_fingerprint, package_versions, table_finger
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from metadata.synth import SynthConfig, generate_cohort
-
-    out = tmp_path_factory.mktemp("manifest_cohort")
-    generate_cohort(out, SynthConfig(patients=40, image_size=16, seed=5))
-    return out
-
-
-def _folds_and_stack(cohort: Path, run: Path, seed: int) -> None:
+def _folds_and_stack(tiny_cohort: Path, run: Path, seed: int) -> None:
     runner = CliRunner()
     for args in (
-        ["folds", "--data", str(cohort), "--run", str(run), "--k", "3", "--seed", str(seed)],
-        ["stack", "--data", str(cohort), "--run", str(run), "--seed", str(seed), "--rounds", "60"],
+        ["folds", "--data", str(tiny_cohort), "--run", str(run), "--k", "3", "--seed", str(seed)],
+        ["stack", "--data", str(tiny_cohort), "--run", str(run), "--seed", str(seed), "--rounds", "60"],
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")
-def two_runs(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def two_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same folds + (zero-CNN) stack twice with one seed."""
     runs = tmp_path_factory.mktemp("runs")
     for name in ("a", "b"):
-        _folds_and_stack(cohort, runs / name, seed=11)
+        _folds_and_stack(tiny_cohort, runs / name, seed=11)
     return runs / "a", runs / "b"
 
 
@@ -72,10 +63,10 @@ def test_same_seed_gives_identical_folds_and_stack_predictions(two_runs: tuple[P
     assert (a / "submission.csv").read_bytes() == (b / "submission.csv").read_bytes()
 
 
-def test_fingerprint_follows_content_not_location_or_row_order(cohort: Path, tmp_path: Path) -> None:
+def test_fingerprint_follows_content_not_location_or_row_order(tiny_cohort: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(cohort, copy)
-    table = load_dataset(cohort).table
+    shutil.copytree(tiny_cohort, copy)
+    table = load_dataset(tiny_cohort).table
     moved = load_dataset(copy).table.sample(frac=1.0, random_state=0)
     assert (table_fingerprint(moved), images_fingerprint(moved)) == (table_fingerprint(table), images_fingerprint(table))
     image = Path(moved["image_path"].iloc[0])
@@ -86,12 +77,12 @@ def test_fingerprint_follows_content_not_location_or_row_order(cohort: Path, tmp
     assert table_fingerprint(moved.assign(age=moved["age"] + 1)) != table_fingerprint(table)
 
 
-def test_refused_stage_is_logged_with_its_reason_and_not_timed(cohort: Path, tmp_path: Path) -> None:
+def test_refused_stage_is_logged_with_its_reason_and_not_timed(tiny_cohort: Path, tmp_path: Path) -> None:
     from cnn.pairs import write_plan
 
     run = tmp_path / "run"
     write_plan(run, {"small": 32}, [0, 1], epochs=2)
-    result = CliRunner().invoke(app, ["stack", "--data", str(cohort), "--run", str(run)])
+    result = CliRunner().invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(run)])
     assert result.exit_code == 2
     assert re.search(r"stack stopped: 2 of 2 declared CNN .* small \(folds 0, 1\)", (run / "log.txt").read_text())
     assert "stack" not in json.loads((run / "manifest.json").read_text()).get("stage_seconds", {})

@@ -24,24 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNER = CliRunner(env={"COLUMNS": "300"})
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from metadata.synth import SynthConfig, generate_cohort
-
-    out = tmp_path_factory.mktemp("resume_cohort")
-    generate_cohort(out, SynthConfig(patients=40, image_size=16, seed=3))
-    return out
-
-
-def _new_run(cohort: Path, run: Path) -> Path:
-    result = RUNNER.invoke(app, ["folds", "--data", str(cohort), "--run", str(run), "--k", "2", "--seed", "3"])
+def _new_run(tiny_cohort: Path, run: Path) -> Path:
+    result = RUNNER.invoke(app, ["folds", "--data", str(tiny_cohort), "--run", str(run), "--k", "2", "--seed", "3"])
     assert result.exit_code == 0, result.output
     return run
 
 
-def _train_command(cohort: Path, run: Path, *extra: str) -> list[str]:
+def _train_command(tiny_cohort: Path, run: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(REPO / "cli.py"), "train-cnns", "--data", str(cohort), "--run", str(run), "--models", "small:16",
+        sys.executable, str(REPO / "cli.py"), "train-cnns", "--data", str(tiny_cohort), "--run", str(run), "--models", "small:16",
         "--epochs", "2", "--seed", "3", "--deterministic", *extra,
     ]
 
@@ -56,10 +47,10 @@ def _finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, output
 
 
-def test_sigkill_mid_fold_then_rerun_matches_an_uninterrupted_run_bit_for_bit(cohort: Path, tmp_path: Path) -> None:
-    fresh, killed = _new_run(cohort, tmp_path / "fresh"), _new_run(cohort, tmp_path / "killed")
-    uninterrupted = _start(_train_command(cohort, fresh))
-    victim = _start(_train_command(cohort, killed))
+def test_sigkill_mid_fold_then_rerun_matches_an_uninterrupted_run_bit_for_bit(tiny_cohort: Path, tmp_path: Path) -> None:
+    fresh, killed = _new_run(tiny_cohort, tmp_path / "fresh"), _new_run(tiny_cohort, tmp_path / "killed")
+    uninterrupted = _start(_train_command(tiny_cohort, fresh))
+    victim = _start(_train_command(tiny_cohort, killed))
     checkpoint = killed / "cnn" / "small" / "fold0" / "checkpoint" / "state.json"
     deadline = time.time() + 240
     while not checkpoint.exists() and victim.poll() is None and time.time() < deadline:
@@ -75,10 +66,10 @@ def test_sigkill_mid_fold_then_rerun_matches_an_uninterrupted_run_bit_for_bit(co
         f"checkpoint/epoch{e}.{kind}" for e in (1, 2) for kind in ("weights.h5", "rng.npz")
     }, visible
     assert {(p.fold, p.state) for p in run_status(killed, time.time())} == {(0, "interrupted"), (1, "pending")}
-    refused = RUNNER.invoke(app, ["stack", "--data", str(cohort), "--run", str(killed)])
+    refused = RUNNER.invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(killed)])
     assert refused.exit_code == 2 and "small (folds 0, 1)" in " ".join(refused.output.split())
 
-    _finish(_start(_train_command(cohort, killed)))
+    _finish(_start(_train_command(tiny_cohort, killed)))
     _finish(uninterrupted)
     assert json.loads((fold0 / "history.json").read_text())["resumed_after_epoch"] >= 1
     assert not (fold0 / "checkpoint").exists() and not (fold0 / "heartbeat.json").exists()
@@ -89,9 +80,9 @@ def test_sigkill_mid_fold_then_rerun_matches_an_uninterrupted_run_bit_for_bit(co
     assert json.loads((fold0 / "history.json").read_text())["loss"] == json.loads((fresh / "cnn/small/fold0/history.json").read_text())["loss"]
 
 
-def test_one_pair_per_job_and_stack_waits_for_every_declared_pair(cohort: Path, tmp_path: Path) -> None:
-    run = _new_run(cohort, tmp_path / "run")
-    job = ["train-cnns", "--data", str(cohort), "--run", str(run), "--models", "small:16", "--epochs", "1", "--augment", "none"]
+def test_one_pair_per_job_and_stack_waits_for_every_declared_pair(tiny_cohort: Path, tmp_path: Path) -> None:
+    run = _new_run(tiny_cohort, tmp_path / "run")
+    job = ["train-cnns", "--data", str(tiny_cohort), "--run", str(run), "--models", "small:16", "--epochs", "1", "--augment", "none"]
     result = RUNNER.invoke(app, [*job, "--model", "small", "--fold", "1", "--mixed-precision", "--jit", "--strategy", "mirrored"])
     assert result.exit_code == 0, result.output
     assert "still to train: small (fold 0)" in " ".join(result.output.split())
@@ -100,7 +91,7 @@ def test_one_pair_per_job_and_stack_waits_for_every_declared_pair(cohort: Path, 
     log = (run / "log.txt").read_text()
     assert all(f"{flag}: no GPU" in log for flag in ("--mixed-precision", "--jit", "--strategy mirrored"))
     assert "small fold 1 epoch 1/1: loss" in log and "val AUC" in log
-    refused = RUNNER.invoke(app, ["stack", "--data", str(cohort), "--run", str(run)])
+    refused = RUNNER.invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(run)])
     assert refused.exit_code == 2 and "1 of 2 declared CNN (model, fold) pairs are not done: small (fold 0)" in " ".join(
         refused.output.split()
     )
@@ -117,15 +108,15 @@ def test_one_pair_per_job_and_stack_waits_for_every_declared_pair(cohort: Path, 
         (["--fold", "7"], "--fold 7 is not a fold of this run; folds.parquet has folds [0, 1]"),
     ],
 )
-def test_a_pair_outside_the_plan_is_refused(cohort: Path, tmp_path: Path, options: list[str], message: str) -> None:
-    run = _new_run(cohort, tmp_path / "run")
-    result = RUNNER.invoke(app, ["train-cnns", "--data", str(cohort), "--run", str(run), "--models", "small:16", *options])
+def test_a_pair_outside_the_plan_is_refused(tiny_cohort: Path, tmp_path: Path, options: list[str], message: str) -> None:
+    run = _new_run(tiny_cohort, tmp_path / "run")
+    result = RUNNER.invoke(app, ["train-cnns", "--data", str(tiny_cohort), "--run", str(run), "--models", "small:16", *options])
     assert result.exit_code == 2 and message in " ".join(result.output.split())
 
 
-def test_a_failing_pair_records_its_error_for_status(cohort: Path, tmp_path: Path) -> None:
-    run = _new_run(cohort, tmp_path / "run")
-    result = RUNNER.invoke(app, ["train-cnns", "--data", str(cohort), "--run", str(run), "--models", "mobilenet_v3_small:16"])
+def test_a_failing_pair_records_its_error_for_status(tiny_cohort: Path, tmp_path: Path) -> None:
+    run = _new_run(tiny_cohort, tmp_path / "run")
+    result = RUNNER.invoke(app, ["train-cnns", "--data", str(tiny_cohort), "--run", str(run), "--models", "mobilenet_v3_small:16"])
     assert result.exit_code == 2
     failure = json.loads((run / "cnn" / "mobilenet_v3_small" / "fold0" / "failed.json").read_text())
     assert "needs images of at least 32 px" in failure["error"] and "Traceback" in failure["traceback"]
