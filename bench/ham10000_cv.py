@@ -54,8 +54,11 @@ def main() -> None:
     for entry in report["entries"]:
         if entry["kind"] == "cnn":
             oof = pd.read_parquet(args.run / "cnn" / entry["name"] / "oof.parquet")
-            cnns[entry["name"]] = {"mel_auc": entry["auc"], "fold_auc": entry["fold_auc"],
-                                   "balanced_accuracy_7class": balanced_accuracy(oof, diagnosis)}
+            histories = sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))
+            cnns[entry["name"]] = {"mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
+                                   "balanced_accuracy_7class": balanced_accuracy(oof, diagnosis),
+                                   # from each fold's own history, so a resumed run still reports its training time
+                                   "fold_train_seconds": [round(json.loads(h.read_text())["seconds"]) for h in histories]}
     stacks = {e["name"]: e for e in report["entries"] if e["kind"] == "stack"}
     stack = stacks["lightgbm_stack"]
     result = {
