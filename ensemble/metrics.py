@@ -31,6 +31,15 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 ISIC_MIN_TPR = 0.80  # ISIC 2024's pAUC counts the ROC curve above 80% sensitivity
 
 
+def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC: how far a fold's AUC moves by chance alone."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc**2) + (n_negative - 1) * (q2 - auc**2)) / (
+        n_positive * n_negative
+    )
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def pauc_above_tpr(y_true: np.ndarray, y_score: np.ndarray, min_tpr: float = ISIC_MIN_TPR) -> float:
     """Partial ROC AUC over the region TPR >= `min_tpr` (ISIC 2024 metric; range 0 to 1 - min_tpr).
 

@@ -268,3 +268,12 @@ def test_bootstrap_of_a_large_run_takes_seconds() -> None:
     started = time.perf_counter()
     bootstrap_cis({"auc": roc_auc, "pauc": pauc_above_tpr}, y, s, patients, n_boot=1000)
     assert time.perf_counter() - started < 10  # about 0.2 s on 2 CPU cores
+
+
+def test_auc_standard_error_matches_hanley_mcneil_and_shrinks_with_more_cases() -> None:
+    from ensemble.metrics import auc_standard_error
+
+    # By hand: Q1 = 0.9/1.1, Q2 = 1.62/1.9; var = (0.09 + 49 (Q1 - 0.81) + 49 (Q2 - 0.81)) / 2500 = 0.00103194.
+    assert auc_standard_error(0.9, 50, 50) == pytest.approx(0.0321239, abs=1e-6)
+    assert auc_standard_error(0.9, 500, 500) < auc_standard_error(0.9, 50, 50)
+    assert auc_standard_error(1.0, 10, 10) == 0.0
