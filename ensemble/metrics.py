@@ -313,7 +313,7 @@ def bootstrap_ci(
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric`; resamples without both classes are skipped."""
-    return _percentile_interval(bootstrap_values(metric, y_true, y_score, groups, n_boot, seed), level)
+    return bootstrap_cis({"metric": metric}, y_true, y_score, groups, n_boot, seed, level)["metric"]
 
 
 @dataclass(frozen=True)

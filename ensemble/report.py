@@ -33,7 +33,7 @@ from ensemble.metrics import (
     top_n_sensitivity,
 )
 from ensemble.provenance import run_provenance
-from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions
+from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
 from metadata.dataset import SKIPPED_FILE
 from metadata.io import write_json, write_text
 from metadata.schema import SEXES, SITES
@@ -136,18 +136,6 @@ def stack_vs_best_cnn(predictions: RunPredictions, entries: list[dict[str, objec
     ]
 
 
-def _rows_in_data(table: pd.DataFrame, image_ids: pd.Index) -> pd.DataFrame:
-    """The data's rows of these images, in this order; refuses images the data does not have."""
-    by_id = table.set_index("image_id")
-    missing = image_ids.difference(by_id.index)
-    if len(missing):
-        raise ValueError(
-            f"the data has no image {missing[0]!r} (and {len(missing) - 1} more) of the run's predictions: "
-            "pass the --data the run was trained on."
-        )
-    return by_id.reindex(image_ids)
-
-
 def multiclass_entries(predictions: RunPredictions, oof_rows: pd.DataFrame) -> list[dict[str, object]]:
     """Balanced accuracy, per-class AUC and confusion matrix of every multi-class (diagnosis-head) model."""
     diagnosis = oof_rows["diagnosis"].astype("string").to_numpy(dtype=object, na_value=None)
@@ -219,7 +207,10 @@ def build_report(
     entries = cv_entries(predictions, boot)
     stack_features = stack_feature_table(run_dir, predictions)
     skipped_file = run_dir / SKIPPED_FILE
-    oof_rows = _rows_in_data(table, rows.index) if table is not None else None
+    oof_rows = (
+        rows_of(table.set_index("image_id"), rows.index, "the data", "pass the --data the run was trained on.")
+        if table is not None else None
+    )
     headline = headline_models(predictions, entries)
     return {
         "run": str(run_dir.resolve()),

@@ -75,13 +75,11 @@ def _predictions(path: Path, stage: str) -> pd.DataFrame:
     return table[[c for c in ("fold", *PROBABILITY_COLUMNS) if c in table.columns]]
 
 
-def _aligned(frame: pd.DataFrame, image_ids: pd.Index, path: Path) -> pd.DataFrame:
+def rows_of(frame: pd.DataFrame, image_ids: pd.Index, source: str, fix: str) -> pd.DataFrame:
+    """`frame`'s rows (indexed by image id) of these images, in this order; refuses an image it lacks."""
     missing = image_ids.difference(frame.index)
     if len(missing):
-        raise ValueError(
-            f"{path} has no prediction for image {missing[0]!r} (and {len(missing) - 1} more): it comes from "
-            "other data or folds than the rest of the run; re-run the stage that wrote it."
-        )
+        raise ValueError(f"{source} has no row for image {missing[0]!r} (and {len(missing) - 1} more): {fix}")
     return frame.reindex(image_ids)
 
 
@@ -114,7 +112,8 @@ def load_run_predictions(run_dir: Path) -> RunPredictions:
     rows = read_table(first_oof, "train-cnns").set_index("image_id")[["patient_id", "fold", "target"]]
     models = []
     for name, (kind, oof_path, test_path) in sources.items():
-        oof = _aligned(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, oof_path)
+        oof = rows_of(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, str(oof_path),
+                      "it comes from other data or folds than the rest of the run; re-run the stage that wrote it.")
         test = _predictions(test_path, WRITTEN_BY[kind]) if test_path.exists() else pd.DataFrame()
         models.append(ModelPredictions(name, kind, True, oof, test))
     cnns = [m for m in models if m.kind == "cnn"]
