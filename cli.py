@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
+from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
 from metadata.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
 from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.schema import DataError
@@ -272,6 +272,10 @@ def train_cnns(
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
     target: Annotated[Literal[TARGET_CHOICES], typer.Option("--target", help="mel: binary; diagnosis: multi-class head; auto: diagnosis when every row has one.")] = "auto",
     loss: Annotated[Literal[LOSS_CHOICES], typer.Option("--loss")] = "bce",
+    class_weight: Annotated[
+        Literal[CLASS_WEIGHT_CHOICES],
+        typer.Option("--class-weight", help="none (ranks melanoma best), sqrt, or balanced (equal weight per class)."),
+    ] = "none",
     label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
     augment: Annotated[Literal[AUGMENT_LEVELS], typer.Option("--augment")] = "light",
     mix: Annotated[Literal[MIX_CHOICES], typer.Option("--mix")] = "none",
@@ -316,7 +320,7 @@ def train_cnns(
         table = sharded
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
-        seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss,
+        seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss, class_weight=class_weight,
         label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
         patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
     )

@@ -36,8 +36,9 @@ def _imagenet_standardise() -> list[layers.Layer]:
     return [layers.Normalization(mean=mean, variance=variance)]
 
 
-def _residual_block(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
-    shortcut = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(x)
+def _residual_block(x: keras.KerasTensor, filters: int, name: str, pool: bool = True) -> keras.KerasTensor:
+    """Two 3x3 convolutions plus a shortcut (projected when the width changes), then an optional 2x max-pool."""
+    shortcut = x if x.shape[-1] == filters else layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_proj")(x)
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv1")(x)
     x = layers.BatchNormalization(name=f"{name}_bn1")(x)
     x = layers.Activation("relu", name=f"{name}_relu1")(x)
@@ -45,7 +46,7 @@ def _residual_block(x: keras.KerasTensor, filters: int, name: str) -> keras.Kera
     x = layers.BatchNormalization(name=f"{name}_bn2")(x)
     x = layers.Add(name=f"{name}_add")([x, shortcut])
     x = layers.Activation("relu", name=f"{name}_out")(x)
-    return layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    return layers.MaxPooling2D(2, name=f"{name}_pool")(x) if pool else x
 
 
 def compact_cnn(
@@ -54,11 +55,13 @@ def compact_cnn(
     width: int = 32,
     stage_multipliers: tuple[int, ...] = (1, 2, 4),
     stem_stride: int = 2,
+    blocks_per_stage: int = 1,
 ) -> keras.Model:
     """A residual CNN that trains from scratch on a CPU.
 
     `stem_stride` 2 is one strided convolution; 4 adds a second convolution and a max-pool, as
-    ResNet's stem does, so a 128 px image costs the residual stages what a 32 px map does.
+    ResNet's stem does, so a 128 px image costs the residual stages what a 32 px map does. Each
+    stage is `blocks_per_stage` residual blocks at its width, the last followed by a 2x max-pool.
     """
     if weights == "imagenet":
         raise ValueError("the compact CNNs have no ImageNet weights; use --weights none or a weights file path.")
@@ -75,9 +78,12 @@ def compact_cnn(
         x = layers.Activation("relu", name="stem_relu2")(x)
         x = layers.MaxPooling2D(2, name="stem_pool")(x)
     for stage, multiplier in enumerate(stage_multipliers):
-        x = _residual_block(x, width * multiplier, name=f"stage{stage}")
+        for block in range(blocks_per_stage):
+            last = block == blocks_per_stage - 1
+            name = f"stage{stage}" if block == 0 else f"stage{stage}_block{block}"
+            x = _residual_block(x, width * multiplier, name=name, pool=last)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    model = keras.Model(inputs, x, name=f"compact_cnn_w{width}_s{len(stage_multipliers)}")
+    model = keras.Model(inputs, x, name=f"compact_cnn_w{width}_s{len(stage_multipliers)}x{blocks_per_stage}")
     if weights is not None:
         model.load_weights(weights)
     return model
@@ -111,6 +117,9 @@ BACKBONES: dict[str, Backbone] = {
         # 1.2M parameters, four stages after a stride-4 stem: 96-128 px at about the cost of `small` at 64.
         Backbone("compact_resnet", partial(compact_cnn, stage_multipliers=(1, 2, 4, 8), stem_stride=4),
                  _symmetric, min_size=64),
+        # 2.5M parameters, two residual blocks in each of four stages after a stride-2 stem: the deepest; 64 px.
+        Backbone("compact_resnet18", partial(compact_cnn, stage_multipliers=(1, 2, 4, 8), blocks_per_stage=2),
+                 _symmetric, min_size=32),
         Backbone("efficientnet_b0", _application(apps.EfficientNetB0), _included),
         Backbone("efficientnet_b1", _application(apps.EfficientNetB1), _included),
         Backbone("efficientnet_b2", _application(apps.EfficientNetB2), _included),

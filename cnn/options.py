@@ -8,6 +8,7 @@ from __future__ import annotations
 
 TARGET_CHOICES = ("auto", "mel", "diagnosis")
 LOSS_CHOICES = ("bce", "focal")
+CLASS_WEIGHT_CHOICES = ("balanced", "sqrt", "none")
 AUGMENT_LEVELS = ("none", "light", "strong")
 MIX_CHOICES = ("none", "mixup", "cutmix")
 CACHE_CHOICES = ("memory", "disk", "none")

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from cnn.options import LOSS_CHOICES, TARGET_CHOICES
+from cnn.options import CLASS_WEIGHT_CHOICES, LOSS_CHOICES, TARGET_CHOICES
 from metadata.schema import DIAGNOSES
 
 
@@ -42,13 +42,31 @@ class TargetSpec:
         """The melanoma probability from the head's outputs (N, n_outputs)."""
         return np.asarray(outputs)[:, self.classes.index("MEL")]
 
-    def class_weight(self, labels: np.ndarray) -> dict[int, float]:
-        """Balanced class weights: every class gets the same total weight (melanoma is rare)."""
+    def class_weight(self, labels: np.ndarray, kind: str = "balanced") -> dict[int, float] | None:
+        """Per-class loss weights, mean 1 over the training rows.
+
+        balanced: every class gets the same total weight; sqrt: weights grow as 1/sqrt(count), a
+        milder correction that keeps the common benign classes (melanoma's confounders) in view;
+        none: plain cross-entropy.
+        """
+        if kind not in CLASS_WEIGHT_CHOICES:
+            raise ValueError(f"--class-weight {kind!r}: choose one of {CLASS_WEIGHT_CHOICES}.")
+        if kind == "none":
+            return None
         index = labels.argmax(axis=1) if self.multiclass else labels.astype(int)
         counts = np.bincount(index, minlength=max(2, self.n_outputs)).astype(float)
         present = counts > 0
-        weights = np.where(present, len(index) / (present.sum() * np.maximum(counts, 1)), 0.0)
+        raw = 1.0 / np.maximum(counts, 1) ** (1.0 if kind == "balanced" else 0.5)
+        weights = np.where(present, raw * len(index) / (raw * counts).sum(), 0.0)
         return {i: float(w) for i, w in enumerate(weights)}
+
+    def training_prior(self, labels: np.ndarray, kind: str = "balanced") -> np.ndarray:
+        """The class distribution the head is fitted to: training frequencies times class weights."""
+        counts = np.bincount(labels.argmax(axis=1), minlength=self.n_outputs).astype(float)
+        weights = self.class_weight(labels, kind)
+        if weights is not None:
+            counts *= np.array([weights[i] for i in range(self.n_outputs)])
+        return counts / counts.sum()
 
     def loss(self, kind: str, label_smoothing: float) -> keras.losses.Loss:
         """Cross-entropy or focal loss (Lin et al. 2017, gamma 2) for this head."""

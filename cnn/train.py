@@ -70,6 +70,7 @@ class CnnConfig:
     tta: tuple[str, ...] = ("none", "hflip", "vflip")
     target: str = "auto"
     loss: str = "bce"
+    class_weight: str = "none"  # a key of CLASS_WEIGHT_CHOICES
     label_smoothing: float = 0.0
     augment: str = "light"
     mix: str = "none"
@@ -390,7 +391,7 @@ def train_fold(
         initial_epoch=resumed.epochs_done,
         steps_per_epoch=steps,
         shuffle=False,  # the tf.data pipeline shuffles
-        class_weight=target.class_weight(y_train),
+        class_weight=target.class_weight(y_train, config.class_weight),
         callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
         verbose=0,
     )
@@ -413,6 +414,8 @@ def train_fold(
             "fold": fold,
             "config": asdict(config),
             "classes": list(target.classes),
+            # what the prior-adjusted (balanced-accuracy) decision divides by; see ensemble.metrics
+            "training_prior": target.training_prior(y_train, config.class_weight).tolist() if target.multiclass else None,
             "loss": checkpoint.losses,
             "val_auc": best.val_aucs,
             "best_epoch": chosen,

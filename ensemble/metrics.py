@@ -140,21 +140,45 @@ PROBABILITY_METRICS: dict[str, Metric] = {
 }
 
 
-def multiclass_summary(y_class: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, object]:
+def prior_adjusted_argmax(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """The class maximising p(class | image) / prior(class), per row.
+
+    With `prior` the class distribution a model was fitted to (training frequencies times class
+    weights), this is the decision that maximises balanced accuracy for a calibrated model ("logit
+    adjustment", Menon et al., ICLR 2021): a model can train on the natural class mix, which ranks
+    melanoma best, and still be judged on balanced accuracy. `prior` is (n_classes,) or one row per image.
+    """
+    return (np.asarray(probs, dtype=float) / np.asarray(prior, dtype=float)).argmax(axis=1)
+
+
+def multiclass_summary(
+    y_class: np.ndarray, probs: np.ndarray, classes: list[str], prior: np.ndarray | None = None
+) -> dict[str, object]:
     """Balanced accuracy (mean per-class recall, the ISIC 2018/2019 goal metric), one-vs-rest AUC per class,
     and the confusion matrix (rows: true class, columns: predicted class, both in `classes` order).
 
-    Rows whose true class is not among `classes` are left out of all three.
+    The predicted class is the argmax, or the prior-adjusted argmax when the model's training `prior`
+    is given (then `balanced_accuracy_argmax` keeps the plain argmax's figure). Rows whose true class
+    is not among `classes` are left out.
     """
     y_class = np.asarray(y_class, dtype=object)
     known = np.isin(y_class, classes)
     y_class, probs = y_class[known], np.asarray(probs, dtype=float)[known]
-    predicted = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
-    matrix = confusion_matrix(y_class, predicted, labels=classes)
-    support = matrix.sum(axis=1)
-    recall = np.diag(matrix)[support > 0] / support[support > 0]
+    names = np.asarray(classes, dtype=object)
+
+    def recall_and_matrix(predicted: np.ndarray) -> tuple[float, np.ndarray]:
+        matrix = confusion_matrix(y_class, names[predicted], labels=classes)
+        support = matrix.sum(axis=1)
+        return float((np.diag(matrix)[support > 0] / support[support > 0]).mean()), matrix
+
+    plain, matrix = recall_and_matrix(probs.argmax(axis=1))
+    summary: dict[str, object] = {"decision": "argmax", "balanced_accuracy": plain}
+    if prior is not None:
+        prior = np.broadcast_to(np.asarray(prior, dtype=float), (len(known), len(classes)))[known]
+        adjusted, matrix = recall_and_matrix(prior_adjusted_argmax(probs, prior))
+        summary = {"decision": "prior_adjusted", "balanced_accuracy": adjusted, "balanced_accuracy_argmax": plain}
     return {
-        "balanced_accuracy": float(recall.mean()),
+        **summary,
         "class_auc": {c: roc_auc((y_class == c).astype(int), probs[:, i]) for i, c in enumerate(classes)},
         "confusion_matrix": matrix.tolist(),
     }

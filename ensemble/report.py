@@ -142,7 +142,8 @@ def multiclass_entries(predictions: RunPredictions, oof_rows: pd.DataFrame) -> l
 
     def summary(model: ModelPredictions) -> dict[str, object]:
         probs = model.oof[[f"prob_{c}" for c in model.classes]].to_numpy()
-        return {"name": model.name, "classes": model.classes, **multiclass_summary(diagnosis, probs, model.classes)}
+        prior = None if model.class_prior is None else model.class_prior[model.classes].to_numpy()
+        return {"name": model.name, "classes": model.classes, **multiclass_summary(diagnosis, probs, model.classes, prior)}
 
     return [summary(m) for m in predictions.models if m.classes and m.is_probability]
 
@@ -266,6 +267,13 @@ def _num(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _decision_note(entry: dict) -> str:
+    """How a multi-class entry's classes were predicted, with the plain argmax figure when they differ."""
+    if entry["decision"] != "prior_adjusted":
+        return ""
+    return f" (argmax of probability / training prior; plain argmax {_num(entry['balanced_accuracy_argmax'])})"
+
+
 def _with_ci(value: object, ci: list[float], digits: int = 3) -> str:
     return f"{_num(value, digits)} [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
 
@@ -339,7 +347,7 @@ def report_tables(report: dict[str, object]) -> list[Table]:
     for entry in report["multiclass"]:
         tables.append(
             Table(
-                f"{entry['name']}: balanced accuracy {_num(entry['balanced_accuracy'])}; "
+                f"{entry['name']}: balanced accuracy {_num(entry['balanced_accuracy'])}{_decision_note(entry)}; "
                 "confusion matrix (rows: true, columns: predicted)",
                 ["true \\ predicted", *entry["classes"], "one-vs-rest AUC"],
                 [

@@ -6,6 +6,7 @@ under `RUN/stack/`. Blends are computed here, not stored, so they always match t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ class ModelPredictions:
     is_probability: bool  # False for a rank blend: no calibration metrics, no calibration plot
     oof: pd.DataFrame
     test: pd.DataFrame
+    # A diagnosis-head CNN's training prior for each OOF row (its fold model's; columns: classes), if recorded.
+    class_prior: pd.DataFrame | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -97,6 +100,19 @@ def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredict
     ]
 
 
+def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
+    """Each OOF row's training prior, from its fold's `history.json`; None for a binary head or an older run."""
+    histories = {int(f): model_dir / f"fold{int(f)}" / "history.json" for f in folds.unique()}
+    if not all(path.exists() for path in histories.values()):
+        return None
+    records = {fold: json.loads(path.read_text()) for fold, path in histories.items()}
+    if any(record.get("training_prior") is None for record in records.values()):
+        return None
+    classes = next(iter(records.values()))["classes"]
+    by_fold = pd.DataFrame({fold: record["training_prior"] for fold, record in records.items()}, index=classes).T
+    return by_fold.reindex(folds.to_numpy()).set_axis(folds.index)
+
+
 def load_run_predictions(run_dir: Path) -> RunPredictions:
     """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted."""
     run_dir = Path(run_dir)
@@ -115,7 +131,8 @@ def load_run_predictions(run_dir: Path) -> RunPredictions:
         oof = rows_of(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, str(oof_path),
                       "it comes from other data or folds than the rest of the run; re-run the stage that wrote it.")
         test = _predictions(test_path, WRITTEN_BY[kind]) if test_path.exists() else pd.DataFrame()
-        models.append(ModelPredictions(name, kind, True, oof, test))
+        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else None
+        models.append(ModelPredictions(name, kind, True, oof, test, prior))
     cnns = [m for m in models if m.kind == "cnn"]
     blends = _blends(cnns, rows["fold"]) if len(cnns) > 1 else []
     return RunPredictions(rows=rows, models=[*cnns, *blends, *[m for m in models if m.kind == "stack"]])

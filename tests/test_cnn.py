@@ -156,6 +156,15 @@ def test_target_resolution_labels_and_weights() -> None:
     weights = spec.class_weight(labels)
     totals = [weights[i] * (labels.argmax(axis=1) == i).sum() for i in range(3)]
     assert np.allclose(totals, totals[0])  # every class carries the same total weight
+    counts = np.bincount(labels.argmax(axis=1))  # MEL 2, NV 3, BCC 1
+    sqrt = spec.class_weight(labels, "sqrt")
+    assert np.isclose(sum(sqrt[i] * counts[i] for i in range(3)), 6)  # mean weight 1 per row
+    assert np.isclose(sqrt[2] / sqrt[1], np.sqrt(3))  # milder than balanced, where the ratio is 3
+    assert spec.class_weight(labels, "none") is None
+    np.testing.assert_allclose(spec.training_prior(labels, "none"), counts / 6)
+    np.testing.assert_allclose(spec.training_prior(labels, "balanced"), [1 / 3] * 3)
+    with pytest.raises(ValueError, match="--class-weight"):
+        spec.class_weight(labels, "inverse")
     assert spec.melanoma_prob(np.array([[0.7, 0.2, 0.1]])).tolist() == [0.7]
     assert resolve_target("mel", rows).classes == ("MEL",)
     binary = resolve_target("auto", rows.assign(diagnosis=None))

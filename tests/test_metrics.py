@@ -17,6 +17,7 @@ from ensemble.metrics import (
     calibration_bins,
     expected_calibration_error,
     multiclass_summary,
+    prior_adjusted_argmax,
     paired_bootstrap,
     pauc_above_tpr,
     per_fold,
@@ -138,6 +139,33 @@ def test_multiclass_summary_by_hand() -> None:
     assert summary["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
     assert summary["class_auc"]["BKL"] == pytest.approx(1.0)
     assert summary["class_auc"]["MEL"] == pytest.approx(roc_auc_score(truth == "MEL", probs[:, 0]))
+
+
+def test_prior_adjusted_decision_recovers_the_rare_classes() -> None:
+    classes = ["MEL", "NV"]
+    truth = np.array(["MEL", "NV", "NV", "NV"])
+    probs = np.array([[0.4, 0.6], [0.1, 0.9], [0.15, 0.85], [0.05, 0.95]])
+    prior = np.array([0.2, 0.8])  # the head was fitted to 20% melanoma: 0.4 / 0.2 beats 0.6 / 0.8
+    assert prior_adjusted_argmax(probs, prior).tolist() == [0, 1, 1, 1]
+    summary = multiclass_summary(truth, probs, classes, prior)
+    assert summary["decision"] == "prior_adjusted" and summary["balanced_accuracy"] == pytest.approx(1.0)
+    assert summary["balanced_accuracy_argmax"] == pytest.approx(0.5)
+    assert summary["confusion_matrix"] == [[1, 0], [0, 3]]
+    per_row = np.tile(prior, (4, 1))
+    assert multiclass_summary(truth, probs, classes, per_row)["balanced_accuracy"] == pytest.approx(1.0)
+    assert multiclass_summary(truth, probs, classes)["decision"] == "argmax"
+
+
+def test_prior_adjustment_raises_balanced_accuracy_of_a_calibrated_imbalanced_model() -> None:
+    rng = np.random.default_rng(5)
+    prior = np.array([0.05, 0.75, 0.2])
+    truth_index = rng.choice(3, 20_000, p=prior)
+    features = rng.normal(size=(20_000, 3)) + 1.2 * np.eye(3)[truth_index]
+    likelihood = np.exp(1.2 * features)  # exact class likelihood ratios of this Gaussian model
+    probs = likelihood * prior / (likelihood * prior).sum(axis=1, keepdims=True)  # calibrated posteriors
+    classes = ["MEL", "NV", "BKL"]
+    summary = multiclass_summary(np.array(classes)[truth_index], probs, classes, prior)
+    assert summary["balanced_accuracy"] > summary["balanced_accuracy_argmax"] + 0.1
 
 
 # ---- the official ISIC scorer (isic-challenge-scoring, dev extra) as reference -----------------------------

@@ -222,3 +222,19 @@ def test_html_images_load_in_headless_chromium(leaky_run: Path, tmp_path: Path) 
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     assert 'data-images="loaded"' in dom
+
+
+def test_each_oof_row_gets_its_fold_models_training_prior(tmp_path: Path) -> None:
+    from ensemble.run_files import training_priors
+
+    for fold, prior in ((0, [0.1, 0.9]), (1, [0.2, 0.8])):
+        (tmp_path / f"fold{fold}").mkdir()
+        (tmp_path / f"fold{fold}" / "history.json").write_text(
+            json.dumps({"classes": ["MEL", "NV"], "training_prior": prior})
+        )
+    folds = pd.Series([1, 0, 1], index=pd.Index(["a", "b", "c"], name="image_id"))
+    priors = training_priors(tmp_path, folds)
+    assert priors.index.tolist() == ["a", "b", "c"] and priors.columns.tolist() == ["MEL", "NV"]
+    assert priors.to_numpy().tolist() == [[0.2, 0.8], [0.1, 0.9], [0.2, 0.8]]
+    (tmp_path / "fold1" / "history.json").write_text(json.dumps({"classes": ["MEL"], "training_prior": None}))
+    assert training_priors(tmp_path, folds) is None  # a binary head: plain argmax
