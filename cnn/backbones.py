@@ -117,7 +117,7 @@ BACKBONES: dict[str, Backbone] = {
         # 1.2M parameters, four stages after a stride-4 stem: 96-128 px at about the cost of `small` at 64.
         Backbone("compact_resnet", partial(compact_cnn, stage_multipliers=(1, 2, 4, 8), stem_stride=4),
                  _symmetric, min_size=64),
-        # 2.5M parameters, two residual blocks in each of four stages after a stride-2 stem: the deepest; 64 px.
+        # 2.8M parameters, two residual blocks in each of four stages after a stride-2 stem: the deepest; 64 px.
         Backbone("compact_resnet18", partial(compact_cnn, stage_multipliers=(1, 2, 4, 8), blocks_per_stage=2),
                  _symmetric, min_size=32),
         Backbone("efficientnet_b0", _application(apps.EfficientNetB0), _included),

@@ -24,7 +24,9 @@ def _as_text(categories: pd.DataFrame) -> pd.DataFrame:
 
 def logreg_pipeline(c: float = 1.0, max_iter: int = 2000) -> Pipeline:
     """Median-impute (plus a missing-indicator) and standardise numbers, one-hot categories, then L2 logistic regression."""
-    numeric = make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler())
+    # keep_empty_features: a column missing in every training row (the patient z-score when each patient has one
+    # lesion) becomes a constant instead of being dropped with a warning per fold.
+    numeric = make_pipeline(SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True), StandardScaler())
     as_text = FunctionTransformer(_as_text, feature_names_out="one-to-one")
     categorical = make_pipeline(as_text, OneHotEncoder(handle_unknown="ignore"))
     features = ColumnTransformer(
