@@ -44,15 +44,17 @@ def main() -> None:
     cnns = {}
     for entry in report["entries"]:
         if entry["kind"] == "cnn":
-            histories = sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))
+            histories = [json.loads(h.read_text()) for h in sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))]
             heads = multiclass[entry["name"]]
-            cnns[entry["name"]] = {"mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
+            # each model's own recipe: a run may add a model in a later call, with other options
+            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "class_weight", "augment")}
+            cnns[entry["name"]] = {"trained_with": trained_with, "mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
                                    # argmax of probability / training prior (plain argmax when no prior was recorded)
                                    "balanced_accuracy_7class": heads["balanced_accuracy"],
                                    "balanced_accuracy_7class_decision": heads["decision"],
                                    "balanced_accuracy_7class_plain_argmax": heads.get("balanced_accuracy_argmax", heads["balanced_accuracy"]),
                                    # from each fold's own history, so a resumed run still reports its training time
-                                   "fold_train_seconds": [round(json.loads(h.read_text())["seconds"]) for h in histories]}
+                                   "fold_train_seconds": [round(h["seconds"]) for h in histories]}
     stacks = {e["name"]: e for e in report["entries"] if e["kind"] == "stack"}
     stack = stacks["lightgbm_stack"]
     result = {
@@ -63,6 +65,7 @@ def main() -> None:
         "cnns": cnns,
         "stack": {"mel_auc": stack["auc"], "auc_ci": stack["auc_ci"], "fold_auc": stack["fold_auc"],
                   "pauc_80tpr": stack["pauc_80tpr"]},
+        "blend_mel_auc": {e["name"]: e["auc"] for e in report["entries"] if e["kind"] == "blend"},
         "logreg_stack_mel_auc": stacks["logreg_stack"]["auc"],
         "stack_vs_best_cnn": report["stack_vs_best_cnn"],
         "wall_seconds": seconds,
