@@ -158,6 +158,10 @@ def image_dataset(
     happens after the cache so every epoch sees a new order. `mix` is "none", "mixup" or "cutmix".
     """
     images = encoded_images(list(paths)).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE)
+    # A known size matters: Keras opens a fresh iterator each epoch only on a dataset of known cardinality;
+    # on a filtered (TFRecord) stream it kept one iterator, which ran dry after the first epoch. The
+    # assertion also fails loudly if a source yields another number of images than asked for.
+    images = images.apply(tf.data.experimental.assert_cardinality(len(paths)))
     ds = images if labels is None else tf.data.Dataset.zip(
         images, tf.data.Dataset.from_tensor_slices(np.asarray(labels, dtype=np.float32))
     )
