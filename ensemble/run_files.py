@@ -88,10 +88,11 @@ def rows_of(frame: pd.DataFrame, image_ids: pd.Index, source: str, fix: str) -> 
 
 def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredictions]:
     """Each blend over every probability column all CNNs share (so diagnosis heads blend per class too)."""
-    shared = [c for c in PROBABILITY_COLUMNS if all(c in m.oof.columns for m in cnns)]
 
     def combine(split: str, blend: Callable[[pd.DataFrame], pd.Series]) -> pd.DataFrame:
         frames = [getattr(m, split) for m in cnns]
+        # per split: a run without test rows has only `prob` in its (empty) test tables
+        shared = [c for c in PROBABILITY_COLUMNS if all(c in f.columns for f in frames)]
         return pd.DataFrame({c: blend(pd.concat([f[c] for f in frames], axis=1)) for c in shared}, index=frames[0].index)
 
     return [

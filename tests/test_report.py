@@ -238,3 +238,17 @@ def test_each_oof_row_gets_its_fold_models_training_prior(tmp_path: Path) -> Non
     assert priors.to_numpy().tolist() == [[0.2, 0.8], [0.1, 0.9], [0.2, 0.8]]
     (tmp_path / "fold1" / "history.json").write_text(json.dumps({"classes": ["MEL"], "training_prior": None}))
     assert training_priors(tmp_path, folds) is None  # a binary head: plain argmax
+
+
+def test_diagnosis_heads_blend_per_class_in_a_run_without_test_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        mel = rng.random(6)
+        oof = pd.DataFrame({"image_id": list("uvwxyz"), "patient_id": list("uvwxyz"), "fold": [0, 1] * 3,
+                            "target": [0, 1] * 3, "prob": mel, "prob_MEL": mel, "prob_NV": 1 - mel})
+        write_table(oof, tmp_path / "cnn" / name / "oof.parquet")
+        # what train-cnns writes when the data has no test split: an empty table with `prob` only
+        write_table(pd.DataFrame({"image_id": [], "patient_id": [], "prob": []}), tmp_path / "cnn" / name / "test.parquet")
+    blend = load_run_predictions(tmp_path).model("mean_blend")
+    assert blend.classes == ["MEL", "NV"] and len(blend.test) == 0
+    np.testing.assert_allclose(blend.oof["prob_NV"], 1 - blend.oof["prob_MEL"])
