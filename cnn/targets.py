@@ -53,16 +53,19 @@ class TargetSpec:
             raise ValueError(f"--class-weight {kind!r}: choose one of {CLASS_WEIGHT_CHOICES}.")
         if kind == "none":
             return None
-        index = labels.argmax(axis=1) if self.multiclass else labels.astype(int)
-        counts = np.bincount(index, minlength=max(2, self.n_outputs)).astype(float)
-        present = counts > 0
+        counts = self.class_counts(labels)
         raw = 1.0 / np.maximum(counts, 1) ** (1.0 if kind == "balanced" else 0.5)
-        weights = np.where(present, raw * len(index) / (raw * counts).sum(), 0.0)
+        weights = np.where(counts > 0, raw * counts.sum() / (raw * counts).sum(), 0.0)
         return {i: float(w) for i, w in enumerate(weights)}
+
+    def class_counts(self, labels: np.ndarray) -> np.ndarray:
+        """Training rows per class (negatives and positives for a binary head)."""
+        index = labels.argmax(axis=1) if self.multiclass else labels.astype(int)
+        return np.bincount(index, minlength=max(2, self.n_outputs)).astype(float)
 
     def training_prior(self, labels: np.ndarray, kind: str = "balanced") -> np.ndarray:
         """The class distribution the head is fitted to: training frequencies times class weights."""
-        counts = np.bincount(labels.argmax(axis=1), minlength=self.n_outputs).astype(float)
+        counts = self.class_counts(labels)
         weights = self.class_weight(labels, kind)
         if weights is not None:
             counts *= np.array([weights[i] for i in range(self.n_outputs)])
