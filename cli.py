@@ -441,6 +441,10 @@ def submit(
     ] = None,
     data_format: Annotated[Optional[str], typer.Option("--data-format", help="Layout of --data; auto-detected when omitted.")] = None,  # noqa: UP007
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write; default RUN/submission_<format>.csv.")] = None,  # noqa: UP007
+    raw_probabilities: Annotated[
+        bool,
+        typer.Option("--raw-probabilities", help="isic2018/2019: submit the probabilities as predicted, not divided by the training class prior."),
+    ] = False,
 ) -> None:
     """Write a validated competition submission CSV (atomically) from the run's test predictions."""
     from ensemble.run_files import load_run_predictions
@@ -455,7 +459,7 @@ def submit(
             table = _run_table(data, run, data_format, None)
             expected = table.loc[table["split"] == "test", "image_id"]
         path = out or run / f"submission_{submission_format}.csv"
-        frame, notes = run_submission(predictions, chosen, model, expected, path)
+        frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
     for note in notes:

@@ -148,7 +148,17 @@ def prior_adjusted_argmax(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
     adjustment", Menon et al., ICLR 2021): a model can train on the natural class mix, which ranks
     melanoma best, and still be judged on balanced accuracy. `prior` is (n_classes,) or one row per image.
     """
-    return (np.asarray(probs, dtype=float) / np.asarray(prior, dtype=float)).argmax(axis=1)
+    return prior_adjusted_probabilities(probs, prior).argmax(axis=1)
+
+
+def prior_adjusted_probabilities(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """p(class | image) / prior(class), renormalised per row: what the model would say under a uniform class mix.
+
+    Its argmax is `prior_adjusted_argmax`, so a challenge scored on the argmax of submitted
+    probabilities (ISIC 2018/2019: balanced accuracy) gets the balanced-accuracy decision.
+    """
+    adjusted = np.asarray(probs, dtype=float) / np.asarray(prior, dtype=float)
+    return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 
 def multiclass_summary(

@@ -54,6 +54,13 @@ class ModelPredictions:
         """Diagnosis classes of a multi-class model, in its column order; empty for a binary one."""
         return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
 
+    @property
+    def test_class_prior(self) -> pd.Series | None:
+        """The prior of the test predictions (class -> probability): their fold models' priors, averaged as their outputs are."""
+        if self.class_prior is None:
+            return None
+        return self.class_prior.groupby(self.oof["fold"].to_numpy()).first().mean()
+
 
 @dataclass(frozen=True)
 class RunPredictions:
@@ -95,8 +102,12 @@ def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredict
         shared = [c for c in PROBABILITY_COLUMNS if all(c in f.columns for f in frames)]
         return pd.DataFrame({c: blend(pd.concat([f[c] for f in frames], axis=1)) for c in shared}, index=frames[0].index)
 
+    priors = [m.class_prior for m in cnns]
+    # a probability blend averages its members, so what it was fitted to is their averaged prior
+    shared_prior = None if any(p is None for p in priors) else sum(priors) / len(priors)
     return [
-        ModelPredictions(name, "blend", is_probability, combine("oof", blend).assign(fold=folds), combine("test", blend))
+        ModelPredictions(name, "blend", is_probability, combine("oof", blend).assign(fold=folds), combine("test", blend),
+                         shared_prior if is_probability else None)
         for name, (blend, is_probability) in BLENDS.items()
     ]
 

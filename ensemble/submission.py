@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ensemble.metrics import prior_adjusted_probabilities
 from ensemble.run_files import PRIMARY_STACK, RunPredictions
 from metadata.io import atomic_write
 
@@ -55,11 +56,16 @@ def submission_format(name: str) -> SubmissionFormat:
     return SUBMISSION_FORMATS[name]
 
 
-def build_submission(fmt: SubmissionFormat, model: str, test: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def build_submission(
+    fmt: SubmissionFormat, model: str, test: pd.DataFrame, class_prior: pd.Series | None = None
+) -> tuple[pd.DataFrame, list[str]]:
     """The submission rows of one model's test predictions (indexed by image id), and notes on what was filled in.
 
     A class the format has but the model never learnt (ISIC 2019's UNK has no training images) gets
     probability 0 and a note; a class the model predicts but the format has no column for is an error.
+    With the `class_prior` the model was fitted to, a multi-class submission's probabilities are
+    prior-adjusted (see `prior_adjusted_probabilities`): ISIC 2018/2019 score the argmax by balanced
+    accuracy, and a model trained on the natural class mix otherwise argmaxes the common classes.
     """
     predicted = {c for c in test.columns if c.startswith("prob_")}
     if fmt.multiclass and not predicted:
@@ -71,12 +77,18 @@ def build_submission(fmt: SubmissionFormat, model: str, test: pd.DataFrame) -> t
     if unmapped:
         raise ValueError(f"{model} predicts {unmapped}, which {fmt.title} has no column for; choose a format with those classes.")
     filled = [column for column, source in fmt.columns.items() if source not in test.columns]
+    notes = [f"{model} has no {column} output: the column is 0 for every image." for column in filled]
+    if fmt.multiclass and class_prior is not None:
+        sources = sorted(predicted)
+        adjusted = prior_adjusted_probabilities(test[sources].to_numpy(dtype=float), class_prior[[s.removeprefix("prob_") for s in sources]])
+        test = test.assign(**dict(zip(sources, adjusted.T)))
+        notes.append(f"{model}'s probabilities are divided by its training class prior and renormalised, so each image's "
+                     "highest column is the balanced-accuracy decision (--raw-probabilities submits them as predicted).")
     columns = {
         column: test[source].to_numpy(dtype=float) if source in test.columns else np.zeros(len(test))
         for column, source in fmt.columns.items()
     }
     frame = pd.DataFrame({fmt.id_column: test.index.to_numpy(dtype=object), **columns})
-    notes = [f"{model} has no {column} output: the column is 0 for every image." for column in filled]
     return frame, notes
 
 
@@ -127,13 +139,18 @@ def predicted_test_ids(predictions: RunPredictions) -> pd.Index:
 
 
 def run_submission(
-    predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, path: Path
+    predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, path: Path,
+    adjust_prior: bool = True,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Build, validate and write the submission of one model of the run (the format's default when None)."""
+    """Build, validate and write the submission of one model of the run (the format's default when None).
+
+    A multi-class model's probabilities are prior-adjusted when `adjust_prior` and its training prior
+    is recorded (older runs have none: their probabilities go as predicted).
+    """
     name = model or fmt.default_model
     try:
         chosen = predictions.model(name)
     except KeyError as error:
         raise ValueError(f"{error.args[0]} Pass --model.") from error
-    frame, notes = build_submission(fmt, name, chosen.test)
+    frame, notes = build_submission(fmt, name, chosen.test, chosen.test_class_prior if adjust_prior else None)
     return write_submission(frame, fmt, expected_ids, path), notes

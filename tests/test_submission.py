@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from ensemble.run_files import load_run_predictions
 from ensemble.submission import (
     ISIC2019_CLASSES,
     SUBMISSION_FORMATS,
@@ -53,6 +55,30 @@ def test_binary_formats_and_what_cannot_be_submitted() -> None:
         build_submission(SUBMISSION_FORMATS["isic2019"], "stack", binary)
     with pytest.raises(ValueError, match=r"predicts \['prob_SCC'\], which ISIC 2018"):
         build_submission(SUBMISSION_FORMATS["isic2018"], "small", _test_predictions(ids, ISIC2019_TRAINING_CLASSES))
+
+
+def test_multiclass_submission_is_prior_adjusted_when_the_training_prior_is_known() -> None:
+    classes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
+    rows = [[0.30, 0.60, 0.03, 0.02, 0.03, 0.01, 0.01], [0.05, 0.85, 0.02, 0.02, 0.04, 0.01, 0.01]]
+    test = pd.DataFrame(rows, columns=[f"prob_{c}" for c in classes], index=pd.Index(["ISIC_1", "ISIC_2"], name="image_id"))
+    # a model fitted to HAM10000's natural mix: NV two-thirds of the images, MEL one in nine
+    prior = pd.Series([0.11, 0.67, 0.05, 0.03, 0.11, 0.01, 0.02], index=classes)
+    fmt = SUBMISSION_FORMATS["isic2018"]
+    raw, raw_notes = build_submission(fmt, "small", test)
+    adjusted, notes = build_submission(fmt, "small", test, prior)
+    assert raw_notes == [] and "divided by its training class prior" in notes[0]
+    np.testing.assert_allclose(raw["MEL"], [0.30, 0.05])  # without a prior: as predicted
+    by_hand = test[[f"prob_{c}" for c in classes]].to_numpy() / prior.to_numpy()
+    by_hand /= by_hand.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(adjusted[["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]].to_numpy(), by_hand)
+    np.testing.assert_allclose(adjusted.iloc[:, 1:].sum(axis=1), 1.0)
+    # the first image's melanoma probability is three times its prior: the balanced decision is MEL; the second stays NV
+    assert raw.set_index("image").idxmax(axis=1).tolist() == ["NV", "NV"]
+    assert adjusted.set_index("image").idxmax(axis=1).tolist() == ["MEL", "NV"]
+    uniform = pd.Series(1 / 7, index=classes)  # a balanced-weight model: nothing to adjust
+    np.testing.assert_allclose(build_submission(fmt, "small", test, uniform)[0]["MEL"], raw["MEL"])
+    binary = pd.DataFrame({"prob": [0.2, 0.9]}, index=pd.Index(["a", "b"], name="image_id"))
+    np.testing.assert_allclose(build_submission(SUBMISSION_FORMATS["isic2020"], "stack", binary, prior)[0]["target"], [0.2, 0.9])
 
 
 def _isic2020(ids: list[str], probs: list[float]) -> pd.DataFrame:
@@ -126,7 +152,33 @@ def test_submit_command(cohort_dir: Path, tmp_path: Path) -> None:
     probs = [pd.read_parquet(run / "cnn" / n / "test.parquet").set_index("image_id") for n in ("small", "mobilenet_v3_small")]
     expected_mel = (probs[0]["prob_MEL"] + probs[1]["prob_MEL"]) / 2  # the default: mean_blend
     np.testing.assert_allclose(submission.set_index("image")["MEL"], expected_mel.reindex(submission["image"]))
-    assert "no UNK output" in _said(result.output)
+    assert "no UNK output" in _said(result.output) and "training class prior" not in _said(result.output)
+
+    # With each fold model's training prior recorded, the blend is adjusted by its members' fold-averaged priors.
+    rng = np.random.default_rng(7)
+    fold_priors = {}
+    for name in ("small", "mobilenet_v3_small"):
+        for fold in range(3):
+            prior = rng.dirichlet(np.ones(len(ISIC2019_TRAINING_CLASSES)))
+            fold_priors[name, fold] = prior
+            history = {"classes": ISIC2019_TRAINING_CLASSES, "training_prior": prior.tolist()}
+            (run / "cnn" / name / f"fold{fold}").mkdir(parents=True)
+            (run / "cnn" / name / f"fold{fold}" / "history.json").write_text(json.dumps(history))
+    loaded = load_run_predictions(run)
+    members = [loaded.model(n).class_prior for n in ("small", "mobilenet_v3_small")]
+    pd.testing.assert_frame_equal(loaded.model("mean_blend").class_prior, (members[0] + members[1]) / 2)
+    assert loaded.model("rank_blend").class_prior is None  # ranks are not probabilities: no prior to divide by
+    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019"])
+    assert result.exit_code == 0 and "mean_blend's probabilities are divided by its training class prior" in _said(result.output)
+    blend_prior = np.mean(list(fold_priors.values()), axis=0)
+    columns = [f"prob_{c}" for c in ISIC2019_TRAINING_CLASSES]
+    blended = (probs[0][columns] + probs[1][columns]).to_numpy() / 2 / blend_prior
+    expected = pd.DataFrame(blended / blended.sum(axis=1, keepdims=True), index=probs[0].index, columns=ISIC2019_TRAINING_CLASSES)
+    adjusted = pd.read_csv(run / "submission_isic2019.csv").set_index("image")
+    np.testing.assert_allclose(adjusted[ISIC2019_TRAINING_CLASSES], expected.reindex(adjusted.index), rtol=1e-6)
+    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019", "--raw-probabilities"])
+    assert result.exit_code == 0
+    np.testing.assert_allclose(pd.read_csv(run / "submission_isic2019.csv")["MEL"], submission["MEL"])
 
     result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2020"])
     assert result.exit_code == 2 and "no model 'lightgbm_stack'" in _said(result.output) and "--model" in result.output
