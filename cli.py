@@ -380,7 +380,7 @@ def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int)
         console.print(out)
     for warning in written["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"report: {run / 'report.html'} (standalone), {run / 'report.md'}, {run / 'report.json'}")
+    console.print(f"report: {run / 'report.html'} (standalone), {run / 'report.md'} (+ figures/), {run / 'report.json'}")
 
 
 @app.command()
@@ -395,7 +395,7 @@ def report(
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md from the run's OOF predictions."""
+    """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md (+ RUN/figures/) from the run's OOF predictions."""
     _write_report(run, _run_table(data, run, fmt, metadata) if data is not None else None, bootstrap, seed)
 
 

@@ -1,4 +1,4 @@
-"""K-fold CV report of a run: `RUN/report.json`, a standalone `RUN/report.html` and `RUN/report.md`.
+"""K-fold CV report of a run: `RUN/report.json`, a standalone `RUN/report.html` and `RUN/report.md` (figures in `RUN/figures/`).
 
 One table ranks every CNN, the mean and rank-mean blends of the CNNs, the logistic-regression
 stack and the LightGBM stack out of fold, with patient-bootstrap intervals; the stack is tested
@@ -9,6 +9,7 @@ heads, multi-class metrics. Leakage checks (`ensemble.diagnostics`) put their wa
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import time
@@ -35,7 +36,7 @@ from ensemble.metrics import (
 from ensemble.provenance import run_provenance
 from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
 from metadata.dataset import SKIPPED_FILE
-from metadata.io import write_json, write_text
+from metadata.io import atomic_write, write_json, write_text
 from metadata.schema import SEXES, SITES
 
 CI_LEVEL = 0.95
@@ -233,21 +234,32 @@ def build_report(
     }
 
 
-def report_figures(report: dict[str, object], predictions: RunPredictions) -> dict[str, str]:
-    """Caption -> base64 PNG of every figure there is something to draw for."""
+FIGURES_DIR = "figures"  # RUN/figures/<name>.png: the report's figures as files, for report.md
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    name: str  # its file is FIGURES_DIR/<name>.png
+    caption: str
+    png: str  # base64, as the HTML page inlines it
+
+
+def report_figures(report: dict[str, object], predictions: RunPredictions) -> list[ReportFigure]:
+    """Every figure there is something to draw for."""
     target = predictions.rows["target"].to_numpy(dtype=int)
     headline = headline_models(predictions, report["entries"])
     scores = {m.name: m.oof["prob"].to_numpy() for m in headline}
     probabilities = {m.name: m.oof["prob"].to_numpy() for m in headline if m.is_probability}
     figures = {
-        "ROC curves of the best CNN and the stacks (shaded: the pAUC region)": roc_figure(target, scores),
-        "Precision-recall curves of the best CNN and the stacks": pr_figure(target, scores),
-        "AUC of every model on every fold": fold_auc_figure({e["name"]: e["fold_auc"] for e in report["entries"]}),
-        "Reliability diagram (10 equal-width bins)": reliability_figure(target, probabilities),
-        "LightGBM stack feature importance (share of gain, mean over fold models)": importance_figure(report["stack_features"]),
-        "Subgroup AUC by sex, age band and site": subgroup_figure(report["subgroups"]),
+        "roc": ("ROC curves of the best CNN and the stacks (shaded: the pAUC region)", roc_figure(target, scores)),
+        "precision_recall": ("Precision-recall curves of the best CNN and the stacks", pr_figure(target, scores)),
+        "fold_auc": ("AUC of every model on every fold", fold_auc_figure({e["name"]: e["fold_auc"] for e in report["entries"]})),
+        "reliability": ("Reliability diagram (10 equal-width bins)", reliability_figure(target, probabilities)),
+        "stack_importance": ("LightGBM stack feature importance (share of gain, mean over fold models)",
+                             importance_figure(report["stack_features"])),
+        "subgroups": ("Subgroup AUC by sex, age band and site", subgroup_figure(report["subgroups"])),
     }
-    return {caption: png for caption, png in figures.items() if png is not None}
+    return [ReportFigure(name, caption, png) for name, (caption, png) in figures.items() if png is not None]
 
 
 # ---- tables: one model of the report's tables, rendered as HTML and as Markdown --------------------------
@@ -398,14 +410,14 @@ def _html_table(table: Table) -> str:
     return f"<h2>{html.escape(table.title)}</h2>\n<table><tr>{header}</tr>{rows}</table>{note}\n"
 
 
-def render_html(report: dict[str, object], figures: dict[str, str]) -> str:
+def render_html(report: dict[str, object], figures: list[ReportFigure]) -> str:
     """A standalone page: inline CSS, images as data URIs, no script and no network."""
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
     warning_block = f"<div class='warn'><h2>Warnings</h2><ul>{warnings}</ul></div>" if warnings else ""
     figure_block = "".join(
-        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for caption, png in figures.items()
+        f"<figure><img alt='{html.escape(f.caption)}' src='data:image/png;base64,{f.png}'>"
+        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+        for f in figures
     )
     provenance = html.escape(json.dumps(report["provenance"], indent=2, default=str))
     return f"""<!doctype html>
@@ -441,19 +453,28 @@ def _markdown_table(table: Table) -> str:
     return "\n".join([*lines, *(["", table.note] if table.note else [])]) + "\n"
 
 
-def render_markdown(report: dict[str, object]) -> str:
-    """The same tables as Markdown (figures are in report.html)."""
+def render_markdown(report: dict[str, object], figures: list[ReportFigure]) -> str:
+    """The same tables as Markdown, with the figures linked from FIGURES_DIR beside it."""
     warnings = "".join(f"- **warning:** {w}\n" for w in report["warnings"])
     tables = "\n".join(_markdown_table(t) for t in report_tables(report))
+    figure_block = "".join(f"![{f.caption}]({FIGURES_DIR}/{f.name}.png)\n\n*{f.caption}*\n\n" for f in figures)
     provenance = json.dumps(report["provenance"], indent=2, default=str)
     return (
-        f"# Melanoma CV report\n\n{_summary(report)}\n\n{warnings}\n{tables}\nFigures: see report.html.\n\n"
+        f"# Melanoma CV report\n\n{_summary(report)}\n\n{warnings}\n{tables}\n## Figures\n\n{figure_block}"
         f"## Provenance\n\n```json\n{provenance}\n```\n"
     )
 
 
+def write_figures(figures: list[ReportFigure], folder: Path) -> None:
+    """Each figure as FOLDER/<name>.png; a figure an earlier report drew and this one has not is removed."""
+    for stale in set(folder.glob("*.png")) - {folder / f"{f.name}.png" for f in figures}:
+        stale.unlink()
+    for figure in figures:
+        atomic_write(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(base64.b64decode(png)))
+
+
 def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()) -> dict[str, object]:
-    """Write RUN/report.json, RUN/report.html and RUN/report.md; return the report.
+    """Write RUN/report.json, RUN/report.html, RUN/report.md and its RUN/figures/; return the report.
 
     `table` is the run's canonical data table (optional): it adds the subgroup, multi-class and test-set sections.
     """
@@ -465,5 +486,6 @@ def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstr
     report["report_seconds"] = round(time.perf_counter() - started, 2)
     write_json(report, run_dir / "report.json")
     write_text(render_html(report, figures), run_dir / "report.html")
-    write_text(render_markdown(report), run_dir / "report.md")
+    write_figures(figures, run_dir / FIGURES_DIR)
+    write_text(render_markdown(report, figures), run_dir / "report.md")
     return report

@@ -190,6 +190,22 @@ def test_markdown_has_the_same_tables(leaky_run: Path) -> None:
     assert "| lightgbm_stack | stack |" in markdown
 
 
+def test_markdown_links_every_figure_of_the_html_page(leaky_run: Path, tmp_path: Path) -> None:
+    page = (leaky_run / "report.html").read_text()
+    markdown = (leaky_run / "report.md").read_text()
+    inlined = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    linked = re.findall(r"!\[[^\]]+\]\((figures/[a-z_]+\.png)\)", markdown)
+    assert inlined and len(linked) == len(inlined)
+    assert sorted((leaky_run / p).read_bytes() for p in linked) == sorted(base64.b64decode(png) for png in inlined)
+    # a figure the next report does not draw leaves no stale file behind: without --data, no subgroup figure
+    run = Path(shutil.copytree(leaky_run, tmp_path / "run"))
+    (run / "figures" / "old_figure.png").write_bytes(b"stale")
+    write_report(run, None, Bootstrap(n_boot=20))
+    relinked = re.findall(r"!\[[^\]]+\]\(figures/([a-z_]+\.png)\)", (run / "report.md").read_text())
+    assert "subgroups.png" in {Path(p).name for p in linked} and "subgroups.png" not in relinked
+    assert sorted(p.name for p in (run / "figures").iterdir()) == sorted(relinked)
+
+
 def test_provenance_comes_from_the_run_manifest(leaky_run: Path, tmp_path: Path) -> None:
     run = Path(shutil.copytree(leaky_run, tmp_path / "run"))
     manifest = {"git_commit": "0123abc", "data_fingerprint": {"table_sha256": "feed"}, "stage_seconds": {"stack": 1.5}}
