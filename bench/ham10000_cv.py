@@ -1,6 +1,6 @@
 """Benchmark: 5-fold CV on the real HAM10000 images (5,984 at 128 px, 7 diagnoses), from scratch.
 
-    python bench/ham10000_cv.py [--models small:64] [--epochs 12] [--k 5] [--augment light] [--class-weight none]
+    python bench/ham10000_cv.py [--models small:64] [--epochs 12] [--k 5] [--augment light] [--class-weight none] [--mix none] [--tta none,hflip,vflip]
 
 Runs folds -> train-cnns (diagnosis head) -> stack -> report through the CLI and writes
 bench/results/ham10000_cv.json: melanoma-vs-rest OOF AUC of each CNN and of the stack, and each
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--augment", default="light")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--class-weight", default="none", help="balanced, sqrt or none (as for train-cnns)")
+    parser.add_argument("--mix", default="none", help="none, mixup or cutmix (as for train-cnns)")
+    parser.add_argument("--tta", default="none,hflip,vflip", help="test-time views (as for train-cnns)")
     parser.add_argument("--result", default="ham10000_cv.json", help="file name under bench/results/")
     args = parser.parse_args()
     common = ["--data", str(args.data), "--run", str(args.run)]
@@ -35,7 +37,7 @@ def main() -> None:
         ["folds", *common, "--k", str(args.k)],
         ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis",
          "--batch-size", str(args.batch_size), "--augment", args.augment, "--learning-rate", str(args.learning_rate),
-         "--class-weight", args.class_weight],
+         "--class-weight", args.class_weight, "--mix", args.mix, "--tta", args.tta],
         ["stack", *common],
     ]
     seconds = run_cli_steps(steps)
@@ -47,7 +49,7 @@ def main() -> None:
             histories = [json.loads(h.read_text()) for h in sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))]
             heads = multiclass[entry["name"]]
             # each model's own recipe: a run may add a model in a later call, with other options
-            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "class_weight", "augment")}
+            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "class_weight", "augment", "mix", "tta")}
             cnns[entry["name"]] = {"trained_with": trained_with, "mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
                                    # argmax of probability / training prior (plain argmax when no prior was recorded)
                                    "balanced_accuracy_7class": heads["balanced_accuracy"],
