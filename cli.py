@@ -269,6 +269,7 @@ def train_cnns(
     epochs: Annotated[int, typer.Option("--epochs")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak of the warm-up + cosine schedule.")] = 2e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's decoupled weight decay.")] = 1e-4,
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
     target: Annotated[Literal[TARGET_CHOICES], typer.Option("--target", help="mel: binary; diagnosis: multi-class head; auto: diagnosis when every row has one.")] = "auto",
     loss: Annotated[Literal[LOSS_CHOICES], typer.Option("--loss")] = "bce",
@@ -320,7 +321,7 @@ def train_cnns(
         table = sharded
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
-        seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss, class_weight=class_weight,
+        weight_decay=weight_decay, seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss, class_weight=class_weight,
         label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
         patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
     )

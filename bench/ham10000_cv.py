@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--augment", default="light")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--class-weight", default="none", help="balanced, sqrt or none (as for train-cnns)")
     parser.add_argument("--mix", default="none", help="none, mixup or cutmix (as for train-cnns)")
     parser.add_argument("--tta", default="none,hflip,vflip", help="test-time views (as for train-cnns)")
@@ -37,6 +38,7 @@ def main() -> None:
         ["folds", *common, "--k", str(args.k)],
         ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis",
          "--batch-size", str(args.batch_size), "--augment", args.augment, "--learning-rate", str(args.learning_rate),
+         "--weight-decay", str(args.weight_decay),
          "--class-weight", args.class_weight, "--mix", args.mix, "--tta", args.tta],
         ["stack", *common],
     ]
@@ -49,7 +51,7 @@ def main() -> None:
             histories = [json.loads(h.read_text()) for h in sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))]
             heads = multiclass[entry["name"]]
             # each model's own recipe: a run may add a model in a later call, with other options
-            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "class_weight", "augment", "mix", "tta")}
+            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "learning_rate", "weight_decay", "class_weight", "augment", "mix", "tta")}
             cnns[entry["name"]] = {"trained_with": trained_with, "mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
                                    # argmax of probability / training prior (plain argmax when no prior was recorded)
                                    "balanced_accuracy_7class": heads["balanced_accuracy"],

@@ -66,6 +66,7 @@ class CnnConfig:
     batch_size: int = 32
     weights: str = "none"
     learning_rate: float = 2e-3
+    weight_decay: float = 1e-4  # AdamW's decoupled decay
     seed: int = 0
     tta: tuple[str, ...] = ("none", "hflip", "vflip")
     target: str = "auto"
@@ -227,14 +228,24 @@ class Resumed:
         return len(self.val_aucs)
 
 
+def changed_options(saved: dict, config: CnnConfig) -> dict:
+    """The options (name -> earlier value) a checkpoint's recorded config differs in, other than `RESUMABLE_CHANGES`.
+
+    An option missing from `saved` was added after the checkpoint was written, when its default's
+    behaviour was hard-wired: it counts as that default.
+    """
+    current = json.loads(json.dumps(asdict(config)))
+    earlier = {**json.loads(json.dumps(asdict(CnnConfig()))), **saved}
+    return {k: earlier.get(k) for k in current if k not in RESUMABLE_CHANGES and earlier.get(k) != current[k]}
+
+
 def restore_checkpoint(folder: Path, model: keras.Model, rng: list, config: CnnConfig) -> Resumed:
     """Load the last epoch checkpoint into `model` (optimizer included) and `rng`; nothing when there is none."""
     state_file = folder / CHECKPOINT_STATE
     if not state_file.exists():
         return Resumed([], [], None, 0.0)
     state = json.loads(state_file.read_text())
-    current = json.loads(json.dumps(asdict(config)))
-    changed = {k: state["config"].get(k) for k in current if k not in RESUMABLE_CHANGES and state["config"].get(k) != current[k]}
+    changed = changed_options(state["config"], config)
     if changed:
         earlier = ", ".join(f"{key}={value!r}" for key, value in changed.items())
         raise ValueError(
@@ -366,7 +377,7 @@ def train_fold(
             warmup_steps=steps,
         )
         model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
             loss=target.loss(config.loss, config.label_smoothing),
             jit_compile=jit_compile(config.jit),
         )

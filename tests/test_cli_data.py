@@ -62,6 +62,7 @@ def test_train_cnns_refuses_metadata_only_data(tmp_path: Path) -> None:
 
 def test_diagnosis_head_on_class_folders(tmp_path: Path) -> None:
     """A multi-class head on a class-folder set: OOF keeps every class probability; prob is MEL's."""
+    import keras
     import numpy as np
     from PIL import Image
 
@@ -80,9 +81,11 @@ def test_diagnosis_head_on_class_folders(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
         ["train-cnns", "--data", str(data), "--run", str(run), "--models", "small:16", "--epochs", "1",
-         "--target", "diagnosis", "--loss", "focal", "--label-smoothing", "0.1", "--tta", "none,rot90"],
+         "--target", "diagnosis", "--loss", "focal", "--label-smoothing", "0.1", "--tta", "none,rot90", "--weight-decay", "0.01"],
     )
     assert result.exit_code == 0, result.output
+    trained = keras.models.load_model(run / "cnn" / "small" / "fold0" / "model.keras")
+    assert trained.optimizer.weight_decay == pytest.approx(0.01)
     oof = pd.read_parquet(run / "cnn" / "small" / "oof.parquet")
     assert len(oof) == 24 and {"prob_MEL", "prob_NV", "prob_BCC"} <= set(oof.columns)
     np.testing.assert_allclose(oof["prob"], oof["prob_MEL"])

@@ -1,3 +1,5 @@
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import keras
@@ -7,7 +9,7 @@ from PIL import Image
 
 from cnn.backbones import BACKBONES, build_classifier, get_backbone
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
-from cnn.train import best_epoch, should_stop
+from cnn.train import CnnConfig, best_epoch, changed_options, should_stop
 
 
 def test_best_epoch_picks_highest_validation_auc() -> None:
@@ -189,3 +191,13 @@ def test_pipeline_streams_images_from_hdf5(tmp_path: Path) -> None:
     from_files = np.concatenate([x.numpy() for x in image_dataset(paths, None, 16, 2)])
     np.testing.assert_array_equal(from_hdf5, from_files)
 
+
+
+def test_a_checkpoint_resumes_only_under_the_options_that_wrote_it() -> None:
+    saved = json.loads(json.dumps(asdict(CnnConfig(epochs=12, learning_rate=1e-3))))
+    assert changed_options(saved, CnnConfig(epochs=12, learning_rate=1e-3, tta=("none",), cache="none")) == {}  # inference/IO only
+    assert changed_options(saved, CnnConfig(epochs=12, learning_rate=2e-3)) == {"learning_rate": 1e-3}
+    # a checkpoint from before --weight-decay existed was trained with today's default (1e-4)
+    older = {k: v for k, v in saved.items() if k != "weight_decay"}
+    assert changed_options(older, CnnConfig(epochs=12, learning_rate=1e-3)) == {}
+    assert changed_options(older, CnnConfig(epochs=12, learning_rate=1e-3, weight_decay=0.05)) == {"weight_decay": 1e-4}
