@@ -236,7 +236,7 @@ def changed_options(saved: dict, config: CnnConfig) -> dict:
     """
     current = json.loads(json.dumps(asdict(config)))
     earlier = {**json.loads(json.dumps(asdict(CnnConfig()))), **saved}
-    return {k: earlier.get(k) for k in current if k not in RESUMABLE_CHANGES and earlier.get(k) != current[k]}
+    return {k: earlier[k] for k in current if k not in RESUMABLE_CHANGES and earlier[k] != current[k]}
 
 
 def restore_checkpoint(folder: Path, model: keras.Model, rng: list, config: CnnConfig) -> Resumed:

@@ -1,11 +1,10 @@
-"""The report's figures, each a base64 PNG so report.html stands alone (no files beside it, no network).
+"""The report's figures, each as PNG bytes (report.html inlines them, report.md links their files).
 
 Every function returns None when there is nothing to draw, and the report leaves that figure out.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 
 import matplotlib
@@ -22,15 +21,15 @@ from ensemble.metrics import ISIC_MIN_TPR, average_precision, calibration_bins, 
 Scores = dict[str, np.ndarray]  # model name -> its score for every row
 
 
-def png_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG (closed afterwards: figures are not kept alive between reports)."""
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as a PNG (closed afterwards: figures are not kept alive between reports)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", dpi=100)
     plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
-def roc_figure(target: np.ndarray, scores: Scores) -> str | None:
+def roc_figure(target: np.ndarray, scores: Scores) -> bytes | None:
     """ROC curves, with the ISIC 2024 pAUC region (TPR above 80%) marked."""
     if not scores:
         return None
@@ -42,10 +41,10 @@ def roc_figure(target: np.ndarray, scores: Scores) -> str | None:
     ax.axhspan(ISIC_MIN_TPR, 1, color="grey", alpha=0.1, label=f"pAUC region (TPR >= {ISIC_MIN_TPR:.0%})")
     ax.set(xlabel="false positive rate", ylabel="true positive rate (melanoma)", title="Out-of-fold ROC")
     ax.legend(loc="lower right", fontsize=8)
-    return png_base64(fig)
+    return png_bytes(fig)
 
 
-def pr_figure(target: np.ndarray, scores: Scores) -> str | None:
+def pr_figure(target: np.ndarray, scores: Scores) -> bytes | None:
     """Precision-recall curves: at melanoma's low prevalence they show what ROC curves flatter."""
     if not scores:
         return None
@@ -56,10 +55,10 @@ def pr_figure(target: np.ndarray, scores: Scores) -> str | None:
     ax.axhline(np.mean(target), color="grey", linestyle=":", linewidth=1, label=f"prevalence {np.mean(target):.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Out-of-fold precision-recall", ylim=(0, 1.02))
     ax.legend(loc="upper right", fontsize=8)
-    return png_base64(fig)
+    return png_bytes(fig)
 
 
-def fold_auc_figure(fold_aucs: dict[str, list[float]]) -> str | None:
+def fold_auc_figure(fold_aucs: dict[str, list[float]]) -> bytes | None:
     """Each model's AUC on every fold: the spread says how far to trust a difference between models."""
     if not fold_aucs:
         return None
@@ -70,10 +69,10 @@ def fold_auc_figure(fold_aucs: dict[str, list[float]]) -> str | None:
     ax.set_yticks(range(len(fold_aucs)), list(fold_aucs))
     ax.invert_yaxis()
     ax.set(xlabel="ROC AUC of the fold (bar: mean)", title="Per-fold AUC")
-    return png_base64(fig)
+    return png_bytes(fig)
 
 
-def reliability_figure(target: np.ndarray, probabilities: Scores, n_bins: int = 10) -> str | None:
+def reliability_figure(target: np.ndarray, probabilities: Scores, n_bins: int = 10) -> bytes | None:
     """Observed melanoma rate against mean predicted probability per bin; the diagonal is perfect calibration."""
     if not probabilities:
         return None
@@ -84,10 +83,10 @@ def reliability_figure(target: np.ndarray, probabilities: Scores, n_bins: int = 
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title="Reliability (OOF)")
     ax.legend(loc="upper left", fontsize=8)
-    return png_base64(fig)
+    return png_bytes(fig)
 
 
-def importance_figure(stack_features: list[dict[str, object]], top: int = 20) -> str | None:
+def importance_figure(stack_features: list[dict[str, object]], top: int = 20) -> bytes | None:
     """The LightGBM stack's features by share of split gain (mean over fold models)."""
     ranked = [row for row in stack_features if row["gain_share"]][:top]
     if not ranked:
@@ -96,10 +95,10 @@ def importance_figure(stack_features: list[dict[str, object]], top: int = 20) ->
     ax.barh([str(row["feature"]) for row in ranked], [float(row["gain_share"]) for row in ranked], color="tab:green")
     ax.invert_yaxis()
     ax.set(xlabel="share of total gain", title="LightGBM stack: feature importance (gain)")
-    return png_base64(fig)
+    return png_bytes(fig)
 
 
-def subgroup_figure(subgroups: list[dict[str, object]]) -> str | None:
+def subgroup_figure(subgroups: list[dict[str, object]]) -> bytes | None:
     """AUC with its bootstrap interval in each subgroup, one panel per variable, one colour per model."""
     frame = pd.DataFrame(subgroups)
     if frame.empty:
@@ -126,4 +125,4 @@ def subgroup_figure(subgroups: list[dict[str, object]]) -> str | None:
         ax.set(title=f"AUC by {variable}", xlim=(0, 1.02))
     axes[0, 0].legend(loc="lower left", fontsize=8)
     axes[-1, 0].set_xlabel("ROC AUC with 95% bootstrap interval")
-    return png_base64(fig)
+    return png_bytes(fig)

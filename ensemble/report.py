@@ -241,7 +241,7 @@ FIGURES_DIR = "figures"  # RUN/figures/<name>.png: the report's figures as files
 class ReportFigure:
     name: str  # its file is FIGURES_DIR/<name>.png
     caption: str
-    png: str  # base64, as the HTML page inlines it
+    png: bytes
 
 
 def report_figures(report: dict[str, object], predictions: RunPredictions) -> list[ReportFigure]:
@@ -415,7 +415,7 @@ def render_html(report: dict[str, object], figures: list[ReportFigure]) -> str:
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
     warning_block = f"<div class='warn'><h2>Warnings</h2><ul>{warnings}</ul></div>" if warnings else ""
     figure_block = "".join(
-        f"<figure><img alt='{html.escape(f.caption)}' src='data:image/png;base64,{f.png}'>"
+        f"<figure><img alt='{html.escape(f.caption)}' src='data:image/png;base64,{base64.b64encode(f.png).decode()}'>"
         f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
         for f in figures
     )
@@ -470,7 +470,7 @@ def write_figures(figures: list[ReportFigure], folder: Path) -> None:
     for stale in set(folder.glob("*.png")) - {folder / f"{f.name}.png" for f in figures}:
         stale.unlink()
     for figure in figures:
-        atomic_write(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(base64.b64decode(png)))
+        atomic_write(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(png))
 
 
 def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()) -> dict[str, object]:
