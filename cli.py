@@ -482,14 +482,15 @@ def export(
         config = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
-    point = config["operating_point"]
-    low, high = point["oof_specificity_ci"]
-    console.print(
-        f"bundle: {out} ({', '.join(c['name'] for c in config['cnns'])} x {len(config['stack']['folds'])} folds + stack)\n"
-        f"alert at probability >= {point['threshold']:.4f}: OOF sensitivity {point['oof_sensitivity']:.3f} "
-        f"(target {sensitivity}), specificity {point['oof_specificity']:.3f} "
-        f"({point['ci_level']:.0%} CI {low:.3f}-{high:.3f}, patient bootstrap)"
-    )
+    console.print(f"bundle: {out} ({', '.join(c['name'] for c in config['cnns'])} x {len(config['stack']['folds'])} folds + stack)")
+    out_table = Table("operating point", "alert at", "OOF sens.", "OOF spec. [95% CI]", title=f"Alert for {sensitivity:.0%} sensitivity per missingness pattern (OOF, inputs masked)")
+    for name, point in config["operating_points"].items():
+        low, high = point["oof_specificity_ci"]
+        out_table.add_row(name, f">= {point['threshold']:.4f}", f"{point['oof_sensitivity']:.3f}", f"{point['oof_specificity']:.3f} [{low:.3f}, {high:.3f}]")
+    console.print(out_table)
+    for pattern, source in config["calibration"]["sources"].items():
+        if pattern != source:
+            console.print(f"note: too few OOF melanomas of pattern {pattern}: its lesions are judged by {source}")
 
 
 @app.command()
@@ -524,6 +525,8 @@ def predict(
     summary = write_predictions(scored, loaded, out)
     for note in summary["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
+    for warning in summary["shift_warnings"]:
+        console.print(f"[yellow]warning: this batch looks unlike the training data:[/yellow] {warning}")
     console.print(
         f"{summary['images']} image(s) of {summary['patients']} patient(s), {summary['alerts']} alert(s): {out / 'predictions.csv'}"
     )
@@ -536,6 +539,54 @@ def predict(
                 loaded, rows, scored.predictions, out / "explain", batch_size, lambda n: progress.advance(task, n)
             )
         console.print(f"explanations: {index}")
+
+
+@app.command()
+def validate(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle folder written by `export`.")],
+    data: Annotated[Path, typer.Option("--data", help="A labelled data folder in any supported layout, not seen by the run.")],
+    metadata: Annotated[
+        str, typer.Option("--metadata", help="as-given: score with the data's age/sex/site/patients; none: without them (each image its own patient).")
+    ] = "as-given",
+    metadata_csv: Annotated[
+        Optional[Path], typer.Option("--metadata-csv", help="Metadata CSV joined by image id (class-folder data), as `folds --metadata`.")  # noqa: UP007
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="all, train or test rows of --data (labelled ones are scored).")] = "all",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for validation.json and validation.md.")] = None,  # noqa: UP007
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and scored at a time (bounds memory).")] = 32,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")] = 1000,
+    fmt: FormatOption = None,
+    seed: SeedOption = 0,
+) -> None:
+    """Score a labelled set with a bundle and compare AUC, sensitivity and specificity at each operating point with what it promised."""
+    from ensemble.bundle import BundleError, load_bundle
+    from ensemble.predict import scoring_rows
+    from ensemble.validate import validate_bundle, validation_rows, write_validation
+
+    try:
+        rows, unlabelled = validation_rows(scoring_rows(data, None, metadata_csv, fmt, split), metadata)
+        loaded = load_bundle(bundle)
+        with Progress(console=console) as progress:
+            task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
+            report = validate_bundle(loaded, rows, batch_size, lambda n: progress.advance(task, n), n_boot=bootstrap, seed=seed)
+    except (BundleError, DataError) as error:
+        raise _fail(error) from error
+    if unlabelled:
+        console.print(f"[yellow]note:[/yellow] {unlabelled} row(s) without a label were not scored")
+    low, high = report["mel_auc_ci"]
+    console.print(
+        f"{report['n_images']} images, {report['n_melanoma']} melanomas (metadata {metadata}): melanoma AUC {report['mel_auc']:.3f} "
+        f"[{low:.3f}, {high:.3f}] (CNNs alone {report['mel_auc_cnn_only']:.3f}; bundle OOF {report['bundle_oof_auc'] or float('nan'):.3f}), "
+        f"sensitivity at the alert {report['sensitivity_at_alert']:.3f} (promised {report['promised_sensitivity']:.3f}), "
+        f"specificity {report['specificity_at_alert']:.3f}, alert rate {report['alert_rate']:.3f}, ECE {report['ece']:.3f}"
+    )
+    for warning in report["warnings"]:
+        console.print(f"[red]warning:[/red] {warning}")
+    for warning in report["shift_warnings"]:
+        console.print(f"[yellow]warning: this set looks unlike the training data:[/yellow] {warning}")
+    if out is not None:
+        write_validation(report, out)
+        console.print(f"validation: {out / 'validation.md'}, {out / 'validation.json'}")
 
 
 STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}

@@ -2,7 +2,9 @@
 
     BUNDLE/manifest.json              format, library versions, SHA-256 of every other file
     BUNDLE/config.json                CNNs (image size, TTA views, classes, fold-model scales),
-                                      stack features, category vocabularies, operating point
+                                      stack features, category vocabularies, the calibration and
+                                      operating point of each missingness pattern, the scoring
+                                      reference for shift warnings
     BUNDLE/cnn/<model>/fold<k>.keras  inference-only Keras models (native format, no Lambda layers)
     BUNDLE/stack/model_fold<k>.txt    LightGBM text models
 
@@ -29,13 +31,14 @@ import pandas as pd
 from cnn.targets import TargetSpec
 from ensemble.blend import fold_model_scales
 from ensemble.operating_point import OperatingPoint, choose_operating_point
-from ensemble.run_files import PRIMARY_STACK, STACK_OUTPUTS
+from ensemble.run_files import MASKED_OOF_FILE, SCORING_REFERENCE_FILE
+from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
 from metadata.io import read_table, write_json
 from metadata.schema import SEXES, SITES
 
 BUNDLE_FORMAT = "melanoma-pipeline-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: an operating point and a calibration per missingness pattern
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 VERSIONED_PACKAGES = ("melanoma-pipeline", "tensorflow", "keras", "lightgbm", "numpy", "pandas")
@@ -67,7 +70,9 @@ class Bundle:
     cnns: list[CnnMember]
     stackers: list[LightGBMStacker]  # one per fold; new patients get their mean, as the run's test set did
     features: list[str]
-    operating_point: OperatingPoint
+    operating_points: dict[str, OperatingPoint]  # by pattern source (see fusion.missingness)
+    calibration: PatternCalibration  # pattern -> source, and the source's calibration
+    reference: dict  # what the run's OOF rows and training images looked like (fusion.shift)
 
 
 def file_sha256(path: Path) -> str:
@@ -144,6 +149,23 @@ def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
     }
 
 
+def pattern_operating_points(
+    masked_oof: pd.DataFrame, calibration: PatternCalibration, sensitivity: float, n_boot: int = 1000, seed: int = 0
+) -> dict[str, OperatingPoint]:
+    """The alert threshold of each pattern source, on the OOF probabilities of its rows (inputs masked).
+
+    A lesion of a pattern is judged by its source's point, so the promise it gets was measured on
+    lesions that lacked what it lacks.
+    """
+    points = {}
+    for source in sorted(set(calibration.sources.values())):
+        rows = masked_oof[masked_oof["pattern"] == source]
+        if not (rows["target"] == 1).any():
+            raise BundleError(f"no out-of-fold melanoma of pattern {source!r}; a sensitivity cannot be targeted for it.")
+        points[source] = choose_operating_point(rows["target"], rows["prob"], rows["patient_id"], sensitivity, n_boot=n_boot, seed=seed)
+    return points
+
+
 def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0) -> dict:
     """Write the bundle of a finished run (CNNs + stack) to `out`; return its config.
 
@@ -163,8 +185,10 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
         raise BundleError(f"{stack_dir} has no model_fold<k>.txt: re-run `python cli.py stack` on {run_dir}.")
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not empty; choose a new --out or delete it.")
-    oof = read_table(stack_dir / STACK_OUTPUTS[PRIMARY_STACK][0], "stack")
-    point = choose_operating_point(oof["target"], oof["prob"], oof["patient_id"], sensitivity, n_boot=n_boot, seed=seed)
+    if "calibration" not in stack_info:
+        raise BundleError(f"{stack_dir} was fitted before per-pattern calibration: re-run `python cli.py stack` on {run_dir}.")
+    calibration = PatternCalibration.from_json(stack_info["calibration"])
+    points = pattern_operating_points(read_table(stack_dir / MASKED_OOF_FILE, "stack"), calibration, sensitivity, n_boot, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -173,7 +197,9 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
             "cnns": [_export_cnn(run_dir, name, folds, building) for name in stack_info["cnns"]],
             "stack": {"folds": folds, "features": stack_info["features"], "num_boost_round": stack_info["num_boost_round"]},
             "vocabularies": VOCABULARIES,
-            "operating_point": point.to_json(),
+            "calibration": calibration.to_json(),
+            "operating_points": {source: point.to_json() for source, point in points.items()},
+            "scoring_reference": _read_json(stack_dir / SCORING_REFERENCE_FILE, "re-run `python cli.py stack`"),
         }
         (building / "stack").mkdir()
         for path in boosters.values():
@@ -252,5 +278,7 @@ def load_bundle(path: Path) -> Bundle:
         cnns=cnns,
         stackers=stackers,
         features=list(config["stack"]["features"]),
-        operating_point=OperatingPoint.from_json(config["operating_point"]),
+        operating_points={source: OperatingPoint.from_json(p) for source, p in config["operating_points"].items()},
+        calibration=PatternCalibration.from_json(config["calibration"]),
+        reference=config["scoring_reference"],
     )

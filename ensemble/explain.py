@@ -55,12 +55,17 @@ def ensemble_heatmaps(gradcams: list[tuple[int, GradCam]], encoded: list[bytes])
     return [(image, total / len(gradcams)) for image, total in zip(images, totals)]
 
 
-def _operating_point_text(point: OperatingPoint) -> str:
-    low, high = point.oof_specificity_ci
+def _operating_point_text(points: dict[str, OperatingPoint]) -> str:
+    """The alert rule of each operating point the lesions on a page were judged by."""
+    rules = "; ".join(
+        f"{html.escape(name)}: &ge; {point.threshold:.4f} (OOF specificity {point.oof_specificity:.3f}, "
+        f"{point.ci_level:.0%} CI {point.oof_specificity_ci[0]:.3f}-{point.oof_specificity_ci[1]:.3f})"
+        for name, point in points.items()
+    )
+    target = next(iter(points.values())).target_sensitivity
     return (
-        f"Alert at melanoma probability &ge; {point.threshold:.4f}, chosen for {point.target_sensitivity:.0%} sensitivity "
-        f"on out-of-fold predictions (OOF specificity {point.oof_specificity:.3f}, "
-        f"{point.ci_level:.0%} CI {low:.3f}-{high:.3f}, patient bootstrap)."
+        f"Alert at a melanoma probability threshold chosen for {target:.0%} sensitivity on out-of-fold predictions of lesions "
+        f"with the same inputs missing (the lesion's operating point; patient-bootstrap intervals): {rules}."
     )
 
 
@@ -76,26 +81,27 @@ def _overlay_cell(image_id: str) -> str:
     return f'<img alt="Grad-CAM of {html.escape(image_id)}" src="{name}">'
 
 
-def patient_page(patient_id: str, lesions: pd.DataFrame, point: OperatingPoint) -> str:
+def patient_page(patient_id: str, lesions: pd.DataFrame, points: dict[str, OperatingPoint]) -> str:
     """One patient's lesions, riskiest first, alerted ones with their Grad-CAM overlay."""
     rows = "".join(
         f'<tr class="{"alert" if lesion.alert else ""}"><td>{lesion.rank_in_patient}</td>'
         f"<td>{html.escape(lesion.image_id)}</td><td>{lesion.melanoma_probability:.4f}</td>"
         f"<td>{'yes' if lesion.alert else 'no'}</td><td>{html.escape(lesion.missing_metadata) or '-'}</td>"
+        f"<td>{html.escape(lesion.operating_point)}</td>"
         f"<td>{_overlay_cell(lesion.image_id) if lesion.alert else ''}</td></tr>"
         for lesion in lesions.sort_values("rank_in_patient").itertuples()
     )
     body = (
         f"<h1>Patient {html.escape(patient_id)}</h1><p>{len(lesions)} lesion(s), {int(lesions['alert'].sum())} alerted. "
-        f"{_operating_point_text(point)}</p>"
+        f"{_operating_point_text({n: points[n] for n in lesions['operating_point'].unique()})}</p>"
         "<table><tr><th>rank</th><th>image</th><th>melanoma probability</th><th>alert</th>"
-        f"<th>missing metadata</th><th>Grad-CAM</th></tr>{rows}</table>"
+        f"<th>missing metadata</th><th>operating point</th><th>Grad-CAM</th></tr>{rows}</table>"
         '<p><a href="index.html">all patients</a></p>'
     )
     return _page(f"Patient {patient_id}", body)
 
 
-def index_page(predictions: pd.DataFrame, point: OperatingPoint) -> str:
+def index_page(predictions: pd.DataFrame, points: dict[str, OperatingPoint]) -> str:
     """Every patient, the one with the riskiest lesion first, linked to their page."""
     patients = predictions.groupby("patient_id").agg(
         lesions=("image_id", "size"), alerts=("alert", "sum"), highest=("melanoma_probability", "max")
@@ -106,7 +112,7 @@ def index_page(predictions: pd.DataFrame, point: OperatingPoint) -> str:
         for p in patients.sort_values("highest", ascending=False).itertuples()
     )
     body = (
-        f"<h1>Patients</h1><p>{_operating_point_text(point)}</p>"
+        f"<h1>Patients</h1><p>{_operating_point_text({n: points[n] for n in predictions['operating_point'].unique()})}</p>"
         f"<table><tr><th>patient</th><th>lesions</th><th>alerts</th><th>highest probability</th></tr>{rows}</table>"
     )
     return _page("Patients", body)
@@ -136,7 +142,7 @@ def write_explanations(
             for image_id, (image, heat) in zip(batch, ensemble_heatmaps(gradcams, [reader.read(sources[i]) for i in batch])):
                 Image.fromarray(overlay(image, heat)).save(out_dir / overlay_name(image_id))
             advance(len(batch))
-    point = bundle.operating_point
+    points = bundle.operating_points
     for patient_id, lesions in predictions.groupby("patient_id"):
-        write_text(patient_page(patient_id, lesions, point), out_dir / patient_page_name(patient_id))
-    return write_text(index_page(predictions, point), out_dir / "index.html")
+        write_text(patient_page(patient_id, lesions, points), out_dir / patient_page_name(patient_id))
+    return write_text(index_page(predictions, points), out_dir / "index.html")

@@ -72,16 +72,19 @@ def fold_auc_figure(fold_aucs: dict[str, list[float]]) -> bytes | None:
     return png_bytes(fig)
 
 
-def reliability_figure(target: np.ndarray, probabilities: Scores, n_bins: int = 10) -> bytes | None:
-    """Observed melanoma rate against mean predicted probability per bin; the diagonal is perfect calibration."""
-    if not probabilities:
+def reliability_figure(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "Reliability (OOF)", n_bins: int = 10
+) -> bytes | None:
+    """Observed melanoma rate against mean predicted probability per bin, one line per (target, probability)
+    pair; the diagonal is perfect calibration."""
+    if not curves:
         return None
     fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
-    for name, prob in probabilities.items():
+    for name, (target, prob) in curves.items():
         bins = calibration_bins(target, prob, n_bins)
         ax.plot(bins["mean_prob"], bins["observed_rate"], marker="o", label=name)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title="Reliability (OOF)")
+    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma rate", title=title)
     ax.legend(loc="upper left", fontsize=8)
     return png_bytes(fig)
 

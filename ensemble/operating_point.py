@@ -63,6 +63,7 @@ class OperatingPoint:
     n_images: int
     n_melanoma: int
     n_patients: int
+    oof_alert_rate: float  # share of the OOF images alerted (what a batch like the training data should see)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -102,4 +103,5 @@ def choose_operating_point(
         n_images=len(y_true),
         n_melanoma=int(y_true.sum()),
         n_patients=int(len(np.unique(np.asarray(patients)))),
+        oof_alert_rate=float(alerts(y_score, threshold).mean()),
     )

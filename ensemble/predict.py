@@ -9,7 +9,7 @@ and passed through every fold model and test-time view of that CNN.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ import tensorflow as tf
 from cnn.pipeline import TTA_VIEWS, decode_image, image_dataset
 from ensemble.blend import standardized_test_scores
 from ensemble.bundle import Bundle, CnnMember
+from fusion.missingness import METADATA_FIELDS, missingness_pattern
+from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
 from fusion.stacker import build_stack_features
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
@@ -28,7 +30,6 @@ from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataE
 
 Advance = Callable[[int], None]
 SPLITS = ("all", "train", "test")
-METADATA_FIELDS = ("age", "sex", "site")
 # Accepted headers of a `--metadata` CSV for `--images`, per canonical column (the layouts' spellings).
 METADATA_HEADERS: dict[str, tuple[str, ...]] = {
     "image_id": ("image_id", "image_name", "isic_id", "image"),
@@ -146,10 +147,17 @@ def _image_batches(sources: list[str], image_size: int, batch_size: int) -> Iter
         yield images
 
 
-def cnn_fold_probabilities(member: CnnMember, sources: list[str], batch_size: int, advance: Advance) -> pd.DataFrame:
-    """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views."""
+def cnn_fold_probabilities(
+    member: CnnMember, sources: list[str], batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
+) -> pd.DataFrame:
+    """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views.
+
+    `seen(images)`, when given, receives each decoded batch (for the image statistics of shift warnings).
+    """
     parts: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
     for images in _image_batches(sources, member.image_size, batch_size):
+        if seen is not None:
+            seen(images.numpy())
         for fold, model in member.models.items():
             outputs = np.mean([model.predict_on_batch(TTA_VIEWS[view](images)) for view in member.tta], axis=0)
             parts[fold].append(member.target.melanoma_prob(outputs))
@@ -170,40 +178,72 @@ def missing_metadata(rows: pd.DataFrame) -> pd.Series:
 
 @dataclass(frozen=True)
 class Scored:
-    """Predictions for new patients, and what the stack had to treat as missing."""
+    """Predictions for new patients, what the stack had to treat as missing, and how the batch compares."""
 
     predictions: pd.DataFrame
     absent_features: list[str]  # stack features the data has no column for (scored as missing)
+    shift_warnings: list[str] = field(default_factory=list)  # where the batch looks unlike the training data
+    cnn_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: each CNN's standardised log-odds
 
 
 def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance) -> Scored:
-    """Probability, alert and within-patient rank of every row; `advance(n)` after each batch of each CNN."""
+    """Probability, alert and within-patient rank of every row; `advance(n)` after each batch of each CNN.
+
+    Each lesion is judged by the operating point (calibration and threshold) of its missingness
+    pattern, recorded in the `operating_point` column.
+    """
     rows = rows.reset_index(drop=True)
     sources = rows["image_path"].astype(str).tolist()
+    image_stats: list[dict[str, np.ndarray]] = []
+    collect = lambda images: image_stats.append(image_statistics(images))  # noqa: E731
     cnn_scores = pd.DataFrame(
         {
             f"cnn_{member.name}": standardized_test_scores(
-                cnn_fold_probabilities(member, sources, batch_size, advance), member.scales
+                cnn_fold_probabilities(
+                    member, sources, batch_size, advance, collect if i == 0 and member.image_size == bundle.reference["image_size"] else None
+                ),
+                member.scales,
             )
-            for member in bundle.cnns
+            for i, member in enumerate(bundle.cnns)
         },
         index=rows.index,
     )
     built = build_stack_features(rows, cnn_scores)
     absent = [f for f in bundle.features if f not in built.columns]
     features = built.reindex(columns=bundle.features)
-    probability = pd.Series(np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0), index=rows.index)
+    score = np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0)
+    pattern = missingness_pattern(rows)
+    source = pattern.map(bundle.calibration.sources)
+    points = {name: bundle.operating_points[name] for name in source.unique()}
+    probability = pd.Series(bundle.calibration.apply(score, pattern.to_numpy()), index=rows.index)
+    threshold = source.map({name: point.threshold for name, point in points.items()})
+    alert = (probability >= threshold).astype(int)
     predictions = pd.DataFrame(
         {
             "image_id": rows["image_id"],
             "patient_id": rows["patient_id"],
             "melanoma_probability": probability,
-            "alert": (probability >= bundle.operating_point.threshold).astype(int),
+            "alert": alert,
             "rank_in_patient": rank_within_patient(rows["patient_id"], probability),
             "missing_metadata": missing_metadata(rows),
+            "pattern": pattern,
+            "operating_point": source,
+            "alert_threshold": threshold,
         }
     )
-    return Scored(predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent)
+    reference = bundle.reference
+    shift = [
+        *shift_warnings(reference["images"], concat_statistics(image_stats)),
+        *shift_warnings(
+            reference["cnn_scores"], {c: cnn_scores[c].to_numpy() for c in cnn_scores.columns},
+            "the OOF images (other cameras, or more suspicious lesions than the training mix, move it)",
+        ),
+        *missing_rate_warnings(reference["missing_rate"], rows[list(METADATA_FIELDS)]),
+        *alert_rate_warning(alert.to_numpy(), source.map({name: p.oof_alert_rate for name, p in points.items()}).to_numpy()),
+    ]
+    return Scored(
+        predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent, shift, cnn_scores.set_axis(rows["image_id"])
+    )
 
 
 def scoring_notes(scored: Scored) -> list[str]:
@@ -215,7 +255,11 @@ def scoring_notes(scored: Scored) -> list[str]:
     if scored.absent_features:
         notes.append(f"this data has no column for the stack feature(s) {scored.absent_features}")
     if notes:
-        notes.append("those features were scored as missing (the stack was trained with missing values allowed)")
+        used = predictions["operating_point"].value_counts()
+        notes.append(
+            "those features were scored as missing; each lesion was judged by the operating point of its missingness pattern "
+            f"({', '.join(f'{name}: {count}' for name, count in used.items())})"
+        )
     alone = int((predictions["patient_id"].value_counts() == 1).sum())
     if alone:
         notes.append(f"{alone} patient(s) have a single image: no other lesion of theirs to compare it with")
@@ -233,8 +277,12 @@ def write_predictions(scored: Scored, bundle: Bundle, out: Path) -> dict:
         "images": int(len(predictions)),
         "patients": int(predictions["patient_id"].nunique()),
         "alerts": int(predictions["alert"].sum()),
-        "operating_point": bundle.operating_point.to_json(),
+        "operating_points": {
+            name: {**bundle.operating_points[name].to_json(), "images": int(count)}
+            for name, count in predictions["operating_point"].value_counts().items()
+        },
         "notes": scoring_notes(scored),
+        "shift_warnings": scored.shift_warnings,
     }
     write_json(summary, out / "summary.json")
     return summary

@@ -27,6 +27,7 @@ from ensemble.metrics import (
     PROBABILITY_METRICS,
     bootstrap_ci,
     bootstrap_cis,
+    expected_calibration_error,
     multiclass_summary,
     paired_bootstrap,
     per_fold,
@@ -34,9 +35,10 @@ from ensemble.metrics import (
     top_n_sensitivity,
 )
 from ensemble.provenance import run_provenance
-from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from ensemble.run_files import MASKED_OOF_FILE, ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from fusion.missingness import PATTERNS
 from metadata.dataset import SKIPPED_FILE
-from metadata.io import atomic_write, write_json, write_text
+from metadata.io import atomic_write, read_table, write_json, write_text
 from metadata.schema import SEXES, SITES
 
 CI_LEVEL = 0.95
@@ -200,6 +202,49 @@ def test_set_section(predictions: RunPredictions, table: pd.DataFrame, boot: Boo
     }
 
 
+PATTERN_AUC_TOLERANCE = 0.005  # a stack ranking this far below the best CNN on a pattern's rows is flagged
+
+
+def missingness_entries(run_dir: Path, predictions: RunPredictions, entries: list[dict[str, object]], boot: Bootstrap) -> list[dict[str, object]]:
+    """Per missingness pattern, on the LightGBM stack's OOF predictions with those inputs masked
+    (`RUN/stack/masked_oof.parquet`): the stack's AUC against the best CNN's on the same rows
+    (paired patient bootstrap), and the calibration of its probabilities."""
+    masked_file = Path(run_dir) / "stack" / MASKED_OOF_FILE
+    best = best_cnn(entries)
+    if not masked_file.exists():
+        return []
+    masked = read_table(masked_file, "stack")
+    cnn_score = predictions.model(best).oof["prob"] if best else None
+    found = []
+    for pattern in [p for p in PATTERNS if p in set(masked["pattern"])]:
+        rows = masked[masked["pattern"] == pattern]
+        y, prob, patients = rows["target"].to_numpy(int), rows["prob"].to_numpy(), rows["patient_id"].to_numpy()
+        if not 0 < y.sum() < len(y):
+            continue
+        entry = {
+            "pattern": pattern, "n": int(len(rows)), "n_melanoma": int(y.sum()),
+            "auc": roc_auc(y, prob), "auc_ci": list(bootstrap_ci(roc_auc, y, prob, patients, boot.n_boot, boot.seed, CI_LEVEL)),
+            # ECE of the cross-fitted calibration: each fold calibrated without its own labels
+            "ece": expected_calibration_error(y, rows["prob_cross_fitted"].to_numpy()), "versus": best,
+        }
+        if cnn_score is not None:
+            cnn = cnn_score.reindex(rows["image_id"]).to_numpy()
+            compared = paired_bootstrap(roc_auc, y, prob, cnn, patients, boot.n_boot, boot.seed, CI_LEVEL)
+            entry.update(cnn_auc=roc_auc(y, cnn), difference=compared.difference, difference_ci=list(compared.ci), p_value=compared.p_value)
+        found.append(entry)
+    return found
+
+
+def missingness_warnings(patterns: list[dict[str, object]]) -> list[str]:
+    """A pattern on whose rows the stack ranks below the best CNN alone."""
+    return [
+        f"with inputs masked as {e['pattern']}, the LightGBM stack's OOF AUC {e['auc']:.3f} is below {e['versus']}'s "
+        f"{e['cnn_auc']:.3f} on the same rows"
+        for e in patterns
+        if "cnn_auc" in e and e["difference"] < -PATTERN_AUC_TOLERANCE
+    ]
+
+
 def build_report(
     run_dir: Path, predictions: RunPredictions, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()
 ) -> dict[str, object]:
@@ -214,6 +259,7 @@ def build_report(
         if table is not None else None
     )
     headline = headline_models(predictions, entries)
+    patterns = missingness_entries(run_dir, predictions, entries, boot)
     return {
         "run": str(run_dir.resolve()),
         "skipped_images": int(len(pd.read_csv(skipped_file))) if skipped_file.exists() else 0,
@@ -222,12 +268,13 @@ def build_report(
         "n_folds": int(rows["fold"].nunique()),
         "n_patients": int(rows["patient_id"].nunique()),
         "bootstrap": {"n_boot": boot.n_boot, "seed": boot.seed, "level": CI_LEVEL, "resampled": "patients"},
-        "warnings": leakage_warnings(RunEvidence(run_dir, predictions, stack_features)),
+        "warnings": [*leakage_warnings(RunEvidence(run_dir, predictions, stack_features)), *missingness_warnings(patterns)],
         "entries": entries,
         "stack_vs_best_cnn": stack_vs_best_cnn(predictions, entries, boot),
         "test_set": test_set_section(predictions, table, boot) if table is not None else None,
         "multiclass": multiclass_entries(predictions, oof_rows) if oof_rows is not None else [],
         "subgroups": subgroup_entries(predictions, oof_rows, headline, boot) if oof_rows is not None else [],
+        "missingness": patterns,
         "stack_features": stack_features,
         "with_data": table is not None,
         "provenance": run_provenance(run_dir),
@@ -244,7 +291,7 @@ class ReportFigure:
     png: bytes
 
 
-def report_figures(report: dict[str, object], predictions: RunPredictions) -> list[ReportFigure]:
+def report_figures(report: dict[str, object], predictions: RunPredictions, run_dir: Path) -> list[ReportFigure]:
     """Every figure there is something to draw for."""
     target = predictions.rows["target"].to_numpy(dtype=int)
     headline = headline_models(predictions, report["entries"])
@@ -254,12 +301,25 @@ def report_figures(report: dict[str, object], predictions: RunPredictions) -> li
         "roc": ("ROC curves of the best CNN and the stacks (shaded: the pAUC region)", roc_figure(target, scores)),
         "precision_recall": ("Precision-recall curves of the best CNN and the stacks", pr_figure(target, scores)),
         "fold_auc": ("AUC of every model on every fold", fold_auc_figure({e["name"]: e["fold_auc"] for e in report["entries"]})),
-        "reliability": ("Reliability diagram (10 equal-width bins)", reliability_figure(target, probabilities)),
+        "reliability": ("Reliability diagram (10 equal-width bins)", reliability_figure({n: (target, p) for n, p in probabilities.items()})),
+        "reliability_by_pattern": (
+            "Reliability of the LightGBM stack per missingness pattern (OOF, inputs masked, each fold calibrated by the others; 10 equal-width bins)",
+            reliability_figure(_pattern_probabilities(run_dir), "Reliability per pattern (OOF, masked)"),
+        ),
         "stack_importance": ("LightGBM stack feature importance (share of gain, mean over fold models)",
                              importance_figure(report["stack_features"])),
         "subgroups": ("Subgroup AUC by sex, age band and site", subgroup_figure(report["subgroups"])),
     }
     return [ReportFigure(name, caption, png) for name, (caption, png) in figures.items() if png is not None]
+
+
+def _pattern_probabilities(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Target and cross-fitted calibrated stack probability of every pattern's masked OOF rows (empty without a stack)."""
+    masked_file = Path(run_dir) / "stack" / MASKED_OOF_FILE
+    if not masked_file.exists():
+        return {}
+    masked = read_table(masked_file, "stack")
+    return {p: (rows["target"].to_numpy(int), rows["prob_cross_fitted"].to_numpy()) for p, rows in masked.groupby("pattern", sort=False)}
 
 
 # ---- tables: one model of the report's tables, rendered as HTML and as Markdown --------------------------
@@ -379,6 +439,22 @@ def report_tables(report: dict[str, object]) -> list[Table]:
                 ],
             )
         )
+    if report["missingness"]:
+        tables.append(
+            Table(
+                "LightGBM stack per missingness pattern (OOF, those inputs masked) vs the best CNN on the same rows",
+                ["pattern", "images", "melanomas", "stack AUC [95% CI]", "CNN", "CNN AUC", "difference [95% CI]", "p", "ECE"],
+                [
+                    [e["pattern"], str(e["n"]), str(e["n_melanoma"]), _with_ci(e["auc"], e["auc_ci"]), e["versus"] or "-",
+                     _num(e.get("cnn_auc")), _with_ci(e["difference"], e["difference_ci"], 4) if "difference" in e else "-",
+                     _num(e.get("p_value"), 4), _num(e["ece"], 4)]
+                    for e in report["missingness"]
+                ],
+                "Each row scores every OOF image as a lesion of that pattern would reach the stack: metadata fields blanked "
+                "(partial: a random one or two per image) and/or each lesion its own patient; probabilities calibrated per pattern "
+                "on OOF scores (ECE: each fold calibrated by the other folds). Difference: paired patient bootstrap, stack minus CNN.",
+            )
+        )
     if report["stack_features"]:
         tables.append(
             Table(
@@ -482,7 +558,7 @@ def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstr
     run_dir = Path(run_dir)
     predictions = load_run_predictions(run_dir)
     report = build_report(run_dir, predictions, table, boot)
-    figures = report_figures(report, predictions)
+    figures = report_figures(report, predictions, run_dir)
     report["report_seconds"] = round(time.perf_counter() - started, 2)
     write_json(report, run_dir / "report.json")
     write_text(render_html(report, figures), run_dir / "report.html")

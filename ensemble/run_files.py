@@ -23,6 +23,8 @@ STACK_OUTPUTS: dict[str, tuple[str, str]] = {
     "lightgbm_stack": ("oof.parquet", "test.parquet"),
 }
 STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
+MASKED_OOF_FILE = "masked_oof.parquet"  # RUN/stack: OOF scores per image and missingness pattern (fusion.missingness)
+SCORING_REFERENCE_FILE = "scoring_reference.json"  # RUN/stack: what predict compares a batch with (fusion.shift)
 PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
 
 # Blend name -> (how the CNN columns are combined, whether the result is a probability).

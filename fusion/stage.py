@@ -1,13 +1,16 @@
 """The `stack` stage: read the run's folds and CNN outputs, fit the stacker per fold, write results.
 
 Writes `RUN/stack/oof.parquet`, `RUN/stack/test.parquet`, `RUN/stack/model_fold<k>.txt`
-(LightGBM text models), `RUN/stack/features.json` and `RUN/submission.csv`; the logistic-regression
+(LightGBM text models), `RUN/stack/features.json` and `RUN/submission.csv`; the OOF scores of
+every masked copy (`RUN/stack/masked_oof.parquet`: one row per image and missingness pattern) and
+the scoring reference `predict` compares new batches with (`RUN/stack/scoring_reference.json`); the logistic-regression
 baseline on the same features and folds as `RUN/stack/logreg_{oof,test}.parquet`; and the
 features themselves (`RUN/stack/oof_features.parquet`) so the report can score each one alone.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,44 +20,109 @@ from cnn.pairs import require_finished_cnns
 from ensemble.blend import cnn_names, cnn_score_table
 from ensemble.logreg_stack import cross_val_logreg
 from ensemble.metrics import roc_auc
-from ensemble.run_files import PRIMARY_STACK, STACK_FEATURES_FILE, STACK_OUTPUTS
+from ensemble.run_files import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS
 from ensemble.submission import SUBMISSION_FORMATS, write_submission
+from fusion.missingness import METADATA_FIELDS, MaskedCopy, PatternCalibration, masked_copies, missingness_pattern
+from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, moments
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.folds import attach_folds
 from metadata.io import atomic_write, read_table, write_json, write_table
+
+
+def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[MaskedCopy], masked_scores: dict[str, np.ndarray]) -> pd.DataFrame:
+    """OOF scores of every row under every pattern it can take: the rows as given and each masked copy.
+
+    One row per (image, pattern); where two copies give an image the same pattern (a row that already
+    lacked a field), the copy built for that pattern wins.
+    """
+    keys = train[["image_id", "patient_id", "fold", "target"]].reset_index(drop=True)
+    parts = [keys.assign(design="complete", pattern=missingness_pattern(train).to_numpy(), score=oof_scores)]
+    parts += [keys.assign(design=c.design, pattern=c.pattern.to_numpy(), score=masked_scores[c.design]) for c in copies]
+    table = pd.concat(parts, ignore_index=True)
+    own = table["design"] == table["pattern"]
+    table = table.iloc[np.argsort(~own.to_numpy(), kind="stable")].drop_duplicates(["image_id", "pattern"])
+    return table.sort_index().reset_index(drop=True)
+
+
+def scoring_reference(train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size: int | None, seed: int) -> dict[str, object]:
+    """What `predict` compares a batch with (see `fusion.shift`): image statistics of a seeded sample of
+    training images at the first CNN's input size, CNN score moments, metadata missing rates."""
+    reference: dict[str, object] = {
+        "cnn_scores": moments({c: cnn_scores[c].to_numpy() for c in cnn_scores.columns}),
+        "missing_rate": {f: float(train[f].isna().mean()) for f in METADATA_FIELDS},
+        "image_size": image_size,
+        "images": {},
+    }
+    if image_size is not None:
+        from cnn.pipeline import image_dataset
+
+        sample = train["image_path"].sample(min(REFERENCE_SAMPLE, len(train)), random_state=seed).astype(str).tolist()
+        batches = image_dataset(sample, None, image_size, 64, cache="none")
+        reference["images"] = moments(concat_statistics(image_statistics(b.numpy()) for b in batches))
+    return reference
+
+
+def _first_cnn_image_size(run_dir: Path) -> int | None:
+    """Input size of the run's first CNN (the one `predict` takes image statistics from); None without a
+    CNN, or for CNN outputs written without a training history (no image reference is kept then)."""
+    names = cnn_names(run_dir)
+    histories = sorted((run_dir / "cnn" / names[0]).glob("fold*/history.json")) if names else []
+    size = json.loads(histories[0].read_text()).get("config", {}).get("image_size") if histories else None
+    return None if size is None else int(size)
 
 
 def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> float:
     """Fit the stacker on the run's folds and write its outputs; return its OOF AUC.
 
     Refuses while any (model, fold) pair that `train-cnns` declared is unfinished: a stack silently
-    built without a model (or on a partial OOF table) would look like a finished run.
+    built without a model (or on a partial OOF table) would look like a finished run. The LightGBM
+    stack trains on the rows as given plus their masked copies (`fusion.missingness`), and its
+    probabilities are calibrated per missingness pattern on the OOF scores of that pattern.
     """
     run_dir = Path(run_dir)
     require_finished_cnns(run_dir)
     folds_file = run_dir / "folds.parquet"
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
-    train_features = build_stack_features(train, cnn_score_table(run_dir, "train", train["image_id"]))
+    train_scores = cnn_score_table(run_dir, "train", train["image_id"])
+    train_features = build_stack_features(train, train_scores)
     test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]))
+    copies = [c for c in masked_copies(train, seed) if c.design != "complete"]
     target = train["target"].to_numpy(dtype=int)
+    folds = train["fold"].to_numpy()
     result = cross_val_stack(
-        train_features, target, train["fold"].to_numpy(), test_features, num_boost_round=num_boost_round, seed=seed
+        train_features, target, folds, test_features, num_boost_round=num_boost_round, seed=seed,
+        masked_features={c.design: build_stack_features(c.rows, train_scores) for c in copies},
+        increasing=tuple(train_scores.columns),
     )
-    linear = cross_val_logreg(train_features, target, train["fold"].to_numpy(), test_features)
+    masked = masked_oof_table(train, result.oof_probs, copies, result.masked_oof)
+    calibration = PatternCalibration.fit(masked["score"], masked["target"], masked["fold"], masked["pattern"])
+    # `prob`: the calibration new patients get (one per pattern, so each pattern keeps its ranking);
+    # `prob_cross_fitted`: each fold by a calibration fitted without it, for an honest calibration error.
+    masked["prob"] = calibration.apply(masked["score"], masked["pattern"])
+    masked["prob_cross_fitted"] = calibration.apply(masked["score"], masked["pattern"], masked["fold"])
+    train_pattern, test_pattern = missingness_pattern(train).to_numpy(), missingness_pattern(test).to_numpy()
+    stack_oof = train[["image_id", "patient_id", "fold", "target"]].assign(
+        prob=calibration.apply(result.oof_probs, train_pattern), score=result.oof_probs, pattern=train_pattern
+    )
+    stack_test = test[["image_id", "patient_id"]].assign(
+        prob=calibration.apply(result.test_probs, test_pattern), score=result.test_probs, pattern=test_pattern
+    )
+    linear = cross_val_logreg(train_features, target, folds, test_features)
     stack_dir = run_dir / "stack"
     stack_dir.mkdir(parents=True, exist_ok=True)
     for fold, model in zip(sorted(train["fold"].unique()), result.models):
         atomic_write(stack_dir / f"model_fold{fold}.txt", model.save)
-    for name, (oof_probs, test_probs) in {
-        PRIMARY_STACK: (result.oof_probs, result.test_probs),
-        "logreg_stack": (linear.oof_probs, linear.test_probs),
-    }.items():
-        oof_file, test_file = STACK_OUTPUTS[name]
-        write_table(train[["image_id", "patient_id", "fold", "target"]].assign(prob=oof_probs), stack_dir / oof_file)
-        write_table(test[["image_id", "patient_id"]].assign(prob=test_probs), stack_dir / test_file)
+    lightgbm_oof, lightgbm_test = STACK_OUTPUTS[PRIMARY_STACK]
+    write_table(stack_oof, stack_dir / lightgbm_oof)
+    write_table(stack_test, stack_dir / lightgbm_test)
+    logreg_oof, logreg_test = STACK_OUTPUTS["logreg_stack"]
+    write_table(train[["image_id", "patient_id", "fold", "target"]].assign(prob=linear.oof_probs), stack_dir / logreg_oof)
+    write_table(test[["image_id", "patient_id"]].assign(prob=linear.test_probs), stack_dir / logreg_test)
+    write_table(masked, stack_dir / MASKED_OOF_FILE)
     write_table(train_features.assign(image_id=train["image_id"].to_numpy()), stack_dir / STACK_FEATURES_FILE)
-    auc = roc_auc(target, result.oof_probs)
+    write_json(scoring_reference(train, train_scores, _first_cnn_image_size(run_dir), seed), stack_dir / SCORING_REFERENCE_FILE)
+    auc = roc_auc(target, stack_oof["prob"])
     write_json(
         {
             "cnns": cnn_names(run_dir),
@@ -62,10 +130,12 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
             "num_boost_round": num_boost_round,
             "seed": seed,
             "oof_auc": auc,
+            "masked_copies": [c.design for c in copies],
+            "calibration": calibration.to_json(),
         },
         stack_dir / "features.json",
     )
     if len(test):
-        submission = pd.DataFrame({"image_name": test["image_id"], "target": np.clip(result.test_probs, 0, 1)})
+        submission = pd.DataFrame({"image_name": test["image_id"], "target": np.clip(stack_test["prob"], 0, 1)})
         write_submission(submission, SUBMISSION_FORMATS["isic2020"], test["image_id"], run_dir / "submission.csv")
     return auc

@@ -21,6 +21,7 @@ Lesion
     the patient's other lesions).
 
 Images are RGB JPEGs of a skin background with one lesion; train and test patients are disjoint.
+`colour_cast` multiplies every pixel's R, G, B (another camera or light source).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class SynthConfig:
     image_size: int = 64
     seed: int = 0
     test_fraction: float = 0.2
+    # Per-channel gain on every pixel (R, G, B): another camera's colour balance or lighting, for
+    # testing what a batch from another clinic does (1, 1, 1: none).
+    colour_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
                 melanoma = bool(rng.random() < 1 / (1 + np.exp(-(logit + patient["risk"]))))
                 look = _lesion_look(patient, melanoma, rng)
                 image = render_lesion(look, config.image_size, rng)
+                if config.colour_cast != (1.0, 1.0, 1.0):
+                    image = np.clip(image * np.asarray(config.colour_cast), 0, 255).astype(np.uint8)
                 name = f"ISIC_{config.seed:03d}{len(rows):06d}"
                 Image.fromarray(image).save(out / "jpeg" / patient["split"] / f"{name}.jpg", quality=92)
                 rows.append(

@@ -174,7 +174,7 @@ def test_html_stands_alone_with_every_figure(leaky_run: Path, report: dict) -> N
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page and "<script" not in page
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)
     captions = [caption for caption, _ in images]
-    assert len(images) == 6 and any("Subgroup" in c for c in captions) and any("importance" in c for c in captions)
+    assert len(images) == 7 and any("per missingness pattern" in c for c in captions) and any("Subgroup" in c for c in captions) and any("importance" in c for c in captions)
     for _, png in images:
         with Image.open(io.BytesIO(base64.b64decode(png))) as image:
             assert image.format == "PNG" and min(image.size) > 100
