@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
+from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
 from metadata.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
 from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.schema import DataError
@@ -120,6 +120,13 @@ def _run_table(
     data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"
 ) -> pd.DataFrame:
     """The canonical table of `data` as this run uses it (skipped images recorded and left out), fingerprinted in the manifest."""
+    return _run_data(data, run, fmt, metadata, on_bad_image)[0]
+
+
+def _run_data(
+    data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"
+) -> tuple[pd.DataFrame, str]:
+    """`_run_table` and the name of the data's layout."""
     from metadata.dataset import drop_skipped, load_dataset, record_skipped
     from metadata.manifest import record_data_fingerprint
 
@@ -132,24 +139,36 @@ def _run_table(
         console.print(f"[yellow]skipped {len(loaded.skipped)} image(s) with no file[/yellow]; see {run}/skipped_images.csv")
     table = drop_skipped(loaded.table, run)
     record_data_fingerprint(run, table)
-    return table
+    return table, loaded.format_name
 
 
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into.")],
-    patients: Annotated[int, typer.Option(help="Number of patients (train + test).")] = 200,
+    patients: Annotated[int, typer.Option(help="Number of patients (train + test), unless --images is given.")] = 200,
+    images: Annotated[Optional[int], typer.Option("--images", min=1, help="Number of training images (patients follow).")] = None,  # noqa: UP007
+    layout: Annotated[
+        Literal["isic2020", "isic2024"],
+        typer.Option("--layout", help="isic2020: train.csv + jpeg/; isic2024: *-metadata.csv + *-image.hdf5 with tbp_lv_* columns."),
+    ] = "isic2020",
+    prevalence: Annotated[
+        Optional[float], typer.Option("--prevalence", help="Expected melanoma share (default: the layout's, 0.1% for isic2024).")  # noqa: UP007
+    ] = None,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 64,
     seed: SeedOption = 0,
 ) -> None:
-    """Write a synthetic cohort in the SIIM-ISIC 2020 layout (train.csv, test.csv, jpeg/)."""
+    """Write a synthetic cohort in a competition layout (SIIM-ISIC 2020 or ISIC 2024), rendered on every core."""
     from metadata.synth import SynthConfig, generate_cohort
 
-    cohort = generate_cohort(out, SynthConfig(patients=patients, image_size=image_size, seed=seed))
+    config = SynthConfig(patients=patients, image_size=image_size, seed=seed, layout=layout, images=images, prevalence=prevalence)
+    try:
+        cohort = generate_cohort(out, config)
+    except ValueError as error:
+        raise _fail(error) from error
     train = cohort[cohort["split"] == "train"]
     console.print(
         f"wrote {len(train)} train images ({int(train['target'].sum())} melanomas) and "
-        f"{len(cohort) - len(train)} test images of {patients} patients to {out}"
+        f"{len(cohort) - len(train)} test images of {cohort['patient_id'].nunique()} patients to {out} ({layout} layout)"
     )
 
 
@@ -178,7 +197,7 @@ def folds(
     import pandas as pd
 
     from metadata.dataset import record_skipped
-    from metadata.duplicates import find_duplicate_pairs, fingerprint_images
+    from metadata.duplicates import PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
     from metadata.folds import fold_groups, source_folds, triple_stratified_folds
     from metadata.io import write_table
 
@@ -204,6 +223,17 @@ def folds(
         if dedup:
             pairs = find_duplicate_pairs(fingerprints, max_distance=dedup_distance)
             console.print(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
+    try:
+        published = published_duplicate_pairs(data, table["image_id"])
+    except ValueError as error:
+        raise _fail(error) from error
+    if published is not None:
+        listed, absent = published
+        pairs = listed if pairs is None else pd.concat([pairs, listed], ignore_index=True)
+        console.print(
+            f"{PUBLISHED_DUPLICATES}: {len(listed)} listed duplicate pair(s) kept within one fold"
+            + (f" ({absent} listed pair(s) name an image not in this data)" if absent else "")
+        )
     train = table[table["split"] == "train"]
     try:
         assigned = (
@@ -281,7 +311,15 @@ def train_cnns(
     augment: Annotated[Literal[AUGMENT_LEVELS], typer.Option("--augment")] = "light",
     mix: Annotated[Literal[MIX_CHOICES], typer.Option("--mix")] = "none",
     tta: Annotated[str, typer.Option("--tta", help="Test-time views: none,hflip,vflip,rot90,rot180,rot270.")] = "none,hflip,vflip",
-    cache: Annotated[Literal[CACHE_CHOICES], typer.Option("--cache", help="Decoded-image cache.")] = "memory",
+    cache: Annotated[
+        Literal[CACHE_CHOICES],
+        typer.Option("--cache", help="auto: decoded uint8 images in memory within --cache-budget, else streamed; memory, disk or none."),
+    ] = "auto",
+    cache_budget: Annotated[float, typer.Option("--cache-budget", min=0.0, help="GB of decoded images --cache auto keeps in memory.")] = DEFAULT_CACHE_BUDGET_GB,
+    negatives_per_patient: Annotated[
+        Optional[int],  # noqa: UP007
+        typer.Option("--negatives-per-patient", min=1, help="Each epoch: every melanoma, at most N non-melanomas per patient, drawn afresh."),
+    ] = None,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism (slower); identical OOF on a CPU.")] = False,
     patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without a better val AUC (0: off).")] = 0,
     model: Annotated[Optional[str], typer.Option("--model", help="Train only this model of --models (one job of a scale-out).")] = None,  # noqa: UP007
@@ -322,7 +360,8 @@ def train_cnns(
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
         weight_decay=weight_decay, seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss, class_weight=class_weight,
-        label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, deterministic=deterministic,
+        label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, cache_budget_gb=cache_budget,
+        negatives_per_patient=negatives_per_patient, deterministic=deterministic,
         patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
     )
     try:
@@ -410,15 +449,27 @@ def stack(
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """LightGBM stacker over CNN OOF scores (zero or more CNNs) + metadata + patient context; then the report."""
+    """LightGBM stacker over CNN OOF scores (zero or more CNNs) + metadata + patient context; then the report.
+
+    With test rows, RUN/submission.csv is the stack's submission in the data's own challenge format
+    (ISIC 2024 data: isic_id,target; otherwise SIIM-ISIC 2020's image_name,target), written by `submit`'s code.
+    """
+    import pandas as pd
+
+    from ensemble.run_files import PRIMARY_STACK, load_run_predictions
+    from ensemble.submission import layout_submission_format, run_submission
     from fusion.stage import run_stack
 
-    table = _run_table(data, run, fmt, metadata)
+    table, layout = _run_data(data, run, fmt, metadata)
+    test_ids = pd.Index(table.loc[table["split"] == "test", "image_id"])
     try:
         auc = run_stack(table, run, num_boost_round=rounds, seed=seed)
+        if len(test_ids):
+            chosen = layout_submission_format(layout)
+            run_submission(load_run_predictions(run), chosen, PRIMARY_STACK, test_ids, run / "submission.csv")
     except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
-    wrote = f"; submission: {run / 'submission.csv'}" if (run / "submission.csv").exists() else " (no test rows)"
+    wrote = f"; submission ({chosen.title}): {run / 'submission.csv'}" if len(test_ids) else " (no test rows)"
     console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
     _write_report(run, table, 1000, seed)
 

@@ -48,13 +48,18 @@ from cnn.pairs import (
     start_attempt,
     write_plan,
 )
-from cnn.pipeline import build_augmenter, image_dataset, predict_tta
+from cnn.options import DEFAULT_CACHE_BUDGET_GB
+from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, image_dataset, predict_tta
 from cnn.targets import TargetSpec, resolve_target
+from cnn.tfrecords import is_shard_source
 from ensemble.metrics import roc_auc
 from metadata.folds import attach_folds
 from metadata.io import atomic_write, write_json, write_table
 
 log = logging.getLogger(__name__)
+
+
+CACHE_WORDS = {"memory": "cached in memory as uint8", "disk": "cached on disk as uint8", "none": "streamed, not cached"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class CnnConfig:
     label_smoothing: float = 0.0
     augment: str = "light"
     mix: str = "none"
-    cache: str = "memory"  # memory | disk | none
+    cache: str = "auto"  # auto | memory | disk | none (see cnn.pipeline.choose_cache)
+    cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB  # decoded uint8 images kept in memory up to this size (auto)
+    negatives_per_patient: int | None = None  # each epoch: every positive, at most this many negatives per patient
     deterministic: bool = False  # TensorFlow op determinism: identical OOF on CPU for the same seed
     patience: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
     strategy: str = "auto"  # a key of STRATEGIES
@@ -84,7 +91,7 @@ class CnnConfig:
 
 
 # Options an attempt may change when it resumes another's checkpoint: none alters the trained state.
-RESUMABLE_CHANGES = frozenset({"tta", "cache", "strategy", "jit", "deterministic"})
+RESUMABLE_CHANGES = frozenset({"tta", "cache", "cache_budget_gb", "strategy", "jit", "deterministic"})
 
 
 def best_epoch(val_aucs: list[float]) -> int:
@@ -354,19 +361,29 @@ def train_fold(
     y_val = val_rows["target"].to_numpy(dtype=np.float32)
     cache_dir = fold_dir / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)  # a killed attempt's half-written cache is locked
-    if config.cache == "disk":
+    all_sources = pd.concat([train_rows["image_path"], val_rows["image_path"], test_rows["image_path"]]).astype(str)
+    cache_mode, cache_reason = choose_cache(
+        config.cache, len(all_sources), config.image_size, config.cache_budget_gb, shards=all_sources.map(is_shard_source).all()
+    )
+    log.info("%s fold %d: images %s (%s)", model_name, fold, CACHE_WORDS[cache_mode], cache_reason)
+    progress.console.print(f"{model_name} fold {fold}: images {CACHE_WORDS[cache_mode]} ({cache_reason})")
+    if cache_mode == "disk":
         cache_dir.mkdir()
-    cache = {split: str(cache_dir / split) if config.cache == "disk" else config.cache for split in ("train", "val", "test")}
+    cache = {split: str(cache_dir / split) if cache_mode == "disk" else cache_mode for split in ("train", "val", "test")}
     datasets = {
         split: image_dataset(rows["image_path"], None, config.image_size, config.batch_size, cache=cache[split])
         for split, rows in (("val", val_rows), ("test", test_rows))
     }
     augmenter = build_augmenter(config.seed + fold, config.augment)
+    sampler = EpochSampler(
+        len(train_rows), config.seed + fold, patient=train_rows["patient_id"].fillna(train_rows["image_id"]).to_numpy(),
+        positive=train_rows["target"].to_numpy() == 1, negatives_per_patient=config.negatives_per_patient,
+    )
     train_ds = image_dataset(
-        train_rows["image_path"], y_train, config.image_size, config.batch_size, shuffle=True,
+        train_rows["image_path"], y_train, config.image_size, config.batch_size, sampler=sampler,
         augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"],
     )
-    steps = math.ceil(len(train_rows) / config.batch_size)
+    steps = math.ceil(sampler.epoch_size / config.batch_size)
     checkpoint_dir = fold_dir / CHECKPOINT_DIR
     with strategy.scope():
         model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
@@ -383,11 +400,9 @@ def train_fold(
         )
         rng = random_state_variables(model, augmenter)
         resumed = restore_checkpoint(checkpoint_dir, model, rng, config)
-    # The dataset reshuffles each time an iterator is opened on it. With steps_per_epoch, Keras opens
-    # exactly one per epoch and reads it, so epoch e reads shuffle e; a resumed run opens (without
-    # reading) one per finished epoch to arrive at the order an uninterrupted run would draw next.
-    for _ in range(resumed.epochs_done):
-        iter(train_ds)
+    # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
+    # drawing where an uninterrupted one would be.
+    sampler.epoch = resumed.epochs_done
     best = BestEpochByAUC(datasets["val"], y_val, target, config.patience, resumed.val_aucs, resumed.best_weights)
     label = f"{model_name} fold {fold}"
     if resumed.epochs_done:
@@ -396,6 +411,7 @@ def train_fold(
     epoch_task = progress.add_task("  epoch", total=steps)
     checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config, resumed.losses, resumed.seconds)
     last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
+    fit_started = time.perf_counter()
     model.fit(
         train_ds,
         epochs=last_epoch,
@@ -406,6 +422,7 @@ def train_fold(
         callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
         verbose=0,
     )
+    fit_seconds = time.perf_counter() - fit_started
     progress.remove_task(epoch_task)
     atomic_write(fold_dir / "model.keras", model.save)
     oof = val_rows[["image_id", "patient_id", "target"]].assign(
@@ -433,6 +450,15 @@ def train_fold(
             "best_val_auc": best.val_aucs[chosen],
             "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy()),
             "resumed_after_epoch": resumed.epochs_done,
+            "sampling": {
+                "negatives_per_patient": config.negatives_per_patient,
+                "images_per_epoch": sampler.epoch_size,
+                "training_images": len(train_rows),
+                "cache": cache_mode,
+                "cache_reason": cache_reason,
+                # this attempt's epochs (each with its validation pass) over their wall time
+                "images_per_second": sampler.epoch_size * (last_epoch - resumed.epochs_done) / fit_seconds if fit_seconds > 0 else None,
+            },
             "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
         },
         fold_dir / "history.json",

@@ -50,6 +50,15 @@ SUBMISSION_FORMATS: dict[str, SubmissionFormat] = {
 }
 
 
+# Data layout (a `metadata.formats` name) -> the challenge format its test split is scored in; others: isic2020.
+LAYOUT_SUBMISSIONS: dict[str, str] = {"isic-2024": "isic2024"}
+
+
+def layout_submission_format(layout: str) -> SubmissionFormat:
+    """The binary submission format of a data layout's own challenge (what `stack` writes to RUN/submission.csv)."""
+    return SUBMISSION_FORMATS[LAYOUT_SUBMISSIONS.get(layout, "isic2020")]
+
+
 def submission_format(name: str) -> SubmissionFormat:
     if name not in SUBMISSION_FORMATS:
         raise ValueError(f"--format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")

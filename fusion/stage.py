@@ -1,7 +1,7 @@
 """The `stack` stage: read the run's folds and CNN outputs, fit the stacker per fold, write results.
 
 Writes `RUN/stack/oof.parquet`, `RUN/stack/test.parquet`, `RUN/stack/model_fold<k>.txt`
-(LightGBM text models), `RUN/stack/features.json` and `RUN/submission.csv`; the OOF scores of
+(LightGBM text models) and `RUN/stack/features.json` (the CLI then writes `RUN/submission.csv`); the OOF scores of
 every masked copy (`RUN/stack/masked_oof.parquet`: one row per image and missingness pattern) and
 the scoring reference `predict` compares new batches with (`RUN/stack/scoring_reference.json`); the logistic-regression
 baseline on the same features and folds as `RUN/stack/logreg_{oof,test}.parquet`; and the
@@ -21,7 +21,6 @@ from ensemble.blend import cnn_names, cnn_score_table
 from ensemble.logreg_stack import cross_val_logreg
 from ensemble.metrics import roc_auc
 from ensemble.run_files import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS
-from ensemble.submission import SUBMISSION_FORMATS, write_submission
 from fusion.missingness import METADATA_FIELDS, MaskedCopy, PatternCalibration, masked_copies, missingness_pattern
 from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, moments
 from fusion.stacker import build_stack_features, cross_val_stack
@@ -135,7 +134,4 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
         },
         stack_dir / "features.json",
     )
-    if len(test):
-        submission = pd.DataFrame({"image_name": test["image_id"], "target": np.clip(stack_test["prob"], 0, 1)})
-        write_submission(submission, SUBMISSION_FORMATS["isic2020"], test["image_id"], run_dir / "submission.csv")
     return auc

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -56,36 +61,57 @@ def _fingerprint_one(image_id: str, path: str, reader: ImageBytesReader) -> Imag
     )
 
 
+FINGERPRINT_CHUNK = 1000  # images per task
+PARALLEL_ABOVE = 4000  # images: smaller sets are fingerprinted in this process (no worker start-up)
+
+
+def _fingerprint_chunk(task: tuple[list[str], list[str]]) -> tuple[list[ImageFingerprint], list[tuple[str, str]]]:
+    """Fingerprints of one chunk, and `(image_id, message)` for each image that cannot be read."""
+    fingerprints, errors = [], []
+    with ImageBytesReader() as reader:  # one HDF5 handle for the whole chunk, not one per image
+        for image_id, path in zip(*task):
+            try:
+                fingerprints.append(_fingerprint_one(str(image_id), str(path), reader))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                errors.append((str(image_id), f"image {image_id!r} at {path} cannot be read or decoded ({exc})"))
+    return fingerprints, errors
+
+
 def fingerprint_images(
     image_ids: Sequence[str],
     paths: Sequence[str],
     on_error: str = "raise",
     advance: Callable[[], None] | None = None,
+    workers: int | None = None,
 ) -> tuple[list[ImageFingerprint], list[tuple[str, str]]]:
     """Fingerprint every image; return the fingerprints and `(image_id, error)` for unreadable ones.
 
     `on_error="raise"` stops at the first unreadable image (a dataset should be clean before
     training); `on_error="skip"` lists it instead, so one scan can report every bad file.
-    `advance` is called once per image (a progress bar's hook).
+    `advance` is called once per image (a progress bar's hook). Sets above `PARALLEL_ABOVE` images
+    are hashed on `workers` processes (default: every core), in chunks, results in input order.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
     if len(image_ids) != len(paths):
         raise ValueError(f"got {len(image_ids)} image ids but {len(paths)} paths; pass one path per image id.")
+    ids, sources = [str(i) for i in image_ids], [str(p) for p in paths]
+    tasks = [(ids[i : i + FINGERPRINT_CHUNK], sources[i : i + FINGERPRINT_CHUNK]) for i in range(0, len(ids), FINGERPRINT_CHUNK)]
     fingerprints: list[ImageFingerprint] = []
     errors: list[tuple[str, str]] = []
-    with ImageBytesReader() as reader:  # one HDF5 handle for the whole scan, not one per image
-        for image_id, path in zip(image_ids, paths):
-            try:
-                fingerprints.append(_fingerprint_one(str(image_id), str(path), reader))
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                message = f"image {image_id!r} at {path} cannot be read or decoded ({exc})"
-                if on_error == "raise":
-                    raise ValueError(
-                        f"{message}; remove or replace the file, or pass on_error='skip' to list it instead."
-                    ) from exc
-                errors.append((str(image_id), message))
-            if advance is not None:
+    with ExitStack() as stack:
+        if len(ids) > PARALLEL_ABOVE and workers != 1:
+            context = multiprocessing.get_context("spawn")  # fork is unsafe once TensorFlow's threads exist
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=context))
+            results = pool.map(_fingerprint_chunk, tasks)
+        else:
+            results = map(_fingerprint_chunk, tasks)
+        for (chunk_ids, _), (found, failed) in zip(tasks, results):
+            if failed and on_error == "raise":
+                raise ValueError(f"{failed[0][1]}; remove or replace the file, or pass --on-bad-image skip to list it instead.")
+            fingerprints += found
+            errors += failed
+            for _ in chunk_ids if advance is not None else ():
                 advance()
     return fingerprints, errors
 
@@ -198,3 +224,33 @@ def duplicate_groups(image_ids: Sequence[str], pairs: pd.DataFrame) -> pd.Series
     _, component = connected_components(graph, directed=False)
     labels = pd.Series(index, index=index).groupby(component).transform("min")
     return labels.rename("duplicate_group")
+
+
+PUBLISHED_DUPLICATES = "ISIC_2020_Training_Duplicates.csv"  # the SIIM-ISIC 2020 organisers' list of duplicate pairs
+
+
+def published_duplicate_pairs(root: Path, image_ids: pd.Series) -> tuple[pd.DataFrame, int] | None:
+    """The data folder's published duplicate list as pairs (kind "listed"), and how many of its pairs
+    name an image this data does not have; None without such a list.
+
+    The SIIM-ISIC 2020 organisers list pairs of training images that show the same lesion; kept in
+    one fold, neither leaks its label into the other's validation.
+    """
+    file = Path(root) / PUBLISHED_DUPLICATES
+    if not file.is_file():
+        return None
+    listed = pd.read_csv(file, dtype=str)
+    if not {"image_name_1", "image_name_2"} <= set(listed.columns):
+        raise ValueError(f"{file}: expected the columns image_name_1,image_name_2 (found {list(listed.columns)}).")
+    present = listed["image_name_1"].isin(image_ids) & listed["image_name_2"].isin(image_ids)
+    first, second = listed.loc[present, "image_name_1"], listed.loc[present, "image_name_2"]
+    in_order = first < second
+    pairs = pd.DataFrame(
+        {
+            "image_id_a": first.where(in_order, second).to_numpy(dtype=object),
+            "image_id_b": second.where(in_order, first).to_numpy(dtype=object),
+            "kind": "listed",
+            "distance": 0,
+        }
+    )
+    return pairs, int((~present).sum())

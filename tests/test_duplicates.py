@@ -137,3 +137,15 @@ def test_pigeonhole_search_matches_brute_force(max_distance: int) -> None:
     got = find_duplicate_pairs(fingerprints, max_distance=max_distance)
     assert (expected["kind"] == "exact").any() and (expected["kind"] == "near").any()
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+
+
+def test_parallel_fingerprints_equal_the_sequential_ones_in_input_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import metadata.duplicates as duplicates
+
+    paths = [_save_jpeg(_smooth_image(seed), tmp_path / f"{seed}.jpg") for seed in range(12)]
+    ids = [f"ISIC_{seed}" for seed in range(12)]
+    sequential, _ = fingerprint_images(ids, paths, workers=1)
+    monkeypatch.setattr(duplicates, "PARALLEL_ABOVE", 4)
+    monkeypatch.setattr(duplicates, "FINGERPRINT_CHUNK", 5)  # three tasks on two processes
+    parallel, _ = fingerprint_images(ids, paths, workers=2)
+    assert parallel == sequential and [fp.image_id for fp in parallel] == ids

@@ -1,6 +1,12 @@
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
+
+from cli import app
 
 from metadata.folds import attach_folds, fold_groups, source_folds, triple_stratified_folds
 
@@ -88,3 +94,34 @@ def test_a_group_larger_than_a_fold_is_refused() -> None:
     chained = pd.Series(np.where(np.arange(len(train)) < len(train) // 2, "giant", train["patient_id"]), index=train.index)
     with pytest.raises(ValueError, match="--no-dedup"):
         triple_stratified_folds(train, k=5, groups=chained)
+
+
+def test_the_published_isic2020_duplicate_list_keeps_each_pair_in_one_fold(tiny_cohort: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    first_of_patient = train.groupby("patient_id")["image_name"].first().to_numpy()
+    listed = pd.DataFrame({"image_name_1": first_of_patient[0:12:2], "image_name_2": first_of_patient[1:12:2]})
+    listed = pd.concat([listed, pd.DataFrame({"image_name_1": ["ISIC_not_here"], "image_name_2": [first_of_patient[0]]})])
+    listed.to_csv(data / "ISIC_2020_Training_Duplicates.csv", index=False)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["folds", "--data", str(data), "--run", str(run), "--k", "3", "--no-dedup"])
+    assert result.exit_code == 0, result.output
+    assert "6 listed duplicate pair(s) kept within one fold (1 listed pair(s) name an image not in this data)" in " ".join(result.output.split())
+    fold = pd.read_parquet(run / "folds.parquet").set_index("image_id")["fold"]
+    assert (fold.loc[listed["image_name_1"].iloc[:6]].to_numpy() == fold.loc[listed["image_name_2"].iloc[:6]].to_numpy()).all()
+
+
+def test_a_patient_with_thousands_of_lesions_folds_at_k5() -> None:
+    """ISIC 2024 has patients with thousands of lesions; one real patient larger than a fold is no error."""
+    rng = np.random.default_rng(0)
+    counts = np.r_[3000, 1500, rng.integers(1, 60, 200)]
+    patient = np.repeat([f"p{i}" for i in range(len(counts))], counts)
+    train = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(patient))], "patient_id": patient,
+                          "target": (rng.random(len(patient)) < 0.01).astype(int)})
+    folds = triple_stratified_folds(train, k=5, seed=0)
+    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert folds.groupby("patient_id")["fold"].nunique().max() == 1
+    chained = pd.Series(np.where(np.isin(patient, ["p0", "p1", "p2"]), "chain", patient), index=train.index)
+    with pytest.raises(ValueError, match="joins 3 patients through duplicate images"):
+        triple_stratified_folds(train, k=5, seed=0, groups=chained)
