@@ -69,6 +69,7 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(args.root, ignore_errors=True)
     records = []
+    result = ROOT / "bench" / "results" / args.result  # rewritten after every stage, so a cut-short run keeps its records
 
     def record(n: int, stage: str, command: list[str], images: int | None = None) -> dict:
         seconds, rss = run_measured(command)
@@ -76,6 +77,7 @@ def main() -> None:
                  "images_per_second": round((images if images is not None else n) / seconds, 1)}
         records.append(entry)
         print(json.dumps(entry), flush=True)
+        write_json({**provenance(), "image_size": args.image_size, "k": args.k, "complete": False, "records": records}, result)
         return entry
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -123,8 +125,8 @@ def main() -> None:
         "train_rate_ratio_at_least_0.9": ratios["train_rate_largest_over_smallest"] >= 0.9,
         "stack_plus_report_under_600s": ratios["stack_plus_report_seconds_largest"] < 600,
     }
-    path = write_json({**provenance(), "image_size": args.image_size, "k": args.k, "records": records, "ratios": ratios,
-                       "targets_met": targets}, ROOT / "bench" / "results" / args.result)
+    path = write_json({**provenance(), "image_size": args.image_size, "k": args.k, "complete": True, "records": records,
+                       "ratios": ratios, "targets_met": targets}, result)
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     print(f"targets met: {targets}\nwrote {path}")

@@ -104,9 +104,15 @@ def render_lesion(look: LesionLook, size: int, rng: np.random.Generator) -> np.n
     """Draw one lesion as a uint8 HxWx3 array."""
     axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    cy, cx = rng.normal(0, 0.06, 2)
-    theta = np.arctan2(yy - cy, xx - cx)
-    rr = np.hypot(yy - cy, xx - cx)
+    # Position, elongation and orientation vary per photograph, and so does the light falling across
+    # the skin: without them the perceptual hashes of different patients' lesions collide (`folds`
+    # would chain them into one duplicate group).
+    cy, cx = rng.normal(0, 0.18, 2)
+    angle, stretch = rng.uniform(0, np.pi), rng.uniform(1.0, 1.5)
+    along = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / stretch
+    across = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) * np.sqrt(stretch)
+    theta = np.arctan2(across, along)
+    rr = np.hypot(across, along)
     border = np.ones_like(theta)
     for k in range(2, 8):
         border += look.irregularity * rng.normal() / np.sqrt(k) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
@@ -120,7 +126,9 @@ def render_lesion(look: LesionLook, size: int, rng: np.random.Generator) -> np.n
         blue_grey = np.array([70.0, 65.0, 95.0])
         weight = (look.variegation * blob)[..., None]
         lesion = lesion * (1 - weight) + blue_grey * weight
-    skin = look.skin[None, None, :] + _smooth_noise(rng, size, 4)[..., None] * 6
+    light = rng.uniform(0, 2 * np.pi)
+    gradient = (xx * np.cos(light) + yy * np.sin(light)) * rng.uniform(8, 30)
+    skin = look.skin[None, None, :] + (_smooth_noise(rng, size, 5) * 24 + gradient)[..., None]
     image = skin * (1 - mask[..., None]) + lesion * mask[..., None]
     image += rng.normal(0, 3, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -298,7 +306,8 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
     isic2020: train.csv, test.csv and jpeg/{train,test}/*.jpg. isic2024: train-metadata.csv,
     test-metadata.csv (`isic_id`, `patient_id`, `age_approx`, `sex`, `anatom_site_general`, `target`
     in train, and the `tbp_lv_*` columns of `tbp_features`), train-image.hdf5 and test-image.hdf5
-    (JPEG bytes by `isic_id`).
+    (JPEG bytes by `isic_id`). Cohorts above 4,000 lesions render in spawned worker processes: a
+    script that calls this needs the usual `if __name__ == "__main__":` guard (the CLI and notebooks do not).
     """
     if config.layout not in LAYOUTS:
         raise ValueError(f"--layout {config.layout!r}: choose one of {LAYOUTS}.")
