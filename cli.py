@@ -184,6 +184,9 @@ def folds(
     ] = "patient",
     dedup: Annotated[bool, typer.Option(help="Keep exact/near-duplicate images in one fold (perceptual hash).")] = True,
     dedup_distance: Annotated[int, typer.Option("--dedup-distance", help="Max perceptual-hash bits apart for a near duplicate.")] = 2,
+    max_linked_patients: Annotated[
+        int, typer.Option("--max-linked-patients", help="Cut near-duplicate links that would join more patients than this into one group.")
+    ] = 4,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     on_bad_image: BadImageOption = "raise",
@@ -198,7 +201,7 @@ def folds(
 
     from metadata.dataset import record_skipped
     from metadata.duplicates import PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
-    from metadata.folds import fold_groups, source_folds, triple_stratified_folds
+    from metadata.folds import cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
     from metadata.io import write_table
 
     table = _run_table(data, run, fmt, metadata, on_bad_image)
@@ -235,6 +238,15 @@ def folds(
             + (f" ({absent} listed pair(s) name an image not in this data)" if absent else "")
         )
     train = table[table["split"] == "train"]
+    if pairs is not None and group_by == "patient":
+        pairs, cut = cut_chaining_links(train, pairs, max_linked_patients)
+        if len(cut):
+            console.print(
+                f"[yellow]cut {len(cut)} near-duplicate link(s) between patients[/yellow] that would have chained more than "
+                f"{max_linked_patients} patients into one group (look-alike lesions, not copies), e.g. "
+                + ", ".join(f"{a}~{b}" for a, b in cut[["image_id_a", "image_id_b"]].head(3).itertuples(index=False))
+                + "; raise --max-linked-patients to keep them"
+            )
     try:
         assigned = (
             source_folds(train)

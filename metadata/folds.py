@@ -35,6 +35,53 @@ def _patient_strata(patients: pd.DataFrame, k: int) -> np.ndarray:
     return np.zeros(len(patients), dtype=np.int64)
 
 
+MAX_LINKED_PATIENTS = 4  # patients one group of near duplicates may join before its links look like look-alikes
+
+
+def cut_chaining_links(train: pd.DataFrame, duplicate_pairs: pd.DataFrame, max_patients: int = MAX_LINKED_PATIENTS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split duplicate pairs into `(kept, cut)`: near-duplicate links that would join more than
+    `max_patients` patients into one group are cut.
+
+    A copy of a photograph under another patient id links two patients; a group of dozens linked only
+    by perceptual-hash neighbours is look-alike lesions chaining (at 400,000 images even distinct
+    lesions have neighbours a few bits apart), and it would make one fold swallow the others. Links
+    are taken strongest first (exact and listed pairs, always kept; then near pairs by distance) and
+    a near link is cut when the group it would make holds more than `max_patients` patients.
+
+    >>> train = pd.DataFrame({"image_id": list("abcd"), "patient_id": ["p1", "p2", "p3", "p3"]})
+    >>> pairs = pd.DataFrame({"image_id_a": ["a", "b"], "image_id_b": ["b", "c"], "kind": ["near", "near"], "distance": [1, 2]})
+    >>> kept, cut = cut_chaining_links(train, pairs, max_patients=2)
+    >>> list(kept["image_id_b"]), list(cut["image_id_b"])
+    (['b'], ['c'])
+    """
+    pairs = duplicate_pairs.reset_index(drop=True)
+    patient_of = pd.Series(train["patient_id"].fillna(train["image_id"]).astype(str).to_numpy(), index=train["image_id"].astype(str))
+    first = patient_of.reindex(pairs["image_id_a"].astype(str)).to_numpy()
+    second = patient_of.reindex(pairs["image_id_b"].astype(str)).to_numpy()
+    near = pairs["kind"].eq("near").to_numpy()
+    crossing = pairs.index[pd.notna(first) & pd.notna(second) & (first != second)]
+    strongest_first = pairs.loc[crossing].assign(near=near[crossing]).sort_values(["near", "distance"], kind="stable").index
+    parent: dict[str, str] = {}
+    patients: dict[str, int] = {}  # per group root
+
+    def root(patient: str) -> str:
+        while parent.get(patient, patient) != patient:
+            patient = parent[patient]
+        return patient
+
+    cut = np.zeros(len(pairs), dtype=bool)
+    for position in strongest_first:
+        ra, rb = root(first[position]), root(second[position])
+        if ra == rb:
+            continue
+        joined = patients.get(ra, 1) + patients.get(rb, 1)
+        if near[position] and joined > max_patients:
+            cut[position] = True
+            continue
+        parent[rb], patients[ra] = ra, joined
+    return pairs[~cut], pairs[cut]
+
+
 def fold_groups(train: pd.DataFrame, duplicate_pairs: pd.DataFrame | None = None) -> pd.Series:
     """Group per training row: its patient, merged with every image it duplicates (transitively).
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cli import app
 
-from metadata.folds import attach_folds, fold_groups, source_folds, triple_stratified_folds
+from metadata.folds import attach_folds, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
 
 
 def _cohort(seed: int = 0, patients: int = 300) -> pd.DataFrame:
@@ -125,3 +125,21 @@ def test_a_patient_with_thousands_of_lesions_folds_at_k5() -> None:
     chained = pd.Series(np.where(np.isin(patient, ["p0", "p1", "p2"]), "chain", patient), index=train.index)
     with pytest.raises(ValueError, match="joins 3 patients through duplicate images"):
         triple_stratified_folds(train, k=5, seed=0, groups=chained)
+
+
+def test_near_duplicate_links_that_would_chain_many_patients_are_cut() -> None:
+    """Look-alike lesions of different patients chain through near-duplicate links; exact copies never are cut."""
+    train = _cohort(patients=40)
+    first_of = train.groupby("patient_id")["image_id"].first()
+    chain = [first_of[f"p{i}"] for i in range(1, 11)]  # p1~p2~...~p10 through near links
+    near = pd.DataFrame({"image_id_a": chain[:-1], "image_id_b": chain[1:], "kind": "near", "distance": [2, 1] * 4 + [2]})
+    exact = pd.DataFrame({"image_id_a": [first_of["p20"]], "image_id_b": [first_of["p21"]], "kind": "exact", "distance": [0]})
+    kept, cut = cut_chaining_links(train, pd.concat([near, exact], ignore_index=True), max_patients=3)
+    assert exact.iloc[0].to_dict() in kept.to_dict("records")
+    groups = fold_groups(train, kept)
+    patients_per_group = train.groupby(groups.to_numpy())["patient_id"].nunique()
+    assert patients_per_group.max() == 3
+    assert len(kept) + len(cut) == len(near) + 1
+    assert (cut["distance"] >= kept.loc[kept["kind"] == "near", "distance"].min()).all()
+    # every link that was cut would indeed have joined two groups that were already apart
+    assert (groups.set_axis(train["image_id"]).loc[cut["image_id_a"]].to_numpy() != groups.set_axis(train["image_id"]).loc[cut["image_id_b"]].to_numpy()).all()
