@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from cnn.options import AUGMENT_LEVELS
-from cnn.tfrecords import is_shard_source, shard_images
+from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
 from metadata.images import ImageBytesReader
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -120,10 +120,18 @@ class EpochSampler:
     def epoch_size(self) -> int:
         return int(self.keep(0).sum())  # the same every epoch: every positive, min(N, negatives) per patient
 
+    def _next_epoch(self) -> int:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch
+
     def __call__(self) -> Iterator[np.ndarray]:
         """One epoch's indices per iterator opened on the dataset (Keras opens one per epoch)."""
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        yield self.indices(epoch)
+        yield self.indices(self._next_epoch())
+
+    def masks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """One epoch's `(seed, rows kept)` per iterator opened: what a TFRecord stream filters and shuffles by."""
+        epoch = self._next_epoch()
+        yield int(np.random.default_rng([self.seed, epoch, 2]).integers(2**62)), self.keep(epoch)
 
 
 BYTES_PER_PIXEL = 3  # decoded images are kept as uint8 RGB
@@ -138,8 +146,8 @@ def choose_cache(cache: str, n_images: int, image_size: int, budget_gb: float, s
     """The cache mode to use (`memory`, `disk` or `none`) and why, for `--cache auto` or an explicit choice.
 
     `auto` keeps the decoded images in memory when they fit the budget and streams (read and decode
-    every epoch, after shuffling) when they do not. TFRecord shards are read sequentially, so above
-    the budget they are decoded once into a uint8 file on disk instead of streamed.
+    every epoch, after shuffling) when they do not: from their files in a shuffled order, or from
+    TFRecord shards interleaved and shuffled in a bounded buffer.
 
     >>> choose_cache("auto", 10_000, 64, budget_gb=1.0)[0], choose_cache("auto", 200_000, 64, budget_gb=1.0)[0]
     ('memory', 'none')
@@ -149,9 +157,8 @@ def choose_cache(cache: str, n_images: int, image_size: int, budget_gb: float, s
         return cache, f"--cache {cache}"
     if need <= budget_gb:
         return "memory", f"{n_images} images at {image_size} px need {need:.2f} GB decoded, within --cache-budget {budget_gb:g} GB"
-    fallback = "disk" if shards else "none"
-    how = "decoded once into a uint8 file (TFRecords cannot be read out of order)" if shards else "streamed from their files"
-    return fallback, f"{n_images} images at {image_size} px would need {need:.2f} GB decoded, over --cache-budget {budget_gb:g} GB: {how}"
+    how = "streamed from the TFRecord shards, interleaved and shuffled in a bounded buffer" if shards else "streamed from their files"
+    return "none", f"{n_images} images at {image_size} px would need {need:.2f} GB decoded, over --cache-budget {budget_gb:g} GB: {how}"
 
 
 def decoded_store(sources: list[str], image_size: int, file: str | None = None) -> np.ndarray:
@@ -276,7 +283,8 @@ def image_dataset(
     Row *indices* are shuffled (`sampler`, or a fresh permutation per epoch with `shuffle=True`) and
     images are read after that, so no buffer holds decoded images. `cache`: "memory" decodes every
     image once into a uint8 array (3 bytes per pixel), "disk" into a uint8 .npy file of that name
-    (a path prefix), "none" reads and decodes each epoch's images in parallel. `mix` is "none",
+    (a path prefix), "none" reads and decodes each epoch's images in parallel (TFRecord shards:
+    interleaved and shuffled in a bounded buffer, `cnn.tfrecords.shuffled_shard_records`). `mix` is "none",
     "mixup" or "cutmix".
     """
     sources = list(paths)
@@ -292,19 +300,21 @@ def image_dataset(
         size = sampler.epoch_size
     indices = indices.apply(tf.data.experimental.assert_cardinality(size))
     shards = bool(sources) and all(is_shard_source(s) for s in sources)
-    if cache == "none" and shards and sampler is not None:
-        raise ValueError("TFRecord shards are read in their stored order: train from them with --cache auto, memory or disk.")
-    if cache == "none" and shards:  # in stored order, for prediction
+    y_rows = None if labels is None else tf.constant(np.asarray(labels, np.float32))
+
+    def decode_row(i: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        image = decode_image(encoded, image_size)
+        return image if y_rows is None else (image, tf.gather(y_rows, i))
+
+    if cache == "none" and shards and sampler is not None:  # interleaved shards, shuffled in a bounded buffer
+        rows = shuffled_shard_records(sources, sampler.masks).map(decode_row, num_parallel_calls=AUTOTUNE)
+        ds = rows.apply(tf.data.experimental.assert_cardinality(size)).batch(batch_size)
+    elif cache == "none" and shards:  # in stored order, for prediction
         ds = encoded_images(sources).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE).batch(batch_size)
     elif cache == "none":
         # one map per index: image and label come from the same draw of the (per-epoch) index stream
-        read, y = bytes_reader(sources), None if labels is None else tf.constant(np.asarray(labels, np.float32))
-
-        def load_one(i: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-            image = decode_image(read(i), image_size)
-            return image if y is None else (image, tf.gather(y, i))
-
-        ds = indices.map(load_one, num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
+        read = bytes_reader(sources)
+        ds = indices.map(lambda i: decode_row(i, read(i)), num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
     else:
         store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy")
         y = None if labels is None else np.asarray(labels, dtype=np.float32)

@@ -3,16 +3,19 @@
 `write_shards` stores each image once (optionally re-encoded at a fixed size, as the ISIC 2020
 winners did with 512-1024 px shards of the multi-megapixel originals) as `tf.train.Example`s with
 `image_id` and `image` (JPEG bytes) features, in the run table's order. `shard_sources` points the
-run's table at those records with `SHARD.tfrec#POSITION` sources, which `cnn.pipeline` streams.
+run's table at those records with `SHARD.tfrec#POSITION` sources, which `cnn.pipeline` reads in the
+stored order for prediction (`shard_images`) and in a fresh shuffled order each training epoch
+(`shuffled_shard_records`).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 from PIL import Image
@@ -127,3 +130,45 @@ def shard_images(sources: list[str]) -> tf.data.Dataset:
     for dataset in datasets[1:]:
         combined = combined.concatenate(dataset)
     return combined.map(lambda record: tf.io.parse_single_example(record, FEATURES)["image"])
+
+
+SHARD_CYCLE = 4  # shards read at once, interleaved
+SHARD_SHUFFLE_BUFFER = 2048  # encoded records (a few MB at 64-256 px): the only images held in memory
+
+
+def shuffled_shard_records(sources: list[str], epochs: Callable[[], Iterator[tuple[int, np.ndarray]]]) -> tf.data.Dataset:
+    """`(row, encoded bytes)` of each epoch's rows, streamed from TFRecord shards in a fresh order.
+
+    The way the SIIM-ISIC 2020 winners fed TPUs: each epoch reads the shards in a seeded random order,
+    `SHARD_CYCLE` at a time, interleaved, and shuffles the records in a bounded buffer; memory holds
+    `SHARD_SHUFFLE_BUFFER` encoded records, whatever the dataset's size. `epochs` yields one
+    `(seed, keep)` per epoch (`keep`: a mask over `sources`, the rows that epoch trains on); records
+    of the shards that are not in `sources`, or not kept, are skipped. `row` indexes `sources`.
+    """
+    refs = [(shard, int(position)) for shard, position in (s.rsplit("#", 1) for s in sources)]
+    shards = list(dict.fromkeys(shard for shard, _ in refs))
+    shard_index = {shard: i for i, shard in enumerate(shards)}
+    lengths = np.zeros(len(shards), np.int64)
+    for shard, position in refs:
+        lengths[shard_index[shard]] = max(lengths[shard_index[shard]], position + 1)
+    offsets = np.r_[0, np.cumsum(lengths)[:-1]]
+    row_of = np.full(int(lengths.sum()), -1, np.int64)  # (shard offset + position) -> row of `sources`
+    row_of[[offsets[shard_index[shard]] + position for shard, position in refs]] = np.arange(len(refs))
+    files, lengths_t, offsets_t, row_of_t = (tf.constant(v) for v in (shards, lengths, offsets, row_of))
+
+    def records_of(shard: tf.Tensor) -> tf.data.Dataset:
+        records = tf.data.TFRecordDataset(tf.gather(files, shard)).take(tf.gather(lengths_t, shard)).enumerate()
+        return records.map(lambda position, record: (tf.gather(row_of_t, tf.gather(offsets_t, shard) + position), record))
+
+    def one_epoch(seed: tf.Tensor, keep: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(shards), dtype=tf.int64), seed=tf.stack([seed, 7]))
+        records = tf.data.Dataset.from_tensor_slices(order).interleave(
+            records_of, cycle_length=SHARD_CYCLE, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        kept = records.filter(lambda row, _: tf.logical_and(row >= 0, tf.gather(keep, tf.maximum(row, 0))))
+        return kept.shuffle(SHARD_SHUFFLE_BUFFER, seed=seed).map(
+            lambda row, record: (row, tf.io.parse_single_example(record, FEATURES)["image"])
+        )
+
+    signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([len(sources)], tf.bool))
+    return tf.data.Dataset.from_generator(epochs, output_signature=signature).flat_map(one_epoch)
