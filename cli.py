@@ -24,8 +24,9 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
-from metadata.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
 from metadata.dataset import BAD_IMAGE_POLICIES
+from metadata.run.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
+from metadata.run.layout import PRIMARY_STACK, RunLayout
 from metadata.schema import DataError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ CONFIG_EPILOG = (
 
 
 class ConfigGroup(TyperGroup):
-    """Gives every command `--config FILE`: the file's options (metadata/config.py) become its defaults.
+    """Gives every command `--config FILE`: the file's options (metadata/run/config.py) become its defaults.
 
     One mechanism for all commands: the file is read before the command parses its flags and its
     options are handed over as click's `default_map`, so flags on the command line still win.
@@ -93,9 +94,9 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def run_stage(*args: Any, **kwargs: Any) -> None:
-        from metadata.config import config_section
-        from metadata.manifest import record_stage_seconds, record_stage_start
-        from metadata.runlog import run_log
+        from metadata.run.config import config_section
+        from metadata.run.manifest import record_stage_seconds, record_stage_start
+        from metadata.run.runlog import run_log
 
         arguments = parameters.bind(*args, **kwargs)
         arguments.apply_defaults()
@@ -128,7 +129,7 @@ def _run_data(
 ) -> tuple[pd.DataFrame, str]:
     """`_run_table` and the name of the data's layout."""
     from metadata.dataset import drop_skipped, load_dataset, record_skipped
-    from metadata.manifest import record_data_fingerprint
+    from metadata.run.manifest import record_data_fingerprint
 
     try:
         loaded = load_dataset(data, fmt, metadata, on_bad_image)
@@ -202,7 +203,7 @@ def folds(
     from metadata.dataset import record_skipped
     from metadata.duplicates import PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
     from metadata.folds import cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
-    from metadata.io import write_table
+    from metadata.run.io import write_table
 
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     pairs = None
@@ -255,7 +256,7 @@ def folds(
         )
     except ValueError as error:
         raise _fail(error) from error
-    write_table(assigned, run / "folds.parquet")
+    write_table(assigned, RunLayout(run).folds)
     summary = assigned.assign(target=train["target"].to_numpy(dtype=int)).groupby("fold")
     out = Table("fold", "images", "patients", "melanoma rate", title=f"{assigned['fold'].nunique()} folds by {group_by}")
     for fold, rows in summary:
@@ -275,7 +276,7 @@ def inspect(
     Exits with status 1 when the data cannot be trained on as it is.
     """
     from metadata.inspect import inspect_dataset
-    from metadata.io import write_json
+    from metadata.run.io import write_json
 
     summary = inspect_dataset(data, fmt, metadata)
     if json_out is not None:
@@ -352,10 +353,10 @@ def train_cnns(
     """
     from cnn.backbones import parse_model_specs
     from cnn.pairs import describe_pairs, unfinished_pairs
-    from cnn.tfrecords import SHARD_DIR, shard_sources
+    from cnn.tfrecords import shard_sources
     from cnn.train import CnnConfig
     from cnn.train import train_cnns as run_training
-    from metadata.io import read_table
+    from metadata.run.io import read_table
 
     try:
         specs = parse_model_specs(models, image_size)
@@ -367,7 +368,7 @@ def train_cnns(
     except ValueError as error:
         raise _fail(error) from error
     if sharded is not None:
-        console.print(f"reading images from the TFRecord shards in {run / SHARD_DIR}")
+        console.print(f"reading images from the TFRecord shards in {RunLayout(run).shards}")
         table = sharded
     config = CnnConfig(
         image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
@@ -377,7 +378,7 @@ def train_cnns(
         patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
     )
     try:
-        aucs = run_training(table, read_table(run / "folds.parquet", "folds"), specs, config, run, model, fold)
+        aucs = run_training(table, read_table(RunLayout(run).folds, "folds"), specs, config, run, model, fold)
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise _fail(error) from error
     for name, auc in aucs.items():
@@ -404,7 +405,7 @@ def tfrecords(
     For large sets (ISIC 2020's multi-megapixel JPEGs): each image is decoded and resized once here,
     not on every run. Store at least the largest size a model of the run uses.
     """
-    from cnn.tfrecords import SHARD_DIR, write_shards
+    from cnn.tfrecords import write_shards
 
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with Progress(console=console) as progress:
@@ -413,8 +414,8 @@ def tfrecords(
             index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
         except (ValueError, OSError) as error:
             raise _fail(error) from error
-    size = sum(f.stat().st_size for f in (run / SHARD_DIR).glob("*.tfrec"))
-    console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {run / SHARD_DIR}")
+    size = sum(f.stat().st_size for f in RunLayout(run).shards.glob("*.tfrec"))
+    console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {RunLayout(run).shards}")
 
 
 def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int) -> None:
@@ -432,7 +433,8 @@ def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int)
         console.print(out)
     for warning in written["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"report: {run / 'report.html'} (standalone), {run / 'report.md'} (+ figures/), {run / 'report.json'}")
+    layout = RunLayout(run)
+    console.print(f"report: {layout.report_html} (standalone), {layout.report_md} (+ figures/), {layout.report_json}")
 
 
 @app.command()
@@ -468,7 +470,7 @@ def stack(
     """
     import pandas as pd
 
-    from ensemble.run_files import PRIMARY_STACK, load_run_predictions
+    from ensemble.run_files import load_run_predictions
     from ensemble.submission import layout_submission_format, run_submission
     from fusion.stage import run_stack
 
@@ -478,10 +480,10 @@ def stack(
         auc = run_stack(table, run, num_boost_round=rounds, seed=seed)
         if len(test_ids):
             chosen = layout_submission_format(layout)
-            run_submission(load_run_predictions(run), chosen, PRIMARY_STACK, test_ids, run / "submission.csv")
+            run_submission(load_run_predictions(run), chosen, PRIMARY_STACK, test_ids, RunLayout(run).submission)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
-    wrote = f"; submission ({chosen.title}): {run / 'submission.csv'}" if len(test_ids) else " (no test rows)"
+    wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if len(test_ids) else " (no test rows)"
     console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
     _write_report(run, table, 1000, seed)
 
@@ -686,7 +688,7 @@ def demo(
     folds(data=data, run=out, k=3, seed=seed)
     train_cnns(data=data, run=out, models="small,mobilenet_v3_small", image_size=32, epochs=4, seed=seed)
     stack(data=data, run=out, seed=seed)
-    console.print(f"submission: {out / 'submission.csv'}")
+    console.print(f"submission: {RunLayout(out).submission}")
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from cnn.backbones import build_classifier  # noqa: E402
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
-from metadata.io import write_json  # noqa: E402
+from metadata.run.io import write_json  # noqa: E402
 from common import provenance  # noqa: E402
 
 

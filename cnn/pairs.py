@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metadata.io import read_table, write_json, write_table
+from metadata.run.io import read_table, write_json, write_table
+from metadata.run.layout import HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
 
-PLAN_FILE = Path("cnn") / "plan.json"
 DONE_FILE = "done.json"
 FAILED_FILE = "failed.json"
 HEARTBEAT_FILE = "heartbeat.json"
@@ -41,12 +41,12 @@ STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belon
 
 
 def pair_dir(run_dir: Path, model: str, fold: int) -> Path:
-    return Path(run_dir) / "cnn" / model / f"fold{fold}"
+    return RunLayout(run_dir).fold_dir(model, fold)
 
 
 def write_plan(run_dir: Path, models: dict[str, int], folds: list[int], epochs: int) -> None:
     """Declare the pairs of a run, so `stack` and `status` know what is still missing."""
-    write_json({"models": models, "folds": folds, "epochs": epochs}, Path(run_dir) / PLAN_FILE)
+    write_json({"models": models, "folds": folds, "epochs": epochs}, RunLayout(run_dir).plan)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -58,7 +58,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def read_plan(run_dir: Path) -> dict | None:
-    return _read_json(Path(run_dir) / PLAN_FILE)
+    return _read_json(RunLayout(run_dir).plan)
 
 
 def declared_pairs(run_dir: Path) -> list[tuple[str, int]]:
@@ -177,7 +177,7 @@ class PairEvidence:
             heartbeat=_read_json(fold_dir / HEARTBEAT_FILE),
             failure=_read_json(fold_dir / FAILED_FILE),
             checkpoint=_read_json(fold_dir / CHECKPOINT_DIR / CHECKPOINT_STATE),
-            history=_read_json(fold_dir / "history.json"),
+            history=_read_json(fold_dir / HISTORY_FILE),
         )
 
 
@@ -234,7 +234,7 @@ def run_status(run_dir: Path, now: float) -> list[PairStatus]:
     plan = read_plan(run_dir) or {"models": {}, "folds": [], "epochs": None}
     found = [
         (fold_dir.parent.name, int(fold_dir.name.removeprefix("fold")))
-        for fold_dir in sorted((Path(run_dir) / "cnn").glob("*/fold*"))
+        for fold_dir in sorted(RunLayout(run_dir).cnn.glob("*/fold*"))
         if fold_dir.is_dir() and fold_dir.name.removeprefix("fold").isdigit()
     ]
     pairs = list(dict.fromkeys(declared_pairs(run_dir) + found))
@@ -246,8 +246,8 @@ def run_status(run_dir: Path, now: float) -> list[PairStatus]:
 
 def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Concatenate per-fold OOF tables and average per-fold test probabilities."""
-    oof = pd.concat([read_table(model_dir / f"fold{f}" / "oof.parquet", "train-cnns") for f in folds])
-    tests = [read_table(model_dir / f"fold{f}" / "test.parquet", "train-cnns") for f in folds]
+    oof = pd.concat([read_table(model_dir / f"fold{f}" / OOF_FILE, "train-cnns") for f in folds])
+    tests = [read_table(model_dir / f"fold{f}" / TEST_FILE, "train-cnns") for f in folds]
     test = tests[0][["image_id", "patient_id"]].copy()
     for f, frame in zip(folds, tests):
         test[f"prob_fold{f}"] = frame["prob"].to_numpy()
@@ -255,8 +255,8 @@ def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFr
     class_columns = [c for c in tests[0].columns if c.startswith("prob_")]
     for column in class_columns:
         test[column] = np.mean([frame[column].to_numpy() for frame in tests], axis=0)
-    write_table(oof.reset_index(drop=True), model_dir / "oof.parquet")
-    write_table(test, model_dir / "test.parquet")
+    write_table(oof.reset_index(drop=True), model_dir / OOF_FILE)
+    write_table(test, model_dir / TEST_FILE)
     return oof, test
 
 
@@ -275,6 +275,6 @@ def require_finished_cnns(run_dir: Path) -> None:
         )
     plan = read_plan(run_dir)
     for model in (plan or {"models": {}})["models"]:
-        model_dir = Path(run_dir) / "cnn" / model
-        if not (model_dir / "oof.parquet").exists():
+        model_dir = RunLayout(run_dir).model_dir(model)
+        if not (model_dir / OOF_FILE).exists():
             assemble_model_outputs(model_dir, plan["folds"])

@@ -21,9 +21,9 @@ import tensorflow as tf
 from PIL import Image
 
 from metadata.images import ImageBytesReader
-from metadata.io import read_table, write_table
+from metadata.run.io import read_table, write_table
+from metadata.run.layout import RunLayout
 
-SHARD_DIR = "tfrecords"
 INDEX_FILE = "index.parquet"
 SHARD_SUFFIX = ".tfrec"
 FEATURES = {"image_id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
@@ -61,7 +61,7 @@ def write_shards(
     """
     if records_per_shard < 1:
         raise ValueError(f"--records-per-shard must be at least 1, got {records_per_shard}.")
-    shard_dir = Path(run_dir) / SHARD_DIR
+    shard_dir = RunLayout(run_dir).shards
     shard_dir.mkdir(parents=True, exist_ok=True)
     index = []
     with ImageBytesReader() as reader:
@@ -90,7 +90,7 @@ def shard_sources(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame | None:
 
     Refuses shards that miss some of the table's images (written before the data changed).
     """
-    index_file = Path(run_dir) / SHARD_DIR / INDEX_FILE
+    index_file = RunLayout(run_dir).shards / INDEX_FILE
     if not index_file.exists():
         return None
     index = read_table(index_file, "tfrecords").set_index("image_id")

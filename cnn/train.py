@@ -52,9 +52,10 @@ from cnn.options import DEFAULT_CACHE_BUDGET_GB
 from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, image_dataset, predict_tta
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source
-from ensemble.metrics import roc_auc
 from metadata.folds import attach_folds
-from metadata.io import atomic_write, write_json, write_table
+from metadata.metrics import roc_auc
+from metadata.run.io import atomic_write, write_json, write_table
+from metadata.run.layout import HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +425,7 @@ def train_fold(
     )
     fit_seconds = time.perf_counter() - fit_started
     progress.remove_task(epoch_task)
-    atomic_write(fold_dir / "model.keras", model.save)
+    atomic_write(fold_dir / MODEL_FILE, model.save)
     oof = val_rows[["image_id", "patient_id", "target"]].assign(
         fold=fold, **_probability_columns(predict_tta(model, datasets["val"], config.tta), target)
     )
@@ -433,8 +434,8 @@ def train_fold(
         test = test.assign(**_probability_columns(predict_tta(model, datasets["test"], config.tta), target))
     else:
         test = test.assign(prob=np.array([], dtype=float))
-    write_table(oof, fold_dir / "oof.parquet")
-    write_table(test, fold_dir / "test.parquet")
+    write_table(oof, fold_dir / OOF_FILE)
+    write_table(test, fold_dir / TEST_FILE)
     chosen = best_epoch(best.val_aucs)
     write_json(
         {
@@ -442,7 +443,7 @@ def train_fold(
             "fold": fold,
             "config": asdict(config),
             "classes": list(target.classes),
-            # what the prior-adjusted (balanced-accuracy) decision divides by; see ensemble.metrics
+            # what the prior-adjusted (balanced-accuracy) decision divides by; see metadata.metrics
             "training_prior": target.training_prior(y_train, config.class_weight).tolist() if target.multiclass else None,
             "loss": checkpoint.losses,
             "val_auc": best.val_aucs,
@@ -461,7 +462,7 @@ def train_fold(
             },
             "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
         },
-        fold_dir / "history.json",
+        fold_dir / HISTORY_FILE,
     )
     shutil.rmtree(cache_dir, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
@@ -506,7 +507,7 @@ def assemble_finished_models(run_dir: Path, models: dict[str, int], fold_ids: li
     aucs: dict[str, float] = {}
     for model_name in models:
         if all(is_done(run_dir, model_name, fold) for fold in fold_ids):
-            oof, _ = assemble_model_outputs(Path(run_dir) / "cnn" / model_name, fold_ids)
+            oof, _ = assemble_model_outputs(RunLayout(run_dir).model_dir(model_name), fold_ids)
             aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
     return aucs
 
@@ -530,7 +531,7 @@ def train_cnns(
             f"{int(without_image.sum())} row(s) have no image (first: {table.loc[without_image, 'image_id'].iloc[0]!r}); "
             "metadata-only data cannot train CNNs: run `stack` with zero CNNs instead."
         )
-    train = attach_folds(table, folds, str(Path(run_dir) / "folds.parquet"))
+    train = attach_folds(table, folds, str(RunLayout(run_dir).folds))
     test = table[table["split"] == "test"]
     fold_ids = sorted(int(f) for f in train["fold"].unique())
     pairs = selected_pairs(models, fold_ids, model, fold)

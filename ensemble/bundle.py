@@ -29,12 +29,12 @@ import lightgbm as lgb
 import pandas as pd
 
 from cnn.targets import TargetSpec
-from ensemble.blend import fold_model_scales
 from ensemble.operating_point import OperatingPoint, choose_operating_point
-from ensemble.run_files import MASKED_OOF_FILE, SCORING_REFERENCE_FILE
+from fusion.cnn_scores import fold_model_scales
 from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
-from metadata.io import read_table, write_json
+from metadata.run.io import read_table, write_json
+from metadata.run.layout import MASKED_OOF_FILE, SCORING_REFERENCE_FILE, RunLayout
 from metadata.schema import SEXES, SITES
 
 BUNDLE_FORMAT = "melanoma-pipeline-bundle"
@@ -125,16 +125,17 @@ def _load_keras(path: Path) -> keras.Model:
 
 def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
     """Copy one CNN's fold models (re-saved without optimizer state) and describe them for the config."""
-    model_dir = run_dir / "cnn" / name
-    scales = fold_model_scales(read_table(model_dir / "oof.parquet", "train-cnns"))
+    layout = RunLayout(run_dir)
+    model_dir = layout.model_dir(name)
+    scales = fold_model_scales(read_table(layout.cnn_outputs(name)[0], "train-cnns"))
     if sorted(int(f) for f in scales.index) != folds:
         raise BundleError(
             f"{model_dir}/oof.parquet covers folds {sorted(scales.index)} but the stack has folds {folds}; "
             "re-run `train-cnns` and `stack` on the same folds."
         )
-    history = _read_json(model_dir / f"fold{folds[0]}" / "history.json", "re-run `train-cnns`")  # one recipe for all folds
+    history = _read_json(layout.history(name, folds[0]), "re-run `train-cnns`")  # one recipe for all folds
     for fold in folds:
-        model_file = model_dir / f"fold{fold}" / "model.keras"
+        model_file = layout.model_file(name, fold)
         if not model_file.exists():
             raise BundleError(f"{model_file} is missing: re-run `train-cnns` on {run_dir}.")
         target = out / "cnn" / name / f"fold{fold}.keras"
@@ -173,8 +174,8 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
     nothing behind that could be mistaken for a bundle.
     """
     run_dir, out = Path(run_dir), Path(out)
-    stack_dir = run_dir / "stack"
-    stack_info = _read_json(stack_dir / "features.json", f"run `python cli.py stack --data DIR --run {run_dir}` first")
+    stack_dir = RunLayout(run_dir).stack
+    stack_info = _read_json(RunLayout(run_dir).stack_recipe, f"run `python cli.py stack --data DIR --run {run_dir}` first")
     if not stack_info["cnns"]:
         raise BundleError(
             f"the stack of {run_dir} uses no CNN (a metadata-only baseline); a bundle scores images: "

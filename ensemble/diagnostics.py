@@ -16,9 +16,10 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from ensemble.metrics import auc_standard_error, roc_auc
-from ensemble.run_files import PRIMARY_STACK, STACK_FEATURES_FILE, RunPredictions
-from metadata.io import read_table
+from ensemble.run_files import RunPredictions
+from metadata.metrics import auc_standard_error, roc_auc
+from metadata.run.io import read_table
+from metadata.run.layout import PRIMARY_STACK, STACK_FEATURES_FILE, RunLayout
 
 NEAR_PERFECT_AUC = 0.99  # no melanoma model or single feature reaches this honestly on ISIC data
 # OOF AUC (with TTA) may beat the training-time validation AUC (without) by this much, or by two
@@ -39,7 +40,7 @@ def single_feature_auc(values: pd.Series, target: np.ndarray) -> float | None:
 def lightgbm_gain_share(run_dir: Path) -> pd.Series:
     """Each feature's share of the total split gain, averaged over the fold models (empty without a stack)."""
     shares = []
-    for path in sorted((Path(run_dir) / "stack").glob("model_fold*.txt")):
+    for path in RunLayout(run_dir).stack_boosters:
         booster = lgb.Booster(model_file=str(path))
         gain = pd.Series(booster.feature_importance("gain"), index=booster.feature_name(), dtype=float)
         shares.append(gain / gain.sum() if gain.sum() > 0 else gain)
@@ -51,7 +52,7 @@ def stack_feature_table(run_dir: Path, predictions: RunPredictions) -> list[dict
 
     A stack barely above its best single feature adds little; one below a feature is overfitting.
     """
-    features_file = Path(run_dir) / "stack" / STACK_FEATURES_FILE
+    features_file = RunLayout(run_dir).stack / STACK_FEATURES_FILE
     if not features_file.exists() or PRIMARY_STACK not in {m.name for m in predictions.models}:
         return []
     features = read_table(features_file, "stack").set_index("image_id").reindex(predictions.rows.index)
@@ -82,7 +83,7 @@ class RunEvidence:
 
 
 def _folds_differ(evidence: RunEvidence) -> list[str]:
-    folds_file = evidence.run_dir / "folds.parquet"
+    folds_file = RunLayout(evidence.run_dir).folds
     if not folds_file.exists():
         return []
     run_folds = read_table(folds_file, "folds").set_index("image_id")["fold"]
@@ -101,7 +102,7 @@ def _oof_above_validation(evidence: RunEvidence) -> list[str]:
     warnings = []
     target = evidence.predictions.rows["target"].to_numpy(dtype=int)
     for model in evidence.predictions.of_kind("cnn"):
-        for history_file in sorted((evidence.run_dir / "cnn" / model.name).glob("fold*/history.json")):
+        for history_file in RunLayout(evidence.run_dir).histories(model.name):
             history = json.loads(history_file.read_text())
             in_fold = (model.oof["fold"] == history["fold"]).to_numpy()
             oof_auc = roc_auc(target[in_fold], model.oof["prob"].to_numpy()[in_fold])

@@ -23,7 +23,7 @@ from ensemble.bundle import Bundle
 from ensemble.operating_point import OperatingPoint
 from ensemble.predict import Advance
 from metadata.images import ImageBytesReader
-from metadata.io import write_text
+from metadata.run.io import write_text
 
 STYLE = """body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: left; }

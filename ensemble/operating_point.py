@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 
-from ensemble.metrics import Metric, bootstrap_ci
+from metadata.metrics import Metric, bootstrap_ci
 
 
 def alerts(y_score: np.ndarray, threshold: float) -> np.ndarray:

@@ -17,15 +17,15 @@ import pandas as pd
 import tensorflow as tf
 
 from cnn.pipeline import TTA_VIEWS, decode_image, image_dataset
-from ensemble.blend import standardized_test_scores
 from ensemble.bundle import Bundle, CnnMember
+from fusion.cnn_scores import standardized_test_scores
 from fusion.missingness import METADATA_FIELDS, missingness_pattern
 from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
 from fusion.stacker import build_stack_features
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
 from metadata.images import ImageBytesReader
-from metadata.io import atomic_write, write_json
+from metadata.run.io import atomic_write, write_json
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataError, clean_text, map_vocabulary, parse_age, read_csv
 
 Advance = Callable[[int], None]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_table
 from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
-from ensemble.metrics import (
+from metadata.metrics import (
     METRICS,
     PROBABILITY_METRICS,
     bootstrap_ci,
@@ -35,10 +35,10 @@ from ensemble.metrics import (
     top_n_sensitivity,
 )
 from ensemble.provenance import run_provenance
-from ensemble.run_files import MASKED_OOF_FILE, ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
 from fusion.missingness import PATTERNS
-from metadata.dataset import SKIPPED_FILE
-from metadata.io import atomic_write, read_table, write_json, write_text
+from metadata.run.io import atomic_write, read_table, write_json, write_text
+from metadata.run.layout import FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 from metadata.schema import SEXES, SITES
 
 CI_LEVEL = 0.95
@@ -209,7 +209,7 @@ def missingness_entries(run_dir: Path, predictions: RunPredictions, entries: lis
     """Per missingness pattern, on the LightGBM stack's OOF predictions with those inputs masked
     (`RUN/stack/masked_oof.parquet`): the stack's AUC against the best CNN's on the same rows
     (paired patient bootstrap), and the calibration of its probabilities."""
-    masked_file = Path(run_dir) / "stack" / MASKED_OOF_FILE
+    masked_file = RunLayout(run_dir).stack / MASKED_OOF_FILE
     best = best_cnn(entries)
     if not masked_file.exists():
         return []
@@ -253,7 +253,7 @@ def build_report(
     rows = predictions.rows
     entries = cv_entries(predictions, boot)
     stack_features = stack_feature_table(run_dir, predictions)
-    skipped_file = run_dir / SKIPPED_FILE
+    skipped_file = RunLayout(run_dir).skipped
     oof_rows = (
         rows_of(table.set_index("image_id"), rows.index, "the data", "pass the --data the run was trained on.")
         if table is not None else None
@@ -281,7 +281,6 @@ def build_report(
     }
 
 
-FIGURES_DIR = "figures"  # RUN/figures/<name>.png: the report's figures as files, for report.md
 
 
 @dataclass(frozen=True)
@@ -315,7 +314,7 @@ def report_figures(report: dict[str, object], predictions: RunPredictions, run_d
 
 def _pattern_probabilities(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Target and cross-fitted calibrated stack probability of every pattern's masked OOF rows (empty without a stack)."""
-    masked_file = Path(run_dir) / "stack" / MASKED_OOF_FILE
+    masked_file = RunLayout(run_dir).stack / MASKED_OOF_FILE
     if not masked_file.exists():
         return {}
     masked = read_table(masked_file, "stack")
@@ -560,8 +559,8 @@ def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstr
     report = build_report(run_dir, predictions, table, boot)
     figures = report_figures(report, predictions, run_dir)
     report["report_seconds"] = round(time.perf_counter() - started, 2)
-    write_json(report, run_dir / "report.json")
-    write_text(render_html(report, figures), run_dir / "report.html")
+    write_json(report, RunLayout(run_dir).report_json)
+    write_text(render_html(report, figures), RunLayout(run_dir).report_html)
     write_figures(figures, run_dir / FIGURES_DIR)
-    write_text(render_markdown(report, figures), run_dir / "report.md")
+    write_text(render_markdown(report, figures), RunLayout(run_dir).report_md)
     return report

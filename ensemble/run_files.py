@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ensemble.blend import cnn_names, mean_blend, rank_blend
-from metadata.io import read_table
+from ensemble.blend import mean_blend, rank_blend
+from fusion.cnn_scores import cnn_names
+from metadata.run.io import read_table
+from metadata.run.layout import HISTORY_FILE, STACK_OUTPUTS, RunLayout
 from metadata.schema import DIAGNOSES
-
-# Stack name -> (OOF file, test file) under RUN/stack, in report order (the linear baseline first).
-STACK_OUTPUTS: dict[str, tuple[str, str]] = {
-    "logreg_stack": ("logreg_oof.parquet", "logreg_test.parquet"),
-    "lightgbm_stack": ("oof.parquet", "test.parquet"),
-}
-STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
-MASKED_OOF_FILE = "masked_oof.parquet"  # RUN/stack: OOF scores per image and missingness pattern (fusion.missingness)
-SCORING_REFERENCE_FILE = "scoring_reference.json"  # RUN/stack: what predict compares a batch with (fusion.shift)
-PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
 
 # Blend name -> (how the CNN columns are combined, whether the result is a probability).
 BLENDS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], bool]] = {
@@ -116,7 +108,7 @@ def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredict
 
 def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
     """Each OOF row's training prior, from its fold's `history.json`; None for a binary head or an older run."""
-    histories = {int(f): model_dir / f"fold{int(f)}" / "history.json" for f in folds.unique()}
+    histories = {int(f): model_dir / f"fold{int(f)}" / HISTORY_FILE for f in folds.unique()}
     if not all(path.exists() for path in histories.values()):
         return None
     records = {fold: json.loads(path.read_text()) for fold, path in histories.items()}
@@ -130,10 +122,10 @@ def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
 def load_run_predictions(run_dir: Path) -> RunPredictions:
     """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted."""
     run_dir = Path(run_dir)
-    cnn_dirs = {name: run_dir / "cnn" / name for name in cnn_names(run_dir)}
-    sources = {name: ("cnn", folder / "oof.parquet", folder / "test.parquet") for name, folder in cnn_dirs.items()}
+    layout = RunLayout(run_dir)
+    sources = {name: ("cnn", *layout.cnn_outputs(name)) for name in cnn_names(run_dir)}
     sources.update(
-        {name: ("stack", run_dir / "stack" / oof, run_dir / "stack" / test) for name, (oof, test) in STACK_OUTPUTS.items()}
+        {name: ("stack", *layout.stack_outputs(name)) for name in STACK_OUTPUTS}
     )
     sources = {name: source for name, source in sources.items() if source[1].exists()}
     if not sources:

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.metrics import prior_adjusted_probabilities
-from ensemble.run_files import PRIMARY_STACK, RunPredictions
-from metadata.io import atomic_write
+from ensemble.run_files import RunPredictions
+from metadata.metrics import prior_adjusted_probabilities
+from metadata.run.io import atomic_write
+from metadata.run.layout import PRIMARY_STACK
 
 
 @dataclass(frozen=True)

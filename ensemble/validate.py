@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from ensemble.bundle import Bundle
-from ensemble.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
 from ensemble.operating_point import sensitivity_at, specificity_at
 from ensemble.predict import Advance, score_patients
 from fusion.missingness import each_lesion_alone, without_metadata
-from metadata.io import write_json, write_text
+from metadata.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
+from metadata.run.io import write_json, write_text
 from metadata.schema import DataError
 
 METADATA_MODES = ("as-given", "none")

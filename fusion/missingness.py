@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from metadata.features import extra_numeric_features
+from fusion.patient_context import extra_numeric_features
 
 METADATA_FIELDS: tuple[str, ...] = ("age", "sex", "site")
 METADATA_LEVELS: tuple[str, ...] = ("complete", "partial", "no_metadata")

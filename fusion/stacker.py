@@ -14,7 +14,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from metadata.features import (
+from fusion.patient_context import (
     check_feature_columns,
     extra_numeric_features,
     metadata_features,

@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 
 from cnn.pairs import require_finished_cnns
-from ensemble.blend import cnn_names, cnn_score_table
-from ensemble.logreg_stack import cross_val_logreg
-from ensemble.metrics import roc_auc
-from ensemble.run_files import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS
+from fusion.cnn_scores import cnn_names, cnn_score_table
+from fusion.logreg_stack import cross_val_logreg
 from fusion.missingness import METADATA_FIELDS, MaskedCopy, PatternCalibration, masked_copies, missingness_pattern
 from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, moments
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.folds import attach_folds
-from metadata.io import atomic_write, read_table, write_json, write_table
+from metadata.metrics import roc_auc
+from metadata.run.io import atomic_write, read_table, write_json, write_table
+from metadata.run.layout import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, STACK_RECIPE_FILE, RunLayout
 
 
 def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[MaskedCopy], masked_scores: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -65,7 +65,7 @@ def _first_cnn_image_size(run_dir: Path) -> int | None:
     """Input size of the run's first CNN (the one `predict` takes image statistics from); None without a
     CNN, or for CNN outputs written without a training history (no image reference is kept then)."""
     names = cnn_names(run_dir)
-    histories = sorted((run_dir / "cnn" / names[0]).glob("fold*/history.json")) if names else []
+    histories = RunLayout(run_dir).histories(names[0]) if names else []
     size = json.loads(histories[0].read_text()).get("config", {}).get("image_size") if histories else None
     return None if size is None else int(size)
 
@@ -80,7 +80,7 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     """
     run_dir = Path(run_dir)
     require_finished_cnns(run_dir)
-    folds_file = run_dir / "folds.parquet"
+    folds_file = RunLayout(run_dir).folds
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
     train_scores = cnn_score_table(run_dir, "train", train["image_id"])
@@ -108,7 +108,7 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
         prob=calibration.apply(result.test_probs, test_pattern), score=result.test_probs, pattern=test_pattern
     )
     linear = cross_val_logreg(train_features, target, folds, test_features)
-    stack_dir = run_dir / "stack"
+    stack_dir = RunLayout(run_dir).stack
     stack_dir.mkdir(parents=True, exist_ok=True)
     for fold, model in zip(sorted(train["fold"].unique()), result.models):
         atomic_write(stack_dir / f"model_fold{fold}.txt", model.save)
@@ -132,6 +132,6 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
             "masked_copies": [c.design for c in copies],
             "calibration": calibration.to_json(),
         },
-        stack_dir / "features.json",
+        stack_dir / STACK_RECIPE_FILE,
     )
     return auc

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from metadata.formats import DATASET_FORMATS, IMAGE_SUFFIXES, detect_format
-from metadata.io import atomic_write
+from metadata.run.io import atomic_write
+from metadata.run.layout import RunLayout
 from metadata.schema import DataError, validate_canonical
 
 BAD_IMAGE_POLICIES = ("raise", "skip")
@@ -107,12 +108,11 @@ def load_dataset(
     )
 
 
-SKIPPED_FILE = "skipped_images.csv"
 
 
 def record_skipped(run_dir: Path, skipped: pd.DataFrame) -> pd.DataFrame:
     """Add skipped images to RUN/skipped_images.csv (image_id, reason); return the whole list."""
-    path = Path(run_dir) / SKIPPED_FILE
+    path = RunLayout(run_dir).skipped
     previous = pd.read_csv(path, dtype=str) if path.exists() else pd.DataFrame(columns=["image_id", "reason"])
     merged = pd.concat([previous, skipped[["image_id", "reason"]].astype(str)]).drop_duplicates("image_id")
     atomic_write(path, lambda tmp: merged.to_csv(tmp, index=False))
@@ -121,7 +121,7 @@ def record_skipped(run_dir: Path, skipped: pd.DataFrame) -> pd.DataFrame:
 
 def drop_skipped(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     """The table without the images a run decided to skip (listed in RUN/skipped_images.csv)."""
-    path = Path(run_dir) / SKIPPED_FILE
+    path = RunLayout(run_dir).skipped
     if not path.exists():
         return table
     skipped = set(pd.read_csv(path, dtype=str)["image_id"])

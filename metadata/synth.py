@@ -47,7 +47,7 @@ import pandas as pd
 from PIL import Image
 from rich.progress import Progress
 
-from metadata.io import atomic_write
+from metadata.run.io import atomic_write
 
 # The SIIM-ISIC 2020 site vocabulary, with ISIC-like frequencies and melanoma log-odds shifts.
 SYNTH_SITES = ("head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital")

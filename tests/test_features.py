@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fusion.patient_context import check_feature_columns, metadata_features, patient_context_features
 from fusion.stacker import build_stack_features
-from metadata.features import check_feature_columns, metadata_features, patient_context_features
 
 
 def test_patient_context_by_hand() -> None:
@@ -50,7 +50,7 @@ def test_denied_columns_are_refused(column: str) -> None:
 
 
 def test_patient_metadata_context_by_hand() -> None:
-    from metadata.features import patient_metadata_context
+    from fusion.patient_context import patient_metadata_context
 
     table = pd.DataFrame(
         {"image_id": ["i1", "i2", "i3", "i4"], "patient_id": ["a", "a", "a", "b"],
@@ -64,7 +64,7 @@ def test_patient_metadata_context_by_hand() -> None:
 
 
 def test_fold_models_are_put_on_one_scale() -> None:
-    from ensemble.blend import fold_model_scales, logit, standardized_oof_scores, standardized_test_scores
+    from fusion.cnn_scores import fold_model_scales, logit, standardized_oof_scores, standardized_test_scores
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=200)

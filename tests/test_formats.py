@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from fusion.patient_context import check_feature_columns, extra_numeric_features
 from metadata.dataset import drop_skipped, load_dataset, record_skipped
-from metadata.features import check_feature_columns, extra_numeric_features
 from metadata.formats import DATASET_FORMATS
 from metadata.images import read_image_bytes
 from metadata.schema import CANONICAL_COLUMNS, DataError

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from metadata.dataset import load_dataset
-from metadata.manifest import images_fingerprint, package_versions, table_fingerprint
+from metadata.run.manifest import images_fingerprint, package_versions, table_fingerprint
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ensemble.metrics import roc_auc
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.dataset import load_dataset
 from metadata.folds import attach_folds
+from metadata.metrics import roc_auc
 
 MODELS = ("small", "mobilenet_v3_small")
 
@@ -60,7 +60,7 @@ def test_report_lists_every_model_and_the_stack_beats_them(pipeline_run: Path) -
 
 
 def _stack_inputs(cohort_dir: Path, run: Path):
-    from ensemble.blend import cnn_score_table
+    from fusion.cnn_scores import cnn_score_table
 
     table = load_dataset(cohort_dir).table
     train = attach_folds(table, pd.read_parquet(run / "folds.parquet"), "folds")

@@ -19,7 +19,7 @@ from ensemble.submission import (
     write_submission,
 )
 from metadata.dataset import load_dataset
-from metadata.io import write_table
+from metadata.run.io import write_table
 
 ISIC2019_TRAINING_CLASSES = [c for c in ISIC2019_CLASSES if c != "UNK"]  # ISIC 2019 has no UNK training images
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from metadata.run.layout import RunLayout
 
-LOG_FILE = "log.txt"
 CLI_LOGGER = "cli"
 PIPELINE_LOGGERS = (CLI_LOGGER, "cnn", "ensemble", "fusion", "metadata")
 
@@ -26,7 +26,7 @@ def run_log(run_dir: Path) -> Iterator[Path]:
 
     Nested stages (`demo`, or `stack` running `report`) reuse the outer block's handlers.
     """
-    path = Path(run_dir) / LOG_FILE
+    path = RunLayout(run_dir).log
     loggers = [logging.getLogger(name) for name in PIPELINE_LOGGERS]
     if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in loggers[0].handlers):
         yield path

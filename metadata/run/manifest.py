@@ -29,12 +29,11 @@ from typing import Any
 import pandas as pd
 
 from metadata.images import ImageBytesReader
-from metadata.io import write_json
+from metadata.run.io import write_json
+from metadata.run.layout import RunLayout
 
-MANIFEST_FILE = "manifest.json"
-RESOLVED_CONFIG_FILE = "config.json"
 PROJECT = "melanoma-pipeline"
-CODE_DIR = Path(__file__).resolve().parents[1]
+CODE_DIR = Path(__file__).resolve().parents[2]  # the repository (this file is metadata/run/manifest.py)
 PER_STAGE_KEYS = ("config", "stage_seconds")  # stage -> entry: a stage replaces its own entry only
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    return _read(Path(run_dir) / MANIFEST_FILE)
+    return _read(RunLayout(run_dir).manifest)
 
 
 def update_manifest(run_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -53,7 +52,7 @@ def update_manifest(run_dir: Path, **changes: Any) -> dict[str, Any]:
     manifest = read_manifest(run_dir)
     for key, value in changes.items():
         manifest[key] = {**manifest.get(key, {}), **value} if key in PER_STAGE_KEYS else value
-    write_json(manifest, Path(run_dir) / MANIFEST_FILE)
+    write_json(manifest, RunLayout(run_dir).manifest)
     return manifest
 
 
@@ -129,8 +128,8 @@ def record_data_fingerprint(run_dir: Path, table: pd.DataFrame) -> dict[str, Any
 
 def record_stage_start(run_dir: Path, stage: str, options: dict[str, Any]) -> None:
     """Write the stage's resolved options to RUN/config.json and the manifest, with packages and commit."""
-    resolved = {**_read(Path(run_dir) / RESOLVED_CONFIG_FILE), stage: options}
-    write_json(resolved, Path(run_dir) / RESOLVED_CONFIG_FILE)
+    resolved = {**_read(RunLayout(run_dir).resolved_config), stage: options}
+    write_json(resolved, RunLayout(run_dir).resolved_config)
     update_manifest(run_dir, packages=package_versions(), git_commit=git_commit(), config={stage: options})
 
 

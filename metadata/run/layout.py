@@ -1,0 +1,152 @@
+"""Every path under a run directory, in one module: each stage asks `RunLayout`, none spells a path.
+
+    RUN/
+      folds.parquet                 folds
+      skipped_images.csv            images left out of the run (folds / any stage with --on-bad-image skip)
+      manifest.json, config.json    data fingerprint, versions, each stage's options and seconds
+      log.txt                       every stage's log
+      tfrecords/                    tfrecords: shards and their index
+      cnn/plan.json                 train-cnns: the declared (model, fold) pairs
+      cnn/<model>/{oof,test}.parquet
+      cnn/<model>/fold<k>/          model.keras, history.json, oof.parquet, test.parquet, checkpoints
+      stack/                        stack: STACK_OUTPUTS, features, masked OOF, scoring reference, boosters
+      submission.csv                stack: the primary stack's submission in the data's format
+      report.{json,html,md}, figures/   report
+
+>>> layout = RunLayout("runs/demo")
+>>> layout.folds.as_posix(), layout.fold_dir("small", 2).as_posix()
+('runs/demo/folds.parquet', 'runs/demo/cnn/small/fold2')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+FOLDS_FILE = "folds.parquet"
+SKIPPED_FILE = "skipped_images.csv"
+MANIFEST_FILE = "manifest.json"
+RESOLVED_CONFIG_FILE = "config.json"
+LOG_FILE = "log.txt"
+SHARD_DIR = "tfrecords"
+FIGURES_DIR = "figures"  # RUN/figures/<name>.png: the report's figures as files, for report.md
+OOF_FILE, TEST_FILE = "oof.parquet", "test.parquet"  # per CNN and per (CNN, fold)
+HISTORY_FILE = "history.json"  # per (CNN, fold)
+MODEL_FILE = "model.keras"  # per (CNN, fold): the best epoch
+
+# Stack name -> (OOF file, test file) under RUN/stack, in report order (the linear baseline first).
+STACK_OUTPUTS: dict[str, tuple[str, str]] = {
+    "logreg_stack": ("logreg_oof.parquet", "logreg_test.parquet"),
+    "lightgbm_stack": (OOF_FILE, TEST_FILE),
+}
+STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
+MASKED_OOF_FILE = "masked_oof.parquet"  # RUN/stack: OOF scores per image and missingness pattern (fusion.missingness)
+SCORING_REFERENCE_FILE = "scoring_reference.json"  # RUN/stack: what predict compares a batch with (fusion.shift)
+STACK_RECIPE_FILE = "features.json"  # RUN/stack: the stack's feature columns and recipe
+PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def folds(self) -> Path:
+        return self.root / FOLDS_FILE
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / SKIPPED_FILE
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / RESOLVED_CONFIG_FILE
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def shards(self) -> Path:
+        return self.root / SHARD_DIR
+
+    @property
+    def cnn(self) -> Path:
+        return self.root / "cnn"
+
+    @property
+    def plan(self) -> Path:
+        return self.cnn / "plan.json"
+
+    def model_dir(self, model: str) -> Path:
+        return self.cnn / model
+
+    def fold_dir(self, model: str, fold: int) -> Path:
+        return self.model_dir(model) / f"fold{int(fold)}"
+
+    def history(self, model: str, fold: int) -> Path:
+        return self.fold_dir(model, fold) / HISTORY_FILE
+
+    def histories(self, model: str) -> list[Path]:
+        """The `history.json` of every fold of a CNN that has one, in fold order."""
+        return sorted(self.model_dir(model).glob(f"fold*/{HISTORY_FILE}"))
+
+    def model_file(self, model: str, fold: int) -> Path:
+        return self.fold_dir(model, fold) / MODEL_FILE
+
+    def fold_outputs(self, model: str, fold: int) -> tuple[Path, Path]:
+        """One (CNN, fold) pair's (OOF, test) tables."""
+        return self.fold_dir(model, fold) / OOF_FILE, self.fold_dir(model, fold) / TEST_FILE
+
+    def cnn_outputs(self, model: str) -> tuple[Path, Path]:
+        """A CNN's assembled (OOF, test) tables."""
+        return self.model_dir(model) / OOF_FILE, self.model_dir(model) / TEST_FILE
+
+    @property
+    def stack(self) -> Path:
+        return self.root / "stack"
+
+    def stack_outputs(self, name: str) -> tuple[Path, Path]:
+        """A stack's (OOF, test) tables."""
+        oof, test = STACK_OUTPUTS[name]
+        return self.stack / oof, self.stack / test
+
+    @property
+    def stack_recipe(self) -> Path:
+        return self.stack / STACK_RECIPE_FILE
+
+    def stack_booster(self, fold: int) -> Path:
+        return self.stack / f"model_fold{int(fold)}.txt"
+
+    @property
+    def stack_boosters(self) -> list[Path]:
+        return sorted(self.stack.glob("model_fold*.txt"))
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / FIGURES_DIR
