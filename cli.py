@@ -26,7 +26,7 @@ from typer.core import TyperGroup
 from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
 from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.run.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
-from metadata.run.layout import PRIMARY_STACK, RunLayout
+from metadata.run.layout import RunLayout
 from metadata.schema import DataError
 
 if TYPE_CHECKING:
@@ -128,19 +128,15 @@ def _run_data(
     data: Path, run: Path, fmt: str | None, metadata: Path | None, on_bad_image: str = "raise"
 ) -> tuple[pd.DataFrame, str]:
     """`_run_table` and the name of the data's layout."""
-    from metadata.dataset import drop_skipped, load_dataset, record_skipped
-    from metadata.run.manifest import record_data_fingerprint
+    from metadata.dataset import run_data
 
     try:
-        loaded = load_dataset(data, fmt, metadata, on_bad_image)
+        used = run_data(data, run, fmt, metadata, on_bad_image)
     except DataError as error:
         raise _fail(error) from error
-    if len(loaded.skipped):
-        record_skipped(run, loaded.skipped)
-        console.print(f"[yellow]skipped {len(loaded.skipped)} image(s) with no file[/yellow]; see {run}/skipped_images.csv")
-    table = drop_skipped(loaded.table, run)
-    record_data_fingerprint(run, table)
-    return table, loaded.format_name
+    if used.newly_skipped:
+        console.print(f"[yellow]skipped {used.newly_skipped} image(s) with no file[/yellow]; see {RunLayout(run).skipped}")
+    return used.table, used.format_name
 
 
 @app.command()
@@ -198,66 +194,22 @@ def folds(
     Every image is decoded once here: an unreadable one stops the run (or, with --on-bad-image skip,
     is left out of the whole run and listed in RUN/skipped_images.csv); duplicate images share a fold.
     """
-    import pandas as pd
+    from metadata.run_folds import FoldOptions, write_run_folds
 
-    from metadata.dataset import record_skipped
-    from metadata.duplicates import PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
-    from metadata.folds import cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
-    from metadata.run.io import write_table
-
+    options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed)
     table = _run_table(data, run, fmt, metadata, on_bad_image)
-    pairs = None
-    with_images = table["image_path"].notna()
-    if with_images.any():
-        try:
-            with Progress(transient=True) as progress:
-                task = progress.add_task("decoding and hashing images", total=int(with_images.sum()))
-                fingerprints, unreadable = fingerprint_images(
-                    table.loc[with_images, "image_id"].tolist(),
-                    table.loc[with_images, "image_path"].tolist(),
-                    on_bad_image,
-                    advance=lambda: progress.advance(task),
-                )
-        except ValueError as error:
-            raise _fail(error) from error
-        if unreadable:
-            record_skipped(run, pd.DataFrame(unreadable, columns=["image_id", "reason"]))
-            table = table[~table["image_id"].isin([i for i, _ in unreadable])]
-            console.print(f"[yellow]skipped {len(unreadable)} unreadable image(s)[/yellow]; see {run}/skipped_images.csv")
-        if dedup:
-            pairs = find_duplicate_pairs(fingerprints, max_distance=dedup_distance)
-            console.print(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
     try:
-        published = published_duplicate_pairs(data, table["image_id"])
+        with Progress(transient=True) as progress:
+            task = progress.add_task("decoding and hashing images", total=int(table["image_path"].notna().sum()))
+            result = write_run_folds(table, data, run, options, advance=lambda: progress.advance(task))
     except ValueError as error:
         raise _fail(error) from error
-    if published is not None:
-        listed, absent = published
-        pairs = listed if pairs is None else pd.concat([pairs, listed], ignore_index=True)
-        console.print(
-            f"{PUBLISHED_DUPLICATES}: {len(listed)} listed duplicate pair(s) kept within one fold"
-            + (f" ({absent} listed pair(s) name an image not in this data)" if absent else "")
-        )
-    train = table[table["split"] == "train"]
-    if pairs is not None and group_by == "patient":
-        pairs, cut = cut_chaining_links(train, pairs, max_linked_patients)
-        if len(cut):
-            console.print(
-                f"[yellow]cut {len(cut)} near-duplicate link(s) between patients[/yellow] that would have chained more than "
-                f"{max_linked_patients} patients into one group (look-alike lesions, not copies), e.g. "
-                + ", ".join(f"{a}~{b}" for a, b in cut[["image_id_a", "image_id_b"]].head(3).itertuples(index=False))
-                + "; raise --max-linked-patients to keep them"
-            )
-    try:
-        assigned = (
-            source_folds(train)
-            if group_by == "source"
-            else triple_stratified_folds(train, k=k, seed=seed, groups=fold_groups(train, pairs))
-        )
-    except ValueError as error:
-        raise _fail(error) from error
-    write_table(assigned, RunLayout(run).folds)
-    summary = assigned.assign(target=train["target"].to_numpy(dtype=int)).groupby("fold")
+    for note in result.notes:
+        console.print(note)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    assigned = result.folds
+    summary = assigned.assign(target=result.train["target"].to_numpy(dtype=int)).groupby("fold")
     out = Table("fold", "images", "patients", "melanoma rate", title=f"{assigned['fold'].nunique()} folds by {group_by}")
     for fold, rows in summary:
         out.add_row(str(fold), str(len(rows)), str(rows["patient_id"].nunique()), f"{rows['target'].mean():.3f}")
@@ -328,7 +280,7 @@ def train_cnns(
         Literal[CACHE_CHOICES],
         typer.Option("--cache", help="auto: decoded uint8 images in memory within --cache-budget, else streamed; memory, disk or none."),
     ] = "auto",
-    cache_budget: Annotated[float, typer.Option("--cache-budget", min=0.0, help="GB of decoded images --cache auto keeps in memory.")] = DEFAULT_CACHE_BUDGET_GB,
+    cache_budget_gb: Annotated[float, typer.Option("--cache-budget", min=0.0, help="GB of decoded images --cache auto keeps in memory.")] = DEFAULT_CACHE_BUDGET_GB,
     negatives_per_patient: Annotated[
         Optional[int],  # noqa: UP007
         typer.Option("--negatives-per-patient", min=1, help="Each epoch: every melanoma, at most N non-melanomas per patient, drawn afresh."),
@@ -351,6 +303,7 @@ def train_cnns(
 
     Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint.
     """
+    options = dict(locals())  # every option named like a CnnConfig field is part of the recipe
     from cnn.backbones import parse_model_specs
     from cnn.pairs import describe_pairs, unfinished_pairs
     from cnn.tfrecords import shard_sources
@@ -370,13 +323,7 @@ def train_cnns(
     if sharded is not None:
         console.print(f"reading images from the TFRecord shards in {RunLayout(run).shards}")
         table = sharded
-    config = CnnConfig(
-        image_size=image_size, epochs=epochs, batch_size=batch_size, weights=weights, learning_rate=learning_rate,
-        weight_decay=weight_decay, seed=seed, tta=tuple(v.strip() for v in tta.split(",") if v.strip()), target=target, loss=loss, class_weight=class_weight,
-        label_smoothing=label_smoothing, augment=augment, mix=mix, cache=cache, cache_budget_gb=cache_budget,
-        negatives_per_patient=negatives_per_patient, deterministic=deterministic,
-        patience=patience, strategy=strategy, mixed_precision=mixed_precision, jit=jit,
-    )
+    config = CnnConfig.from_options(options)
     try:
         aucs = run_training(table, read_table(RunLayout(run).folds, "folds"), specs, config, run, model, fold)
     except (ValueError, KeyError, FileNotFoundError) as error:
@@ -468,22 +415,16 @@ def stack(
     With test rows, RUN/submission.csv is the stack's submission in the data's own challenge format
     (ISIC 2024 data: isic_id,target; otherwise SIIM-ISIC 2020's image_name,target), written by `submit`'s code.
     """
-    import pandas as pd
-
-    from ensemble.run_files import load_run_predictions
-    from ensemble.submission import layout_submission_format, run_submission
+    from ensemble.submission import write_stack_submission
     from fusion.stage import run_stack
 
     table, layout = _run_data(data, run, fmt, metadata)
-    test_ids = pd.Index(table.loc[table["split"] == "test", "image_id"])
     try:
         auc = run_stack(table, run, num_boost_round=rounds, seed=seed)
-        if len(test_ids):
-            chosen = layout_submission_format(layout)
-            run_submission(load_run_predictions(run), chosen, PRIMARY_STACK, test_ids, RunLayout(run).submission)
+        chosen = write_stack_submission(run, table, layout)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(error) from error
-    wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if len(test_ids) else " (no test rows)"
+    wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if chosen else " (no test rows)"
     console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
     _write_report(run, table, 1000, seed)
 
@@ -514,16 +455,12 @@ def submit(
 ) -> None:
     """Write a validated competition submission CSV (atomically) from the run's test predictions."""
     from ensemble.run_files import load_run_predictions
-    from ensemble.submission import predicted_test_ids, run_submission, submission_format as find_format
+    from ensemble.submission import expected_test_ids, run_submission, submission_format as find_format
 
     try:
         chosen = find_format(submission_format)
         predictions = load_run_predictions(run)
-        if data is None:
-            expected = predicted_test_ids(predictions)
-        else:
-            table = _run_table(data, run, data_format, None)
-            expected = table.loc[table["split"] == "test", "image_id"]
+        expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, data_format, None))
         path = out or run / f"submission_{submission_format}.csv"
         frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
     except (ValueError, FileNotFoundError) as error:

@@ -24,9 +24,10 @@ import math
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -89,6 +90,19 @@ class CnnConfig:
     strategy: str = "auto"  # a key of STRATEGIES
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU
     jit: bool | None = None  # XLA: None leaves it to Keras (on for one GPU); a no-op on a CPU
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> CnnConfig:
+        """The recipe from a command's options: every option named like a field (others are ignored);
+        `tta` may be the command line's comma-separated list.
+
+        >>> CnnConfig.from_options({"epochs": 2, "tta": "none, hflip", "run": "runs/x"}).tta
+        ('none', 'hflip')
+        """
+        values = {f.name: options[f.name] for f in fields(cls) if f.name in options}
+        if isinstance(values.get("tta"), str):
+            values["tta"] = tuple(view.strip() for view in values["tta"].split(",") if view.strip())
+        return cls(**values)
 
 
 # Options an attempt may change when it resumes another's checkpoint: none alters the trained state.

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ensemble.run_files import RunPredictions
+from ensemble.run_files import RunPredictions, load_run_predictions
 from metadata.metrics import prior_adjusted_probabilities
 from metadata.run.io import atomic_write
-from metadata.run.layout import PRIMARY_STACK
+from metadata.run.layout import PRIMARY_STACK, RunLayout
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,16 @@ def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: p
     return frame
 
 
-def predicted_test_ids(predictions: RunPredictions) -> pd.Index:
-    """The test ids every model of the run predicted; refuses models that disagree (outputs of other data)."""
+def test_split_ids(table: pd.DataFrame) -> pd.Index:
+    """Image ids of a run table's test split."""
+    return pd.Index(table.loc[table["split"] == "test", "image_id"])
+
+
+def expected_test_ids(predictions: RunPredictions, table: pd.DataFrame | None = None) -> pd.Index:
+    """The test ids a submission must cover: the data's test split when the run's data `table` is
+    given, else the ids every model of the run predicted (refusing models that disagree)."""
+    if table is not None:
+        return test_split_ids(table)
     reference = predictions.models[0]
     for model in predictions.models[1:]:
         if set(model.test.index) != set(reference.test.index):
@@ -164,3 +172,14 @@ def run_submission(
         raise ValueError(f"{error.args[0]} Pass --model.") from error
     frame, notes = build_submission(fmt, name, chosen.test, chosen.test_class_prior if adjust_prior else None)
     return write_submission(frame, fmt, expected_ids, path), notes
+
+
+def write_stack_submission(run_dir: Path, table: pd.DataFrame, layout: str) -> SubmissionFormat | None:
+    """The primary stack's submission in the data layout's own format at RUN/submission.csv (what
+    `stack` writes, through `submit`'s code); None when the data has no test rows."""
+    expected = test_split_ids(table)
+    if not len(expected):
+        return None
+    chosen = layout_submission_format(layout)
+    run_submission(load_run_predictions(run_dir), chosen, PRIMARY_STACK, expected, RunLayout(run_dir).submission)
+    return chosen

@@ -15,6 +15,7 @@ import pandas as pd
 from metadata.formats import DATASET_FORMATS, IMAGE_SUFFIXES, detect_format
 from metadata.run.io import atomic_write
 from metadata.run.layout import RunLayout
+from metadata.run.manifest import record_data_fingerprint
 from metadata.schema import DataError, validate_canonical
 
 BAD_IMAGE_POLICIES = ("raise", "skip")
@@ -117,6 +118,30 @@ def record_skipped(run_dir: Path, skipped: pd.DataFrame) -> pd.DataFrame:
     merged = pd.concat([previous, skipped[["image_id", "reason"]].astype(str)]).drop_duplicates("image_id")
     atomic_write(path, lambda tmp: merged.to_csv(tmp, index=False))
     return merged
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The data as one run uses it."""
+
+    table: pd.DataFrame  # canonical rows, without the images the run skipped
+    format_name: str  # the data's layout
+    newly_skipped: int  # images found missing now (added to RUN/skipped_images.csv)
+
+
+def run_data(data: Path, run_dir: Path, fmt: str | None = None, metadata: Path | None = None, on_bad_image: str = "raise") -> RunData:
+    """The canonical table of `data` as the run in `run_dir` uses it.
+
+    Images with no file are skipped (with `on_bad_image="skip"`) and recorded; images the run skipped
+    before (e.g. unreadable ones found by `folds`) stay out; the data's fingerprint goes to the
+    manifest, so a later stage on other data is caught.
+    """
+    loaded = load_dataset(data, fmt, metadata, on_bad_image)
+    if len(loaded.skipped):
+        record_skipped(run_dir, loaded.skipped)
+    table = drop_skipped(loaded.table, run_dir)
+    record_data_fingerprint(run_dir, table)
+    return RunData(table=table, format_name=loaded.format_name, newly_skipped=len(loaded.skipped))
 
 
 def drop_skipped(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

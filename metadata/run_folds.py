@@ -1,0 +1,101 @@
+"""The `folds` stage: decode and fingerprint every image once, group duplicates, assign folds, write RUN/folds.parquet.
+
+>>> options = FoldOptions(k=3, dedup=False)
+>>> options.group_by, options.max_linked_patients
+('patient', 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from metadata.dataset import record_skipped
+from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
+from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
+from metadata.run.io import write_table
+from metadata.run.layout import RunLayout
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How `folds` groups and splits (the command's options)."""
+
+    k: int = 5
+    group_by: str = "patient"  # patient: triple-stratified K folds; source: leave-one-source-out
+    dedup: bool = True  # keep exact / near-duplicate images in one fold
+    dedup_distance: int = NEAR_DUPLICATE_BITS
+    max_linked_patients: int = MAX_LINKED_PATIENTS
+    on_bad_image: str = "raise"
+    seed: int = 0
+
+
+@dataclass
+class FoldsResult:
+    """The folds written, the training rows they cover, and what the console should say."""
+
+    folds: pd.DataFrame
+    train: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, result: FoldsResult, advance: Callable[[], None] | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Fingerprint every image (recording unreadable ones as skipped); the table left and its duplicate pairs."""
+    with_images = table["image_path"].notna()
+    if not with_images.any():
+        return table, None
+    fingerprints, unreadable = fingerprint_images(
+        table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), options.on_bad_image, advance=advance
+    )
+    if unreadable:
+        record_skipped(run_dir, pd.DataFrame(unreadable, columns=["image_id", "reason"]))
+        table = table[~table["image_id"].isin([i for i, _ in unreadable])]
+        result.warnings.append(f"skipped {len(unreadable)} unreadable image(s); see {RunLayout(run_dir).skipped}")
+    if not options.dedup:
+        return table, None
+    pairs = find_duplicate_pairs(fingerprints, max_distance=options.dedup_distance)
+    result.notes.append(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
+    return table, pairs
+
+
+def write_run_folds(
+    table: pd.DataFrame, data_dir: Path, run_dir: Path, options: FoldOptions = FoldOptions(), advance: Callable[[], None] | None = None
+) -> FoldsResult:
+    """Assign and write the folds of `table` (the run's view of the data in `data_dir`).
+
+    Every image is decoded here once: an unreadable one raises ValueError, or with
+    `on_bad_image="skip"` is left out of the run and listed in RUN/skipped_images.csv. Duplicate
+    images (perceptual hash, and the data folder's published list) share a fold; near-duplicate links
+    that would chain more than `max_linked_patients` patients are cut and counted.
+    """
+    result = FoldsResult(folds=pd.DataFrame(), train=pd.DataFrame())
+    table, pairs = _image_pairs(table, run_dir, options, result, advance)
+    published = published_duplicate_pairs(data_dir, table["image_id"])
+    if published is not None:
+        listed, absent = published
+        pairs = listed if pairs is None else pd.concat([pairs, listed], ignore_index=True)
+        result.notes.append(
+            f"{PUBLISHED_DUPLICATES}: {len(listed)} listed duplicate pair(s) kept within one fold"
+            + (f" ({absent} listed pair(s) name an image not in this data)" if absent else "")
+        )
+    train = table[table["split"] == "train"]
+    if options.group_by == "source":
+        assigned = source_folds(train)
+    else:
+        if pairs is not None:
+            pairs, cut = cut_chaining_links(train, pairs, options.max_linked_patients)
+            if len(cut):
+                examples = ", ".join(f"{a}~{b}" for a, b in cut[["image_id_a", "image_id_b"]].head(3).itertuples(index=False))
+                result.warnings.append(
+                    f"cut {len(cut)} near-duplicate link(s) between patients that would have chained more than "
+                    f"{options.max_linked_patients} patients into one group (look-alike lesions, not copies), e.g. {examples}; "
+                    "raise --max-linked-patients to keep them"
+                )
+        assigned = triple_stratified_folds(train, k=options.k, seed=options.seed, groups=fold_groups(train, pairs))
+    write_table(assigned, RunLayout(run_dir).folds)
+    result.folds, result.train = assigned, train
+    return result

@@ -1,0 +1,35 @@
+"""Each stage imports only the layers below it: metadata -> cnn -> fusion -> ensemble -> cli.py."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("metadata", "cnn", "fusion", "ensemble")
+
+
+def first_party_imports(path: Path) -> set[str]:
+    """Top-level packages of this project that a module imports, anywhere in it (function-local imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        found |= {name.split(".")[0] for name in names if name.split(".")[0] in LAYERS}
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_only_itself_and_the_layers_below(layer: str) -> None:
+    allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+    upward = {
+        str(path.relative_to(ROOT)): sorted(first_party_imports(path) - allowed)
+        for path in sorted((ROOT / layer).rglob("*.py"))
+        if first_party_imports(path) - allowed
+    }
+    assert not upward, f"imports that point up the layers {' -> '.join(LAYERS)}: {upward}"
+
+
+def test_the_checker_sees_function_local_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from ensemble.report import write_report\n    import fusion.stage\n")
+    assert first_party_imports(module) == {"ensemble", "fusion"}
