@@ -159,7 +159,9 @@ def synth(
 
     config = SynthConfig(patients=patients, image_size=image_size, seed=seed, layout=layout, images=images, prevalence=prevalence)
     try:
-        cohort = generate_cohort(out, config)
+        with Progress(transient=True) as progress:
+            task = progress.add_task("synth: drawing lesions")
+            cohort = generate_cohort(out, config, advance=lambda n, total: progress.update(task, total=total, advance=n))
     except ValueError as error:
         raise _fail(error) from error
     train = cohort[cohort["split"] == "train"]
@@ -230,7 +232,9 @@ def inspect(
     from metadata.inspect import inspect_dataset
     from metadata.run.io import write_json
 
-    summary = inspect_dataset(data, fmt, metadata)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding and hashing images")
+        summary = inspect_dataset(data, fmt, metadata, advance=lambda: progress.advance(task))
     if json_out is not None:
         write_json(summary, json_out)
     out = Table("item", "value", title=f"inspect {data}")
@@ -268,10 +272,7 @@ def train_cnns(
     weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
     target: Annotated[Literal[TARGET_CHOICES], typer.Option("--target", help="mel: binary; diagnosis: multi-class head; auto: diagnosis when every row has one.")] = "auto",
     loss: Annotated[Literal[LOSS_CHOICES], typer.Option("--loss")] = "bce",
-    class_weight: Annotated[
-        Literal[CLASS_WEIGHT_CHOICES],
-        typer.Option("--class-weight", help="none (ranks melanoma best), sqrt, or balanced (equal weight per class)."),
-    ] = "none",
+    class_weight: Annotated[Literal[CLASS_WEIGHT_CHOICES], typer.Option("--class-weight", help="none (ranks melanoma best), sqrt, or balanced (equal weight per class).")] = "none",
     label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
     augment: Annotated[Literal[AUGMENT_LEVELS], typer.Option("--augment")] = "light",
     mix: Annotated[Literal[MIX_CHOICES], typer.Option("--mix")] = "none",
@@ -289,10 +290,7 @@ def train_cnns(
     patience: Annotated[int, typer.Option("--patience", help="Early stop after N epochs without a better val AUC (0: off).")] = 0,
     model: Annotated[Optional[str], typer.Option("--model", help="Train only this model of --models (one job of a scale-out).")] = None,  # noqa: UP007
     fold: Annotated[Optional[int], typer.Option("--fold", help="Train only this fold (one job of a scale-out).")] = None,  # noqa: UP007
-    strategy: Annotated[
-        Literal[STRATEGY_CHOICES],
-        typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none."),
-    ] = "auto",
+    strategy: Annotated[Literal[STRATEGY_CHOICES], typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none.")] = "auto",
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
     fmt: FormatOption = None,
@@ -303,36 +301,22 @@ def train_cnns(
 
     Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint.
     """
-    options = dict(locals())  # every option named like a CnnConfig field is part of the recipe
-    from cnn.backbones import parse_model_specs
-    from cnn.pairs import describe_pairs, unfinished_pairs
-    from cnn.tfrecords import shard_sources
-    from cnn.train import CnnConfig
-    from cnn.train import train_cnns as run_training
-    from metadata.run.io import read_table
+    config_options = dict(locals())  # every option named like a CnnConfig field is part of the recipe
+    from cnn.pairs import describe_pairs
+    from cnn.train import CnnConfig, train_run_cnns, training_progress
 
-    try:
-        specs = parse_model_specs(models, image_size)
-    except (KeyError, ValueError) as error:
-        raise _fail(error) from error
     table = _run_table(data, run, fmt, metadata)
     try:
-        sharded = shard_sources(table, run)
-    except ValueError as error:
-        raise _fail(error) from error
-    if sharded is not None:
-        console.print(f"reading images from the TFRecord shards in {RunLayout(run).shards}")
-        table = sharded
-    config = CnnConfig.from_options(options)
-    try:
-        aucs = run_training(table, read_table(RunLayout(run).folds, "folds"), specs, config, run, model, fold)
+        with training_progress() as progress:
+            outcome = train_run_cnns(table, run, models, CnnConfig.from_options(config_options), model, fold, progress)
     except (ValueError, KeyError, FileNotFoundError) as error:
         raise _fail(error) from error
-    for name, auc in aucs.items():
+    if outcome.shards is not None:
+        console.print(f"images read from the TFRecord shards in {outcome.shards}")
+    for name, auc in outcome.aucs.items():
         console.print(f"{name}: OOF AUC {auc:.4f}")
-    waiting = unfinished_pairs(run)
-    if waiting:
-        console.print(f"still to train: {describe_pairs(waiting)}; see `python cli.py status --run {run}`")
+    if outcome.unfinished:
+        console.print(f"still to train: {describe_pairs(outcome.unfinished)}; see `python cli.py status --run {run}`")
 
 
 @app.command()

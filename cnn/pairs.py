@@ -14,7 +14,6 @@ version or the new one, plus dot-prefixed `.tmp` files that nothing reads and th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metadata.run.io import read_table, write_json, write_table
+from metadata.run.io import read_json, read_table, write_json, write_table
 from metadata.run.layout import HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
 
 DONE_FILE = "done.json"
@@ -49,16 +48,8 @@ def write_plan(run_dir: Path, models: dict[str, int], folds: list[int], epochs: 
     write_json({"models": models, "folds": folds, "epochs": epochs}, RunLayout(run_dir).plan)
 
 
-def _read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it does not exist (it may vanish between check and read)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-
-
 def read_plan(run_dir: Path) -> dict | None:
-    return _read_json(RunLayout(run_dir).plan)
+    return read_json(RunLayout(run_dir).plan)
 
 
 def declared_pairs(run_dir: Path) -> list[tuple[str, int]]:
@@ -107,7 +98,7 @@ def is_live(beat: dict, now: float) -> bool:
 
 def other_live_owner(fold_dir: Path, now: float) -> dict | None:
     """The live heartbeat of another process training this pair, if any."""
-    beat = _read_json(fold_dir / HEARTBEAT_FILE)
+    beat = read_json(fold_dir / HEARTBEAT_FILE)
     if beat is None or not is_live(beat, now) or (beat["host"], beat["pid"]) == (socket.gethostname(), os.getpid()):
         return None
     return beat
@@ -174,10 +165,10 @@ class PairEvidence:
     def read(cls, fold_dir: Path) -> PairEvidence:
         return cls(
             done=(fold_dir / DONE_FILE).exists(),
-            heartbeat=_read_json(fold_dir / HEARTBEAT_FILE),
-            failure=_read_json(fold_dir / FAILED_FILE),
-            checkpoint=_read_json(fold_dir / CHECKPOINT_DIR / CHECKPOINT_STATE),
-            history=_read_json(fold_dir / HISTORY_FILE),
+            heartbeat=read_json(fold_dir / HEARTBEAT_FILE),
+            failure=read_json(fold_dir / FAILED_FILE),
+            checkpoint=read_json(fold_dir / CHECKPOINT_DIR / CHECKPOINT_STATE),
+            history=read_json(fold_dir / HISTORY_FILE),
         )
 
 

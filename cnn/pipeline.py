@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from cnn.options import AUGMENT_LEVELS
 from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
-from metadata.images import ImageBytesReader
+from metadata.images import ImageBytesReader, is_hdf5_source
 
 AUTOTUNE = tf.data.AUTOTUNE
 TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -73,7 +73,7 @@ def bytes_reader(sources: list[str]) -> Callable[[tf.Tensor], tf.Tensor]:
     grow with the number of images. Files go through `tf.io.read_file`; HDF5 entries (`FILE.hdf5#KEY`)
     through a shared reader on tf.data's parallel threads, not one Python generator.
     """
-    if any(".hdf5#" in s for s in sources):
+    if any(is_hdf5_source(s) for s in sources):
         reader = _SharedReader(list(sources))
         return lambda i: tf.ensure_shape(tf.numpy_function(reader.read, [i], tf.string, stateful=False), ())
     paths = tf.constant(list(sources), dtype=tf.string)  # typed, so an empty split is an empty string dataset
@@ -265,6 +265,54 @@ def mix_batches(kind: str, seed: int) -> Callable[[tf.Tensor, tf.Tensor], tuple[
     return apply
 
 
+def _row_indices(n_rows: int, sampler: EpochSampler | None) -> tf.data.Dataset:
+    """Row indices in order, or each epoch's draw of `sampler` (a fresh iterator per epoch)."""
+    if sampler is None:
+        return tf.data.Dataset.range(n_rows).apply(tf.data.experimental.assert_cardinality(n_rows))
+    # A known size matters: Keras opens a fresh iterator (a new epoch's draw) each epoch only on a
+    # dataset of known cardinality; the assertion also fails loudly on a short source.
+    indices = tf.data.Dataset.from_generator(sampler, output_signature=tf.TensorSpec([None], tf.int64)).unbatch()
+    return indices.apply(tf.data.experimental.assert_cardinality(sampler.epoch_size))
+
+
+def _streamed_batches(
+    sources: list[str], labels: np.ndarray | None, image_size: int, batch_size: int, sampler: EpochSampler | None
+) -> tf.data.Dataset:
+    """Images read and decoded every epoch, after the rows are drawn: from files and HDF5 by index, from
+    TFRecord shards interleaved and shuffled in a bounded buffer (training) or in stored order."""
+    y_rows = None if labels is None else tf.constant(np.asarray(labels, np.float32))
+
+    def decode_row(i: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        image = decode_image(encoded, image_size)
+        return image if y_rows is None else (image, tf.gather(y_rows, i))
+
+    shards = bool(sources) and all(is_shard_source(s) for s in sources)
+    if shards and sampler is not None:
+        rows = shuffled_shard_records(sources, sampler.masks).map(decode_row, num_parallel_calls=AUTOTUNE)
+        return rows.apply(tf.data.experimental.assert_cardinality(sampler.epoch_size)).batch(batch_size)
+    if shards:
+        images = encoded_images(sources).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE)
+        return images.apply(tf.data.experimental.assert_cardinality(len(sources))).batch(batch_size)
+    # one map per index: image and label come from the same draw of the (per-epoch) index stream
+    read = bytes_reader(sources)
+    indices = _row_indices(len(sources), sampler)
+    return indices.map(lambda i: decode_row(i, read(i)), num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
+
+
+def _cached_batches(store: np.ndarray, labels: np.ndarray | None, indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches gathered from the decoded uint8 store by row index (labels from the same rows)."""
+    y = None if labels is None else np.asarray(labels, dtype=np.float32)
+    shape = (None, *store.shape[1:])
+
+    def load(batch: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        out = tf.numpy_function(lambda b: (store[b],) if y is None else (store[b], y[b]), [batch],
+                                (tf.uint8,) if y is None else (tf.uint8, tf.float32), stateful=False)
+        images = tf.cast(tf.ensure_shape(out[0], shape), tf.float32)
+        return images if y is None else (images, tf.ensure_shape(out[1], (None, *y.shape[1:])))
+
+    return indices.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
 def image_dataset(
     paths: Sequence[str],
     labels: np.ndarray | None,
@@ -290,42 +338,11 @@ def image_dataset(
     sources = list(paths)
     if sampler is None and shuffle:
         sampler = EpochSampler(len(sources), seed)
-    if sampler is None:
-        indices = tf.data.Dataset.range(len(sources))
-        size = len(sources)
-    else:
-        # A known size matters: Keras opens a fresh iterator (a new epoch's draw) each epoch only on a
-        # dataset of known cardinality; the assertion also fails loudly on a short source.
-        indices = tf.data.Dataset.from_generator(sampler, output_signature=tf.TensorSpec([None], tf.int64)).unbatch()
-        size = sampler.epoch_size
-    indices = indices.apply(tf.data.experimental.assert_cardinality(size))
-    shards = bool(sources) and all(is_shard_source(s) for s in sources)
-    y_rows = None if labels is None else tf.constant(np.asarray(labels, np.float32))
-
-    def decode_row(i: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        image = decode_image(encoded, image_size)
-        return image if y_rows is None else (image, tf.gather(y_rows, i))
-
-    if cache == "none" and shards and sampler is not None:  # interleaved shards, shuffled in a bounded buffer
-        rows = shuffled_shard_records(sources, sampler.masks).map(decode_row, num_parallel_calls=AUTOTUNE)
-        ds = rows.apply(tf.data.experimental.assert_cardinality(size)).batch(batch_size)
-    elif cache == "none" and shards:  # in stored order, for prediction
-        ds = encoded_images(sources).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE).batch(batch_size)
-    elif cache == "none":
-        # one map per index: image and label come from the same draw of the (per-epoch) index stream
-        read = bytes_reader(sources)
-        ds = indices.map(lambda i: decode_row(i, read(i)), num_parallel_calls=AUTOTUNE, deterministic=True).batch(batch_size)
+    if cache == "none":
+        ds = _streamed_batches(sources, labels, image_size, batch_size, sampler)
     else:
         store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy")
-        y = None if labels is None else np.asarray(labels, dtype=np.float32)
-
-        def load(batch: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-            out = tf.numpy_function(lambda b: (store[b],) if y is None else (store[b], y[b]), [batch],
-                                    (tf.uint8,) if y is None else (tf.uint8, tf.float32), stateful=False)
-            images = tf.cast(tf.ensure_shape(out[0], (None, image_size, image_size, 3)), tf.float32)
-            return images if y is None else (images, tf.ensure_shape(out[1], (None, *y.shape[1:])))
-
-        ds = indices.batch(batch_size).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = _cached_batches(store, labels, _row_indices(len(sources), sampler), batch_size)
     if augment is not None:
         if labels is None:
             ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=AUTOTUNE)

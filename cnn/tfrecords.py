@@ -109,13 +109,18 @@ def is_shard_source(source: str) -> bool:
     return f"{SHARD_SUFFIX}#" in source
 
 
+def shard_refs(sources: list[str]) -> list[tuple[str, int]]:
+    """(shard file, record position) of each `SHARD.tfrec#POSITION` source."""
+    return [(shard, int(position)) for shard, position in (s.rsplit("#", 1) for s in sources)]
+
+
 def shard_images(sources: list[str]) -> tf.data.Dataset:
     """Encoded image bytes of `SHARD.tfrec#POSITION` sources, in the order given.
 
     TFRecords are read sequentially, so the sources must follow the shards' own order (as any
     subset of the run table does); each shard is read once and filtered to the wanted records.
     """
-    refs = [(shard, int(position)) for shard, position in (s.rsplit("#", 1) for s in sources)]
+    refs = shard_refs(sources)
     shards = list(dict.fromkeys(shard for shard, _ in refs))
     stored_order = sorted(refs, key=lambda ref: (shards.index(ref[0]), ref[1]))
     if refs != stored_order or len(set(refs)) != len(refs):
@@ -145,7 +150,7 @@ def shuffled_shard_records(sources: list[str], epochs: Callable[[], Iterator[tup
     `(seed, keep)` per epoch (`keep`: a mask over `sources`, the rows that epoch trains on); records
     of the shards that are not in `sources`, or not kept, are skipped. `row` indexes `sources`.
     """
-    refs = [(shard, int(position)) for shard, position in (s.rsplit("#", 1) for s in sources)]
+    refs = shard_refs(sources)
     shards = list(dict.fromkeys(shard for shard, _ in refs))
     shard_index = {shard: i for i, shard in enumerate(shards)}
     lengths = np.zeros(len(shards), np.int64)

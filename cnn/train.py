@@ -35,7 +35,7 @@ import pandas as pd
 import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cnn.backbones import build_classifier
+from cnn.backbones import build_classifier, parse_model_specs
 from cnn.pairs import (
     CHECKPOINT_DIR,
     CHECKPOINT_STATE,
@@ -47,15 +47,16 @@ from cnn.pairs import (
     pair_dir,
     record_failure,
     start_attempt,
+    unfinished_pairs,
     write_plan,
 )
 from cnn.options import DEFAULT_CACHE_BUDGET_GB
 from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, image_dataset, predict_tta
 from cnn.targets import TargetSpec, resolve_target
-from cnn.tfrecords import is_shard_source
+from cnn.tfrecords import is_shard_source, shard_sources
 from metadata.folds import attach_folds
 from metadata.metrics import roc_auc
-from metadata.run.io import atomic_write, write_json, write_table
+from metadata.run.io import atomic_write, read_table, write_json, write_table
 from metadata.run.layout import HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
 
 log = logging.getLogger(__name__)
@@ -355,28 +356,28 @@ def _probability_columns(outputs: np.ndarray, target: TargetSpec) -> dict[str, n
     return columns
 
 
-def train_fold(
-    model_name: str,
-    fold: int,
-    train_rows: pd.DataFrame,
-    val_rows: pd.DataFrame,
-    test_rows: pd.DataFrame,
-    config: CnnConfig,
-    target: TargetSpec,
-    fold_dir: Path,
-    progress: Progress,
-    strategy: tf.distribute.Strategy,
-) -> None:
-    """Train one (model, fold) pair (resuming its last epoch checkpoint), keep its best epoch, write its outputs."""
-    keras.utils.set_random_seed(config.seed + fold)
-    # keras-cv layers draw from TF's global generator, which op determinism (left on by an earlier
-    # --deterministic run in this process) refuses to create implicitly: seed it explicitly.
-    tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
-    y_train = target.labels(train_rows)
-    y_val = val_rows["target"].to_numpy(dtype=np.float32)
+@dataclass
+class FoldInputs:
+    """The three datasets of one (model, fold) pair, the epoch sampler and how images are cached."""
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset
+    sampler: EpochSampler
+    augmenter: keras.Sequential | None
+    y_train: np.ndarray
+    steps: int  # batches per epoch
+    cache_mode: str
+    cache_reason: str
+
+
+def fold_inputs(
+    model_name: str, fold: int, rows: dict[str, pd.DataFrame], config: CnnConfig, target: TargetSpec, fold_dir: Path, progress: Progress
+) -> FoldInputs:
+    """Datasets for `rows` (train, val, test): cached within the budget or streamed (said in the log and console)."""
     cache_dir = fold_dir / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)  # a killed attempt's half-written cache is locked
-    all_sources = pd.concat([train_rows["image_path"], val_rows["image_path"], test_rows["image_path"]]).astype(str)
+    all_sources = pd.concat([rows[split]["image_path"] for split in ("train", "val", "test")]).astype(str)
     cache_mode, cache_reason = choose_cache(
         config.cache, len(all_sources), config.image_size, config.cache_budget_gb, shards=all_sources.map(is_shard_source).all()
     )
@@ -385,103 +386,141 @@ def train_fold(
     if cache_mode == "disk":
         cache_dir.mkdir()
     cache = {split: str(cache_dir / split) if cache_mode == "disk" else cache_mode for split in ("train", "val", "test")}
-    datasets = {
-        split: image_dataset(rows["image_path"], None, config.image_size, config.batch_size, cache=cache[split])
-        for split, rows in (("val", val_rows), ("test", test_rows))
-    }
+    val, test = (image_dataset(rows[split]["image_path"], None, config.image_size, config.batch_size, cache=cache[split]) for split in ("val", "test"))
+    train_rows, y_train = rows["train"], target.labels(rows["train"])
     augmenter = build_augmenter(config.seed + fold, config.augment)
     sampler = EpochSampler(
         len(train_rows), config.seed + fold, patient=train_rows["patient_id"].fillna(train_rows["image_id"]).to_numpy(),
         positive=train_rows["target"].to_numpy() == 1, negatives_per_patient=config.negatives_per_patient,
     )
-    train_ds = image_dataset(
+    train = image_dataset(
         train_rows["image_path"], y_train, config.image_size, config.batch_size, sampler=sampler,
         augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"],
     )
     steps = math.ceil(sampler.epoch_size / config.batch_size)
-    checkpoint_dir = fold_dir / CHECKPOINT_DIR
+    return FoldInputs(train, val, test, sampler, augmenter, y_train, steps, cache_mode, cache_reason)
+
+
+def compiled_model(
+    model_name: str, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, checkpoint_dir: Path, strategy: tf.distribute.Strategy
+) -> tuple[keras.Model, list[tf.Variable], Resumed]:
+    """The pair's model, compiled (AdamW, warm-up + cosine), with its last epoch checkpoint restored if any."""
     with strategy.scope():
         model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
         schedule = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=config.learning_rate * 0.1,
-            decay_steps=max(1, steps * (config.epochs - 1)),
+            decay_steps=max(1, inputs.steps * (config.epochs - 1)),
             warmup_target=config.learning_rate,
-            warmup_steps=steps,
+            warmup_steps=inputs.steps,
         )
         model.compile(
             optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
             loss=target.loss(config.loss, config.label_smoothing),
             jit_compile=jit_compile(config.jit),
         )
-        rng = random_state_variables(model, augmenter)
-        resumed = restore_checkpoint(checkpoint_dir, model, rng, config)
-    # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
-    # drawing where an uninterrupted one would be.
-    sampler.epoch = resumed.epochs_done
-    best = BestEpochByAUC(datasets["val"], y_val, target, config.patience, resumed.val_aucs, resumed.best_weights)
-    label = f"{model_name} fold {fold}"
-    if resumed.epochs_done:
-        log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
-    pair_task = progress.add_task(label, total=steps * config.epochs, completed=steps * resumed.epochs_done)
-    epoch_task = progress.add_task("  epoch", total=steps)
-    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config, resumed.losses, resumed.seconds)
-    last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
-    fit_started = time.perf_counter()
-    model.fit(
-        train_ds,
-        epochs=last_epoch,
-        initial_epoch=resumed.epochs_done,
-        steps_per_epoch=steps,
-        shuffle=False,  # the tf.data pipeline shuffles
-        class_weight=target.class_weight(y_train, config.class_weight),
-        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
-        verbose=0,
-    )
-    fit_seconds = time.perf_counter() - fit_started
-    progress.remove_task(epoch_task)
+        rng = random_state_variables(model, inputs.augmenter)
+        return model, rng, restore_checkpoint(checkpoint_dir, model, rng, config)
+
+
+def write_fold_predictions(
+    model: keras.Model, fold: int, rows: dict[str, pd.DataFrame], inputs: FoldInputs, config: CnnConfig, target: TargetSpec, fold_dir: Path
+) -> pd.DataFrame:
+    """The best epoch's model, OOF and test probabilities (mean over the TTA views) of one pair; returns the OOF table."""
     atomic_write(fold_dir / MODEL_FILE, model.save)
-    oof = val_rows[["image_id", "patient_id", "target"]].assign(
-        fold=fold, **_probability_columns(predict_tta(model, datasets["val"], config.tta), target)
+    oof = rows["val"][["image_id", "patient_id", "target"]].assign(
+        fold=fold, **_probability_columns(predict_tta(model, inputs.val, config.tta), target)
     )
-    test = test_rows[["image_id", "patient_id"]].copy()
-    if len(test_rows):
-        test = test.assign(**_probability_columns(predict_tta(model, datasets["test"], config.tta), target))
+    test = rows["test"][["image_id", "patient_id"]].copy()
+    if len(test):
+        test = test.assign(**_probability_columns(predict_tta(model, inputs.test, config.tta), target))
     else:
         test = test.assign(prob=np.array([], dtype=float))
     write_table(oof, fold_dir / OOF_FILE)
     write_table(test, fold_dir / TEST_FILE)
-    chosen = best_epoch(best.val_aucs)
-    write_json(
-        {
-            "model": model_name,
-            "fold": fold,
-            "config": asdict(config),
-            "classes": list(target.classes),
-            # what the prior-adjusted (balanced-accuracy) decision divides by; see metadata.metrics
-            "training_prior": target.training_prior(y_train, config.class_weight).tolist() if target.multiclass else None,
-            "loss": checkpoint.losses,
-            "val_auc": best.val_aucs,
-            "best_epoch": chosen,
-            "best_val_auc": best.val_aucs[chosen],
-            "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy()),
-            "resumed_after_epoch": resumed.epochs_done,
-            "sampling": {
-                "negatives_per_patient": config.negatives_per_patient,
-                "images_per_epoch": sampler.epoch_size,
-                "training_images": len(train_rows),
-                "cache": cache_mode,
-                "cache_reason": cache_reason,
-                # this attempt's epochs (each with its validation pass) over their wall time
-                "images_per_second": sampler.epoch_size * (last_epoch - resumed.epochs_done) / fit_seconds if fit_seconds > 0 else None,
-            },
-            "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
-        },
-        fold_dir / HISTORY_FILE,
+    return oof
+
+
+def train_fold(
+    model_name: str,
+    fold: int,
+    rows: dict[str, pd.DataFrame],
+    config: CnnConfig,
+    target: TargetSpec,
+    fold_dir: Path,
+    progress: Progress,
+    strategy: tf.distribute.Strategy,
+) -> None:
+    """Train one (model, fold) pair on `rows` (train, val, test), resuming its last epoch checkpoint; keep its best epoch, write its outputs."""
+    keras.utils.set_random_seed(config.seed + fold)
+    # keras-cv layers draw from TF's global generator, which op determinism (left on by an earlier
+    # --deterministic run in this process) refuses to create implicitly: seed it explicitly.
+    tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
+    inputs = fold_inputs(model_name, fold, rows, config, target, fold_dir, progress)
+    checkpoint_dir = fold_dir / CHECKPOINT_DIR
+    model, rng, resumed = compiled_model(model_name, config, target, inputs, checkpoint_dir, strategy)
+    # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
+    # drawing where an uninterrupted one would be.
+    inputs.sampler.epoch = resumed.epochs_done
+    best = BestEpochByAUC(inputs.val, rows["val"]["target"].to_numpy(dtype=np.float32), target, config.patience, resumed.val_aucs, resumed.best_weights)
+    label = f"{model_name} fold {fold}"
+    if resumed.epochs_done:
+        log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
+    pair_task = progress.add_task(label, total=inputs.steps * config.epochs, completed=inputs.steps * resumed.epochs_done)
+    epoch_task = progress.add_task("  epoch", total=inputs.steps)
+    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config, resumed.losses, resumed.seconds)
+    last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
+    fit_started = time.perf_counter()
+    model.fit(
+        inputs.train,
+        epochs=last_epoch,
+        initial_epoch=resumed.epochs_done,
+        steps_per_epoch=inputs.steps,
+        shuffle=False,  # the tf.data pipeline shuffles
+        class_weight=target.class_weight(inputs.y_train, config.class_weight),
+        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
+        verbose=0,
     )
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    images_per_second = inputs.sampler.epoch_size * (last_epoch - resumed.epochs_done) / max(time.perf_counter() - fit_started, 1e-9)
+    progress.remove_task(epoch_task)
+    oof = write_fold_predictions(model, fold, rows, inputs, config, target, fold_dir)
+    history = fold_history(model_name, fold, config, target, inputs, best, checkpoint, resumed, oof, images_per_second)
+    write_json(history, fold_dir / HISTORY_FILE)
+    shutil.rmtree(fold_dir / "cache", ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("%s done: best val AUC %.4f at epoch %d", label, best.val_aucs[chosen], chosen + 1)
+    log.info("%s done: best val AUC %.4f at epoch %d", label, history["best_val_auc"], history["best_epoch"] + 1)
+
+
+def fold_history(
+    model_name: str, fold: int, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, best: BestEpochByAUC,
+    checkpoint: EpochCheckpoint, resumed: Resumed, oof: pd.DataFrame, images_per_second: float,
+) -> dict[str, Any]:
+    """RUN/cnn/<model>/fold<k>/history.json: the recipe, per-epoch loss and validation AUC, the best epoch, the sampling."""
+    chosen = best_epoch(best.val_aucs)
+    return {
+        "model": model_name,
+        "fold": fold,
+        "config": asdict(config),
+        "classes": list(target.classes),
+        # what the prior-adjusted (balanced-accuracy) decision divides by; see metadata.metrics
+        "training_prior": target.training_prior(inputs.y_train, config.class_weight).tolist() if target.multiclass else None,
+        "loss": checkpoint.losses,
+        "val_auc": best.val_aucs,
+        "best_epoch": chosen,
+        "best_val_auc": best.val_aucs[chosen],
+        "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy()),
+        "resumed_after_epoch": resumed.epochs_done,
+        "sampling": {
+            "negatives_per_patient": config.negatives_per_patient,
+            "images_per_epoch": inputs.sampler.epoch_size,
+            "training_images": len(inputs.y_train),
+            "cache": inputs.cache_mode,
+            "cache_reason": inputs.cache_reason,
+            # this attempt's epochs (each with its validation pass) over their wall time
+            "images_per_second": images_per_second,
+        },
+        "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
+    }
 
 
 def train_pair(
@@ -500,7 +539,8 @@ def train_pair(
     held_out = train["fold"] == fold
     with heartbeat(fold_dir):
         try:
-            train_fold(model_name, fold, train[~held_out], train[held_out], test, config, target, fold_dir, progress, strategy)
+            rows = {"train": train[~held_out], "val": train[held_out], "test": test}
+            train_fold(model_name, fold, rows, config, target, fold_dir, progress, strategy)
         except Exception as error:
             record_failure(fold_dir, error, traceback.format_exc())
             log.error("%s fold %d failed: %s", model_name, fold, error)
@@ -534,10 +574,12 @@ def train_cnns(
     run_dir: Path,
     model: str | None = None,
     fold: int | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Declare every model (name -> its image size) x fold pair, then train those selected, skipping finished ones.
 
-    Returns the OOF melanoma AUC of each model whose folds are all done.
+    Returns the OOF melanoma AUC of each model whose folds are all done. `progress` (e.g.
+    `training_progress()`, started) shows a bar per pair and per epoch; without it training is quiet.
     """
     without_image = table["image_path"].isna()
     if without_image.any():
@@ -550,10 +592,7 @@ def train_cnns(
     fold_ids = sorted(int(f) for f in train["fold"].unique())
     pairs = selected_pairs(models, fold_ids, model, fold)
     write_plan(run_dir, models, fold_ids, config.epochs)
-    columns = [
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-    ]
+    progress = progress or Progress(disable=True)
     target = resolve_target(config.target, train)  # once, so every fold's head has the same classes
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -561,10 +600,39 @@ def train_cnns(
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(dtype_policy(config.mixed_precision))
     try:
-        with Progress(*columns) as progress:
-            for model_name, fold_id in pairs:
-                model_config = replace(config, image_size=models[model_name])
-                train_pair(model_name, fold_id, train, test, model_config, target, run_dir, progress, strategy)
+        for model_name, fold_id in pairs:
+            model_config = replace(config, image_size=models[model_name])
+            train_pair(model_name, fold_id, train, test, model_config, target, run_dir, progress, strategy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return assemble_finished_models(run_dir, models, fold_ids)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a `train-cnns` call did: OOF AUC of each model now complete, where images came from, what is left."""
+
+    aucs: dict[str, float]
+    shards: Path | None  # the TFRecord shards read instead of the image files, if the run has them
+    unfinished: list[tuple[str, int]]  # declared (model, fold) pairs still to train (other jobs' or failed)
+
+
+def training_progress() -> Progress:
+    """The progress display `train_cnns` fills: a bar per (model, fold) pair and one for the current epoch."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )
+
+
+def train_run_cnns(
+    table: pd.DataFrame, run_dir: Path, models: str, config: CnnConfig, model: str | None = None, fold: int | None = None,
+    progress: Progress | None = None,
+) -> TrainingOutcome:
+    """The `train-cnns` stage on the run's folds: `models` as on the command line (`small:64,efficientnet_b0:128`);
+    images from the run's TFRecord shards when it has them."""
+    specs = parse_model_specs(models, config.image_size)
+    sharded = shard_sources(table, run_dir)
+    layout = RunLayout(run_dir)
+    aucs = train_cnns(table if sharded is None else sharded, read_table(layout.folds, "folds"), specs, config, run_dir, model, fold, progress)
+    return TrainingOutcome(aucs, None if sharded is None else layout.shards, unfinished_pairs(run_dir))

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import keras
@@ -33,8 +31,9 @@ from ensemble.operating_point import OperatingPoint, choose_operating_point
 from fusion.cnn_scores import fold_model_scales
 from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
-from metadata.run.io import read_table, write_json
+from metadata.run.io import read_json, read_table, write_json
 from metadata.run.layout import MASKED_OOF_FILE, SCORING_REFERENCE_FILE, RunLayout
+from metadata.run.manifest import package_versions
 from metadata.schema import SEXES, SITES
 
 BUNDLE_FORMAT = "melanoma-pipeline-bundle"
@@ -84,21 +83,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """Python and the versions of the packages a bundle's files depend on."""
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {"python": platform.python_version(), **{p: installed(p) for p in VERSIONED_PACKAGES}}
-
-
 def version_differences(manifest: dict) -> list[str]:
     """Packages whose installed version differs from the exporting one (results may differ slightly)."""
-    now = library_versions()
+    now = package_versions(VERSIONED_PACKAGES)
     return [
         f"{package} {then} at export, {now.get(package)} here"
         for package, then in manifest["versions"].items()
@@ -106,10 +93,11 @@ def version_differences(manifest: dict) -> list[str]:
     ]
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.exists():
+def _required_json(path: Path, what: str) -> dict:
+    found = read_json(path)
+    if found is None:
         raise BundleError(f"{path} is missing: {what}.")
-    return json.loads(path.read_text())
+    return found
 
 
 def _load_keras(path: Path) -> keras.Model:
@@ -133,7 +121,7 @@ def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
             f"{model_dir}/oof.parquet covers folds {sorted(scales.index)} but the stack has folds {folds}; "
             "re-run `train-cnns` and `stack` on the same folds."
         )
-    history = _read_json(layout.history(name, folds[0]), "re-run `train-cnns`")  # one recipe for all folds
+    history = _required_json(layout.history(name, folds[0]), "re-run `train-cnns`")  # one recipe for all folds
     for fold in folds:
         model_file = layout.model_file(name, fold)
         if not model_file.exists():
@@ -175,7 +163,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
     """
     run_dir, out = Path(run_dir), Path(out)
     stack_dir = RunLayout(run_dir).stack
-    stack_info = _read_json(RunLayout(run_dir).stack_recipe, f"run `python cli.py stack --data DIR --run {run_dir}` first")
+    stack_info = _required_json(RunLayout(run_dir).stack_recipe, f"run `python cli.py stack --data DIR --run {run_dir}` first")
     if not stack_info["cnns"]:
         raise BundleError(
             f"the stack of {run_dir} uses no CNN (a metadata-only baseline); a bundle scores images: "
@@ -200,7 +188,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
             "vocabularies": VOCABULARIES,
             "calibration": calibration.to_json(),
             "operating_points": {source: point.to_json() for source, point in points.items()},
-            "scoring_reference": _read_json(stack_dir / SCORING_REFERENCE_FILE, "re-run `python cli.py stack`"),
+            "scoring_reference": _required_json(stack_dir / SCORING_REFERENCE_FILE, "re-run `python cli.py stack`"),
         }
         (building / "stack").mkdir()
         for path in boosters.values():
@@ -214,7 +202,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "source_run": str(run_dir.resolve()),
                 "stack_oof_auc": stack_info.get("oof_auc"),
-                "versions": library_versions(),
+                "versions": package_versions(VERSIONED_PACKAGES),
                 "files": files,
             },
             building / MANIFEST,
@@ -230,7 +218,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
 def verify_bundle(path: Path) -> dict:
     """The manifest of a bundle whose every listed file exists with its recorded checksum; else BundleError."""
     path = Path(path)
-    manifest = _read_json(path / MANIFEST, "not a bundle folder; create one with `python cli.py export`")
+    manifest = _required_json(path / MANIFEST, "not a bundle folder; create one with `python cli.py export`")
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleError(
             f"{path / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}; "

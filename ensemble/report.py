@@ -401,6 +401,40 @@ def summary_tables(report: dict[str, object], cv_columns: dict[str, Callable[[di
     return tables
 
 
+def _missingness_table(report: dict[str, object]) -> Table | None:
+    """The stack per missingness pattern against the best CNN on the same rows."""
+    if not report["missingness"]:
+        return None
+    return Table(
+        "LightGBM stack per missingness pattern (OOF, those inputs masked) vs the best CNN on the same rows",
+        ["pattern", "images", "melanomas", "stack AUC [95% CI]", "CNN", "CNN AUC", "difference [95% CI]", "p", "ECE"],
+        [
+            [e["pattern"], str(e["n"]), str(e["n_melanoma"]), _with_ci(e["auc"], e["auc_ci"]), e["versus"] or "-",
+             _num(e.get("cnn_auc")), _with_ci(e["difference"], e["difference_ci"], 4) if "difference" in e else "-",
+             _num(e.get("p_value"), 4), _num(e["ece"], 4)]
+            for e in report["missingness"]
+        ],
+        "Each row scores every OOF image as a lesion of that pattern would reach the stack: metadata fields blanked "
+        "(partial: a random one or two per image) and/or each lesion its own patient; probabilities calibrated per pattern "
+        "on OOF scores (ECE: each fold calibrated by the other folds). Difference: paired patient bootstrap, stack minus CNN.",
+    )
+
+
+def _stack_features_table(report: dict[str, object]) -> Table | None:
+    """What the LightGBM stack used, and what stacking adds over each feature alone."""
+    if not report["stack_features"]:
+        return None
+    return Table(
+        "Stack features: what the LightGBM stack used, and how much stacking adds over each feature alone",
+        ["feature", "gain share", "AUC alone", "stack AUC minus AUC alone"],
+        [
+            [f["feature"], _num(f["gain_share"]), _num(f["single_feature_auc"]), _num(f["stack_auc_minus_single"])]
+            for f in report["stack_features"]
+        ],
+        "AUC alone: the feature's own OOF AUC in its better direction (numeric features only).",
+    )
+
+
 def report_tables(report: dict[str, object]) -> list[Table]:
     """Every table of the report, in reading order; sections without data are left out."""
     tables = summary_tables(report)
@@ -438,34 +472,7 @@ def report_tables(report: dict[str, object]) -> list[Table]:
                 ],
             )
         )
-    if report["missingness"]:
-        tables.append(
-            Table(
-                "LightGBM stack per missingness pattern (OOF, those inputs masked) vs the best CNN on the same rows",
-                ["pattern", "images", "melanomas", "stack AUC [95% CI]", "CNN", "CNN AUC", "difference [95% CI]", "p", "ECE"],
-                [
-                    [e["pattern"], str(e["n"]), str(e["n_melanoma"]), _with_ci(e["auc"], e["auc_ci"]), e["versus"] or "-",
-                     _num(e.get("cnn_auc")), _with_ci(e["difference"], e["difference_ci"], 4) if "difference" in e else "-",
-                     _num(e.get("p_value"), 4), _num(e["ece"], 4)]
-                    for e in report["missingness"]
-                ],
-                "Each row scores every OOF image as a lesion of that pattern would reach the stack: metadata fields blanked "
-                "(partial: a random one or two per image) and/or each lesion its own patient; probabilities calibrated per pattern "
-                "on OOF scores (ECE: each fold calibrated by the other folds). Difference: paired patient bootstrap, stack minus CNN.",
-            )
-        )
-    if report["stack_features"]:
-        tables.append(
-            Table(
-                "Stack features: what the LightGBM stack used, and how much stacking adds over each feature alone",
-                ["feature", "gain share", "AUC alone", "stack AUC minus AUC alone"],
-                [
-                    [f["feature"], _num(f["gain_share"]), _num(f["single_feature_auc"]), _num(f["stack_auc_minus_single"])]
-                    for f in report["stack_features"]
-                ],
-                "AUC alone: the feature's own OOF AUC in its better direction (numeric features only).",
-            )
-        )
+    tables += [table for table in (_missingness_table(report), _stack_features_table(report)) if table is not None]
     return tables
 
 

@@ -103,7 +103,13 @@ def build_submission(
 
 
 def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: pd.Series | pd.Index) -> None:
-    """Refuse a submission the challenge would reject or mis-score, naming the first offending id."""
+    """Refuse a submission the challenge would reject or mis-score, naming the first offending id.
+
+    >>> frame = pd.DataFrame({"isic_id": ["a", "b"], "target": [0.2, 1.3]})
+    >>> validate_submission(frame, submission_format("isic2024"), ["a", "b"])
+    Traceback (most recent call last):
+    ValueError: submission: id 'b' has target=1.3, not a probability in [0, 1] (1 such value(s)); submit a model whose outputs are probabilities.
+    """
     if list(frame.columns) != fmt.header:
         raise ValueError(f"submission columns {list(frame.columns)}; {fmt.title} needs exactly {fmt.header}, in that order.")
     ids = frame[fmt.id_column]

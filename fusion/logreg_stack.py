@@ -16,6 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
+from fusion.cross_fit import cross_fit
+
 
 def _as_text(categories: pd.DataFrame) -> pd.DataFrame:
     """Categorical columns as text with missing as its own level (the encoder needs one dtype)."""
@@ -51,12 +53,9 @@ def cross_val_logreg(
 ) -> LogregStackResult:
     """One pipeline per fold, fitted on the other folds (imputation and scaling learnt there too)."""
     target = np.asarray(target)
-    oof = np.full(len(train_features), np.nan)
-    test_probs = []
-    for fold in np.unique(folds):
-        held_out = folds == fold
-        model = logreg_pipeline().fit(train_features[~held_out], target[~held_out])
-        oof[held_out] = model.predict_proba(train_features[held_out])[:, 1]
-        if len(test_features):
-            test_probs.append(model.predict_proba(test_features)[:, 1])
-    return LogregStackResult(oof_probs=oof, test_probs=np.mean(test_probs, axis=0) if test_probs else np.array([]))
+    result = cross_fit(
+        lambda rows, fold: logreg_pipeline().fit(train_features[rows], target[rows]),
+        lambda model, features: model.predict_proba(features)[:, 1],
+        train_features, folds, test_features,
+    )
+    return LogregStackResult(oof_probs=result.oof, test_probs=result.test)

@@ -54,6 +54,10 @@ def patient_context_features(patient_id: pd.Series, scores: pd.DataFrame) -> pd.
     `scores` holds one column per model (e.g. `cnn_small`). The rank is a percentile in (0, 1];
     the z-score is missing for patients with a single lesion or identical scores (no spread to
     compare against) rather than an invented 0.
+
+    >>> context = patient_context_features(pd.Series(["p1", "p1", "p1", "p2"]), pd.DataFrame({"cnn_small": [0.1, 0.2, 0.9, 0.5]}))
+    >>> context["cnn_small_patient_rank"].round(2).tolist(), context["cnn_small_patient_z"].round(2).tolist()
+    ([0.33, 0.67, 1.0, 1.0], [-0.69, -0.46, 1.15, nan])
     """
     grouped = scores.groupby(patient_id.to_numpy(), sort=False)
     columns = {"patient_n_lesions": patient_id.map(patient_id.value_counts()).astype(float)}

@@ -14,6 +14,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from fusion.cross_fit import cross_fit
 from fusion.patient_context import (
     check_feature_columns,
     extra_numeric_features,
@@ -126,22 +127,11 @@ def cross_val_stack(
     """
     target = np.asarray(target)
     masked_features = masked_features or {}
-    oof = np.full(len(train_features), np.nan)
-    masked_oof = {name: np.full(len(train_features), np.nan) for name in masked_features}
-    test_probs = []
-    models = []
-    for fold in np.unique(folds):
-        held_out = folds == fold
-        model = LightGBMStacker(
-            num_boost_round=num_boost_round, seed=seed + int(fold), params=params or default_lgb_params(), increasing=increasing
-        )
-        training = [train_features[~held_out], *(copy[~held_out] for copy in masked_features.values())]
-        model.fit(pd.concat(training, ignore_index=True), np.tile(target[~held_out], len(training)))
-        oof[held_out] = model.predict(train_features[held_out])
-        for name, copy in masked_features.items():
-            masked_oof[name][held_out] = model.predict(copy[held_out])
-        if len(test_features):
-            test_probs.append(model.predict(test_features))
-        models.append(model)
-    test_mean = np.mean(test_probs, axis=0) if test_probs else np.array([])
-    return StackResult(oof_probs=oof, test_probs=test_mean, models=models, masked_oof=masked_oof)
+
+    def fit(rows: np.ndarray, fold: int) -> LightGBMStacker:
+        model = LightGBMStacker(num_boost_round=num_boost_round, seed=seed + fold, params=params or default_lgb_params(), increasing=increasing)
+        training = [train_features[rows], *(copy[rows] for copy in masked_features.values())]
+        return model.fit(pd.concat(training, ignore_index=True), np.tile(target[rows], len(training)))
+
+    result = cross_fit(fit, LightGBMStacker.predict, train_features, folds, test_features, masked_features)
+    return StackResult(oof_probs=result.oof, test_probs=result.test, models=result.models, masked_oof=result.extra_oof)

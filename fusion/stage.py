@@ -11,7 +11,9 @@ features themselves (`RUN/stack/oof_features.parquet`) so the report can score e
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +27,7 @@ from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.folds import attach_folds
 from metadata.metrics import roc_auc
 from metadata.run.io import atomic_write, read_table, write_json, write_table
-from metadata.run.layout import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, STACK_RECIPE_FILE, RunLayout
+from metadata.run.layout import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
 
 
 def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[MaskedCopy], masked_scores: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -70,16 +72,20 @@ def _first_cnn_image_size(run_dir: Path) -> int | None:
     return None if size is None else int(size)
 
 
-def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> float:
-    """Fit the stacker on the run's folds and write its outputs; return its OOF AUC.
+@dataclass
+class StackFit:
+    """Everything `stack` writes under RUN/stack, computed before any of it is written."""
 
-    Refuses while any (model, fold) pair that `train-cnns` declared is unfinished: a stack silently
-    built without a model (or on a partial OOF table) would look like a finished run. The LightGBM
-    stack trains on the rows as given plus their masked copies (`fusion.missingness`), and its
-    probabilities are calibrated per missingness pattern on the OOF scores of that pattern.
-    """
-    run_dir = Path(run_dir)
-    require_finished_cnns(run_dir)
+    boosters: dict[int, Any]  # fold -> the LightGBM stacker trained without it
+    tables: dict[str, pd.DataFrame]  # file name under RUN/stack -> table
+    scoring_reference: dict[str, Any]
+    recipe: dict[str, Any]  # RUN/stack/features.json
+    auc: float  # OOF melanoma AUC of the calibrated LightGBM stack
+
+
+def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> StackFit:
+    """Fit the LightGBM stack (on the rows as given plus their masked copies, calibrated per
+    missingness pattern on OOF scores) and the logistic-regression baseline on the run's folds."""
     folds_file = RunLayout(run_dir).folds
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
@@ -87,8 +93,7 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     train_features = build_stack_features(train, train_scores)
     test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]))
     copies = [c for c in masked_copies(train, seed) if c.design != "complete"]
-    target = train["target"].to_numpy(dtype=int)
-    folds = train["fold"].to_numpy()
+    target, folds = train["target"].to_numpy(dtype=int), train["fold"].to_numpy()
     result = cross_val_stack(
         train_features, target, folds, test_features, num_boost_round=num_boost_round, seed=seed,
         masked_features={c.design: build_stack_features(c.rows, train_scores) for c in copies},
@@ -101,37 +106,47 @@ def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     masked["prob"] = calibration.apply(masked["score"], masked["pattern"])
     masked["prob_cross_fitted"] = calibration.apply(masked["score"], masked["pattern"], masked["fold"])
     train_pattern, test_pattern = missingness_pattern(train).to_numpy(), missingness_pattern(test).to_numpy()
-    stack_oof = train[["image_id", "patient_id", "fold", "target"]].assign(
-        prob=calibration.apply(result.oof_probs, train_pattern), score=result.oof_probs, pattern=train_pattern
-    )
-    stack_test = test[["image_id", "patient_id"]].assign(
-        prob=calibration.apply(result.test_probs, test_pattern), score=result.test_probs, pattern=test_pattern
-    )
+    labelled, unlabelled = train[["image_id", "patient_id", "fold", "target"]], test[["image_id", "patient_id"]]
+    stack_oof = labelled.assign(prob=calibration.apply(result.oof_probs, train_pattern), score=result.oof_probs, pattern=train_pattern)
     linear = cross_val_logreg(train_features, target, folds, test_features)
-    stack_dir = RunLayout(run_dir).stack
-    stack_dir.mkdir(parents=True, exist_ok=True)
-    for fold, model in zip(sorted(train["fold"].unique()), result.models):
-        atomic_write(stack_dir / f"model_fold{fold}.txt", model.save)
-    lightgbm_oof, lightgbm_test = STACK_OUTPUTS[PRIMARY_STACK]
-    write_table(stack_oof, stack_dir / lightgbm_oof)
-    write_table(stack_test, stack_dir / lightgbm_test)
-    logreg_oof, logreg_test = STACK_OUTPUTS["logreg_stack"]
-    write_table(train[["image_id", "patient_id", "fold", "target"]].assign(prob=linear.oof_probs), stack_dir / logreg_oof)
-    write_table(test[["image_id", "patient_id"]].assign(prob=linear.test_probs), stack_dir / logreg_test)
-    write_table(masked, stack_dir / MASKED_OOF_FILE)
-    write_table(train_features.assign(image_id=train["image_id"].to_numpy()), stack_dir / STACK_FEATURES_FILE)
-    write_json(scoring_reference(train, train_scores, _first_cnn_image_size(run_dir), seed), stack_dir / SCORING_REFERENCE_FILE)
+    (lightgbm_oof, lightgbm_test), (logreg_oof, logreg_test) = STACK_OUTPUTS[PRIMARY_STACK], STACK_OUTPUTS["logreg_stack"]
+    tables = {
+        lightgbm_oof: stack_oof,
+        lightgbm_test: unlabelled.assign(prob=calibration.apply(result.test_probs, test_pattern), score=result.test_probs, pattern=test_pattern),
+        logreg_oof: labelled.assign(prob=linear.oof_probs),
+        logreg_test: unlabelled.assign(prob=linear.test_probs),
+        MASKED_OOF_FILE: masked,
+        STACK_FEATURES_FILE: train_features.assign(image_id=train["image_id"].to_numpy()),
+    }
     auc = roc_auc(target, stack_oof["prob"])
-    write_json(
-        {
-            "cnns": cnn_names(run_dir),
-            "features": list(train_features.columns),
-            "num_boost_round": num_boost_round,
-            "seed": seed,
-            "oof_auc": auc,
-            "masked_copies": [c.design for c in copies],
-            "calibration": calibration.to_json(),
-        },
-        stack_dir / STACK_RECIPE_FILE,
-    )
-    return auc
+    recipe = {
+        "cnns": cnn_names(run_dir), "features": list(train_features.columns), "num_boost_round": num_boost_round, "seed": seed,
+        "oof_auc": auc, "masked_copies": [c.design for c in copies], "calibration": calibration.to_json(),
+    }
+    boosters = dict(zip(sorted(train["fold"].unique()), result.models))
+    return StackFit(boosters, tables, scoring_reference(train, train_scores, _first_cnn_image_size(run_dir), seed), recipe, auc)
+
+
+def write_stack(run_dir: Path, fit: StackFit) -> None:
+    """Write a fitted stack under RUN/stack (the recipe, features.json, last)."""
+    layout = RunLayout(run_dir)
+    layout.stack.mkdir(parents=True, exist_ok=True)
+    for fold, booster in fit.boosters.items():
+        atomic_write(layout.stack_booster(fold), booster.save)
+    for name, frame in fit.tables.items():
+        write_table(frame, layout.stack / name)
+    write_json(fit.scoring_reference, layout.stack / SCORING_REFERENCE_FILE)
+    write_json(fit.recipe, layout.stack_recipe)
+
+
+def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> float:
+    """Fit the stacker on the run's folds and write its outputs; return its OOF AUC.
+
+    Refuses while any (model, fold) pair that `train-cnns` declared is unfinished: a stack silently
+    built without a model (or on a partial OOF table) would look like a finished run.
+    """
+    run_dir = Path(run_dir)
+    require_finished_cnns(run_dir)
+    fit = fit_stack(table, run_dir, num_boost_round, seed)
+    write_stack(run_dir, fit)
+    return fit.auc

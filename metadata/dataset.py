@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from metadata.formats import DATASET_FORMATS, IMAGE_SUFFIXES, detect_format
+from metadata.images import HDF5_MARK, is_hdf5_source
 from metadata.run.io import atomic_write
 from metadata.run.layout import RunLayout
 from metadata.run.manifest import record_data_fingerprint
@@ -33,7 +34,7 @@ class LoadedDataset:
 
 def _image_folders(table: pd.DataFrame) -> set[Path]:
     paths = table["image_path"].dropna()
-    return {Path(p).parent for p in paths if "#" not in Path(p).name}
+    return {Path(p).parent for p in paths if not is_hdf5_source(p)}
 
 
 def _hdf5_keys_missing(table: pd.DataFrame) -> pd.Series:
@@ -41,24 +42,25 @@ def _hdf5_keys_missing(table: pd.DataFrame) -> pd.Series:
     import h5py
 
     sources = table["image_path"].dropna()
-    sources = sources[sources.str.contains(".hdf5#", regex=False)]
+    sources = sources[sources.str.contains(HDF5_MARK, regex=False)]
     missing = pd.Series(False, index=table.index)
     if sources.empty:
         return missing
-    for file, rows in sources.groupby(sources.str.rsplit("#", n=1).str[0]):
+    file_and_key = sources.str.rsplit("#", n=1)  # split_hdf5_source, vectorised
+    for file, rows in file_and_key.groupby(file_and_key.str[0]):
         if not Path(file).exists():
             missing[rows.index] = True
             continue
         with h5py.File(file, "r") as handle:
             keys = set(handle.keys())
-        missing[rows.index] = ~rows.str.rsplit("#", n=1).str[1].isin(keys)
+        missing[rows.index] = ~rows.str[1].isin(keys)
     return missing
 
 
 def missing_image_rows(table: pd.DataFrame) -> pd.Series:
     """True for rows that list an image whose file (or HDF5 key) does not exist."""
     paths = table["image_path"]
-    is_file = paths.notna() & ~paths.fillna("").str.contains(".hdf5#", regex=False)
+    is_file = paths.notna() & ~paths.fillna("").str.contains(HDF5_MARK, regex=False)
     missing = pd.Series([not Path(p).exists() for p in paths[is_file]], index=paths[is_file].index, dtype=bool)
     return missing.reindex(table.index, fill_value=False) | _hdf5_keys_missing(table)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metadata.images import hdf5_source
 from metadata.schema import (
     CANONICAL_COLUMNS,
     DIAGNOSES,
@@ -323,7 +324,7 @@ def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         require_columns(raw, ("isic_id", "patient_id", "age_approx", "sex", "anatom_site_general"), file)
         hdf5 = root / f"{split}-image.hdf5"
         if hdf5.exists():
-            paths = pd.Series([f"{hdf5}#{i}" for i in raw["isic_id"]], index=raw.index, dtype="string")
+            paths = pd.Series([hdf5_source(hdf5, i) for i in raw["isic_id"]], index=raw.index, dtype="string")
         else:
             paths = _image_paths(_first_dir(root, (f"{split}-image/image", f"{split}-image")), raw["isic_id"])
         extras = _numeric_extras(raw, file)

@@ -7,6 +7,28 @@ from types import TracebackType
 from typing import Any
 
 
+HDF5_MARK = ".hdf5#"  # `FILE.hdf5#KEY`: the entry KEY of an HDF5 file (the ISIC 2024 layout)
+
+
+def hdf5_source(file: str | Path, key: str) -> str:
+    """The image source of entry `key` of HDF5 file `file`.
+
+    >>> hdf5_source("train-image.hdf5", "ISIC_0015670"), split_hdf5_source("train-image.hdf5#ISIC_0015670")
+    ('train-image.hdf5#ISIC_0015670', ('train-image.hdf5', 'ISIC_0015670'))
+    """
+    return f"{file}#{key}"
+
+
+def is_hdf5_source(source: str) -> bool:
+    return HDF5_MARK in source
+
+
+def split_hdf5_source(source: str) -> tuple[str, str]:
+    """(file, key) of an HDF5 image source."""
+    file, key = source.rsplit("#", 1)
+    return file, key
+
+
 class ImageBytesReader:
     """Reads image files or `FILE.hdf5#KEY` entries (ISIC 2024 layout), opening each HDF5 file once.
 
@@ -18,11 +40,11 @@ class ImageBytesReader:
 
     def read(self, source: str) -> bytes:
         """The encoded bytes of one image."""
-        if ".hdf5#" not in source:
+        if not is_hdf5_source(source):
             return Path(source).read_bytes()
         import h5py
 
-        file, key = source.rsplit("#", 1)
+        file, key = split_hdf5_source(source)
         if file not in self._handles:
             self._handles[file] = h5py.File(file, "r")
         if key not in self._handles[file]:

@@ -6,10 +6,10 @@ and reports duplicate pairs that cross train/test, which would inflate test scor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from rich.progress import Progress
 
 from metadata.dataset import load_dataset
 from metadata.duplicates import NEAR_DUPLICATE_BITS, find_duplicate_pairs, fingerprint_images
@@ -21,23 +21,21 @@ def _pairs_across_splits(pairs: pd.DataFrame, split_of: pd.Series) -> pd.DataFra
 
 
 def inspect_dataset(
-    root: Path, format_name: str | None = None, metadata: Path | None = None, max_distance: int = NEAR_DUPLICATE_BITS
+    root: Path, format_name: str | None = None, metadata: Path | None = None, max_distance: int = NEAR_DUPLICATE_BITS,
+    advance: Callable[[], None] | None = None,
 ) -> dict:
-    """A JSON-ready summary of the data; `trainable` is False when training would fail or mislead."""
+    """A JSON-ready summary of the data; `trainable` is False when training would fail or mislead.
+
+    `advance` is called once per image decoded (a progress bar's hook)."""
     try:
         loaded = load_dataset(root, format_name, metadata, on_bad_image="skip")
     except DataError as error:
         return {"data": str(root), "trainable": False, "errors": [str(error)]}
     table = loaded.table
     has_images = table["image_path"].notna()
-    with Progress(transient=True) as progress:
-        task = progress.add_task("decoding and hashing images", total=int(has_images.sum()))
-        fingerprints, unreadable = fingerprint_images(
-            table.loc[has_images, "image_id"].tolist(),
-            table.loc[has_images, "image_path"].tolist(),
-            on_error="skip",
-            advance=lambda: progress.advance(task),
-        )
+    fingerprints, unreadable = fingerprint_images(
+        table.loc[has_images, "image_id"].tolist(), table.loc[has_images, "image_path"].tolist(), on_error="skip", advance=advance
+    )
     pairs = find_duplicate_pairs(fingerprints, max_distance=max_distance)
     by_id = table.set_index("image_id")
     crossing = _pairs_across_splits(pairs, by_id["split"])

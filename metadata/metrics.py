@@ -21,7 +21,11 @@ CurveMetric = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (fpr, tpr) of ma
 
 
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """ROC AUC; NaN when only one class is present (undefined, not 0.5)."""
+    """ROC AUC; NaN when only one class is present (undefined, not 0.5).
+
+    >>> roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), roc_auc([1, 1], [0.2, 0.3])
+    (0.75, nan)
+    """
     y_true = np.asarray(y_true)
     if len(np.unique(y_true)) < 2:
         return float("nan")
@@ -46,6 +50,9 @@ def pauc_above_tpr(y_true: np.ndarray, y_score: np.ndarray, min_tpr: float = ISI
     Computed as in the ISIC 2024 scoring code: swap the classes and negate the scores, so the TPR
     band becomes an FPR band, take scikit-learn's McClish-standardised partial AUC and undo the
     standardisation.
+
+    >>> round(pauc_above_tpr([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), 4)  # the best possible is 1 - 0.8
+    0.1
     """
     y_true = np.asarray(y_true)
     if len(np.unique(y_true)) < 2:
@@ -68,6 +75,9 @@ def sensitivity_at_specificity(y_true: np.ndarray, y_score: np.ndarray, specific
     """Highest sensitivity over the thresholds whose specificity is at least `specificity`.
 
     Only ROC vertices count (thresholds one could actually pick), not points interpolated between them.
+
+    >>> sensitivity_at_specificity(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), 0.5)
+    1.0
     """
     if len(np.unique(y_true)) < 2:
         return float("nan")
@@ -104,7 +114,11 @@ def calibration_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -
 
 
 def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> float:
-    """Gap between predicted and observed melanoma rate, averaged over the bins weighted by size (Guo et al. 2017)."""
+    """Gap between predicted and observed melanoma rate, averaged over the bins weighted by size (Guo et al. 2017).
+
+    >>> round(expected_calibration_error(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])), 3)
+    0.15
+    """
     bins = calibration_bins(y_true, y_prob, n_bins)
     return float((bins["n"] * (bins["mean_prob"] - bins["observed_rate"]).abs()).sum() / bins["n"].sum())
 

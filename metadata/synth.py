@@ -35,7 +35,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ import h5py
 import numpy as np
 import pandas as pd
 from PIL import Image
-from rich.progress import Progress
 
 from metadata.run.io import atomic_write
 
@@ -330,7 +329,7 @@ def rendered_images(lesions: pd.DataFrame, config: SynthConfig) -> Iterator[tupl
         yield from zip((task[-1] for task in tasks), pool.map(_render_task, tasks))
 
 
-def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFrame:
+def generate_cohort(out: Path, config: SynthConfig = SynthConfig(), advance: Callable[[int, int], None] | None = None) -> pd.DataFrame:
     """Write the cohort under `out` in `config.layout`; return every lesion with its label.
 
     isic2020: train.csv, test.csv and jpeg/{train,test}/*.jpg. isic2024: train-metadata.csv,
@@ -338,6 +337,7 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
     in train, and the `tbp_lv_*` columns of `tbp_features`), train-image.hdf5 and test-image.hdf5
     (JPEG bytes by `isic_id`). Cohorts above 4,000 lesions render in spawned worker processes: a
     script that calls this needs the usual `if __name__ == "__main__":` guard (the CLI and notebooks do not).
+    `advance(n, total)` is called as each chunk of `n` of the `total` images is written (a progress bar's hook).
     """
     if config.layout not in LAYOUTS:
         raise ValueError(f"--layout {config.layout!r}: choose one of {LAYOUTS}.")
@@ -346,8 +346,7 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split = lesions["split"].to_numpy()
-    with Progress(transient=True) as progress, ExitStack() as stack:
-        task = progress.add_task("synth: drawing lesions", total=len(lesions))
+    with ExitStack() as stack:
         if config.layout == "isic2024":
             hdf5 = {s: stack.enter_context(h5py.File(out / f".{s}-image.hdf5.tmp", "w")) for s in ("train", "test")}
         else:
@@ -360,7 +359,8 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig()) -> pd.DataFr
                     hdf5[split[i]][name] = np.void(encoded)
                 else:
                     (out / "jpeg" / split[i] / f"{name}.jpg").write_bytes(encoded)
-            progress.advance(task, len(images))
+            if advance is not None:
+                advance(len(images), len(lesions))
     if config.layout == "isic2024":
         for s in ("train", "test"):
             os.replace(out / f".{s}-image.hdf5.tmp", out / f"{s}-image.hdf5")

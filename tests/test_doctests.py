@@ -6,7 +6,13 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["fusion.missingness", "fusion.shift", "cnn.pipeline"])
+MODULES = [
+    "metadata.folds", "metadata.images", "metadata.metrics", "metadata.run.layout", "metadata.run_folds", "cnn.pipeline", "cnn.train",
+    "fusion.cross_fit", "fusion.missingness", "fusion.patient_context", "fusion.shift", "ensemble.submission",
+]
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

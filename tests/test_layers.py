@@ -33,3 +33,18 @@ def test_the_checker_sees_function_local_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from ensemble.report import write_report\n    import fusion.stage\n")
     assert first_party_imports(module) == {"ensemble", "fusion"}
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_60_lines() -> None:
+    """Long functions hide steps that deserve names (a 127-line train_fold once did seeding, caching, three
+    datasets, compile, resume, fit, TTA and four artifacts)."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in [ROOT / "cli.py", *sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py"))]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"

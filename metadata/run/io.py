@@ -49,6 +49,14 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or None when it does not exist (it may vanish between a check and the read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+
+
 def write_json(obj: Any, path: Path) -> Path:
     """Write JSON atomically (pretty-printed, stable key order)."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=str)

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from metadata.images import ImageBytesReader
-from metadata.run.io import write_json
+from metadata.run.io import read_json, write_json
 from metadata.run.layout import RunLayout
 
 PROJECT = "melanoma-pipeline"
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) or {}
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -56,13 +56,18 @@ def update_manifest(run_dir: Path, **changes: Any) -> dict[str, Any]:
     return manifest
 
 
-def package_versions() -> dict[str, str]:
-    """Python and the installed version of each of the project's declared dependencies."""
+def declared_dependencies() -> list[str]:
+    """The project's declared (non-extra) dependencies; empty in a checkout that was never pip-installed."""
     try:
         requirements = importlib.metadata.requires(PROJECT) or []
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+    except importlib.metadata.PackageNotFoundError:
         requirements = []
-    names = [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in requirements if "extra ==" not in r]
+    return [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in requirements if "extra ==" not in r]
+
+
+def package_versions(names: Sequence[str] | None = None) -> dict[str, str]:
+    """Python and the installed version of each package (default: the project's declared dependencies)."""
+    names = declared_dependencies() if names is None else names
     versions = {"python": platform.python_version()}
     for name in names:
         try:
