@@ -26,8 +26,8 @@ from typer.core import TyperGroup
 from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
 from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.run.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
+from metadata.run.completion import writing
 from metadata.run.layout import RunLayout
-from metadata.schema import DataError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,13 +63,41 @@ class ConfigGroup(TyperGroup):
             raise _fail(error) from error
         return name, command, rest
 
+    def invoke(self, ctx: typer.Context) -> Any:
+        """The one place a user's mistake becomes a message and exit status 2 (a traceback only with --debug),
+        and Ctrl-C a short note (status 130): stages mark their outputs, so an interrupted one is refused, not used."""
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if ctx.params.get("debug") or os.environ.get("MELANOMA_DEBUG"):
+                raise
+            raise _fail(error) from error
+        except KeyboardInterrupt as error:
+            console.print("[yellow]interrupted[/yellow]: finished parts are kept; run the same command again to complete it")
+            raise typer.Exit(130) from error
+
 
 app = typer.Typer(cls=ConfigGroup, add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 log = logging.getLogger("cli")
 
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error (also: MELANOMA_DEBUG=1).")] = False) -> None:
+    """Melanoma pipeline: synth -> folds -> train-cnns -> stack -> report; export -> predict / validate."""
+
+def _writable_folder(folder: Path) -> Path:
+    """Checked once, before any work: a --run / --out that is a file, or a folder that cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise typer.BadParameter(f"{folder} is a file; name a folder (it is created if missing).")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{existing} cannot be written by this user; choose another folder or fix its permissions.")
+    return folder
+
+
 DataOption = Annotated[Path, typer.Option("--data", help="Data folder in any supported layout (see `inspect`).")]
-RunOption = Annotated[Path, typer.Option("--run", help="Run directory for folds, models, predictions, reports.")]
+RunOption = Annotated[Path, typer.Option("--run", help="Run directory for folds, models, predictions, reports.", callback=_writable_folder)]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
 FormatOption = Annotated[Optional[str], typer.Option("--format", help="Data layout name; auto-detected when omitted.")]  # noqa: UP007
 MetadataOption = Annotated[
@@ -81,8 +109,16 @@ BadImageOption = Annotated[
 ]
 
 
+# What a user's mistake raises: bad data, options or files (DataError, ConfigError, BundleError and the
+# library's other ValueErrors), a stage output that is missing, a run directory that cannot be written.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(error))}")  # escaped: messages name [sections] and lists
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, OSError) and error.filename and not isinstance(error, FileNotFoundError):
+        message = f"{error.filename}: {error.strerror}; check that --run / --out name a folder you can write to"
+    console.print(f"[red]error:[/red] {escape(str(message))}")  # escaped: messages name [sections] and lists
     return typer.Exit(2)
 
 
@@ -107,9 +143,8 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
             started = time.perf_counter()
             try:
                 command(*args, **kwargs)
-            except Exception as error:
-                handled = isinstance(error, typer.Exit)  # raised by _fail from the error it reported
-                log.error("%s stopped: %s", stage, error.__cause__ if handled else error, exc_info=not handled)
+            except BaseException as error:
+                log.error("%s stopped: %s", stage, repr(error), exc_info=not isinstance(error, (*USER_ERRORS, KeyboardInterrupt)))
                 raise
             record_stage_seconds(run, stage, time.perf_counter() - started)
             log.info("%s finished in %.1f s", stage, time.perf_counter() - started)
@@ -130,10 +165,9 @@ def _run_data(
     """`_run_table` and the name of the data's layout."""
     from metadata.dataset import run_data
 
-    try:
-        used = run_data(data, run, fmt, metadata, on_bad_image)
-    except DataError as error:
-        raise _fail(error) from error
+    used = run_data(data, run, fmt, metadata, on_bad_image)
+    for note in used.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if used.newly_skipped:
         console.print(f"[yellow]skipped {used.newly_skipped} image(s) with no file[/yellow]; see {RunLayout(run).skipped}")
     return used.table, used.format_name
@@ -158,12 +192,9 @@ def synth(
     from metadata.synth import SynthConfig, generate_cohort
 
     config = SynthConfig(patients=patients, image_size=image_size, seed=seed, layout=layout, images=images, prevalence=prevalence)
-    try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task("synth: drawing lesions")
-            cohort = generate_cohort(out, config, advance=lambda n, total: progress.update(task, total=total, advance=n))
-    except ValueError as error:
-        raise _fail(error) from error
+    with Progress(transient=True) as progress:
+        task = progress.add_task("synth: drawing lesions")
+        cohort = generate_cohort(out, config, advance=lambda n, total: progress.update(task, total=total, advance=n))
     train = cohort[cohort["split"] == "train"]
     console.print(
         f"wrote {len(train)} train images ({int(train['target'].sum())} melanomas) and "
@@ -200,12 +231,9 @@ def folds(
 
     options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed)
     table = _run_table(data, run, fmt, metadata, on_bad_image)
-    try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task("decoding and hashing images", total=int(table["image_path"].notna().sum()))
-            result = write_run_folds(table, data, run, options, advance=lambda: progress.advance(task))
-    except ValueError as error:
-        raise _fail(error) from error
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding and hashing images", total=int(table["image_path"].notna().sum()))
+        result = write_run_folds(table, data, run, options, advance=lambda: progress.advance(task))
     for note in result.notes:
         console.print(note)
     for warning in result.warnings:
@@ -293,6 +321,7 @@ def train_cnns(
     strategy: Annotated[Literal[STRATEGY_CHOICES], typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none.")] = "auto",
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
+    on_bad_image: BadImageOption = "raise",
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
@@ -305,12 +334,11 @@ def train_cnns(
     from cnn.pairs import describe_pairs
     from cnn.train import CnnConfig, train_run_cnns, training_progress
 
-    table = _run_table(data, run, fmt, metadata)
-    try:
-        with training_progress() as progress:
-            outcome = train_run_cnns(table, run, models, CnnConfig.from_options(config_options), model, fold, progress)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        raise _fail(error) from error
+    table = _run_table(data, run, fmt, metadata, on_bad_image)
+    with training_progress() as progress:
+        outcome = train_run_cnns(table, run, models, CnnConfig.from_options(config_options), model, fold, progress, on_bad_image)
+    if outcome.skipped:
+        console.print(f"[yellow]skipped {outcome.skipped} unreadable image(s)[/yellow]; see {RunLayout(run).skipped}")
     if outcome.shards is not None:
         console.print(f"images read from the TFRecord shards in {outcome.shards}")
     for name, auc in outcome.aucs.items():
@@ -341,10 +369,7 @@ def tfrecords(
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with Progress(console=console) as progress:
         task = progress.add_task("writing shards", total=len(table))
-        try:
-            index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
-        except (ValueError, OSError) as error:
-            raise _fail(error) from error
+        index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
     size = sum(f.stat().st_size for f in RunLayout(run).shards.glob("*.tfrec"))
     console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {RunLayout(run).shards}")
 
@@ -353,10 +378,7 @@ def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int)
     """Write the report files and print its CV and stack-vs-CNN tables and its warnings."""
     from ensemble.report import COMPACT_CV_COLUMNS, Bootstrap, summary_tables, write_report
 
-    try:
-        written = write_report(run, table, Bootstrap(n_boot=n_boot, seed=seed))
-    except (ValueError, FileNotFoundError) as error:
-        raise _fail(error) from error
+    written = write_report(run, table, Bootstrap(n_boot=n_boot, seed=seed))
     for summary in summary_tables(written, COMPACT_CV_COLUMNS):
         out = Table(*summary.header, title=summary.title)
         for row in summary.rows:
@@ -400,16 +422,15 @@ def stack(
     (ISIC 2024 data: isic_id,target; otherwise SIIM-ISIC 2020's image_name,target), written by `submit`'s code.
     """
     from ensemble.submission import write_stack_submission
-    from fusion.stage import run_stack
+    from fusion.stage import fit_run_stack, write_stack
 
     table, layout = _run_data(data, run, fmt, metadata)
-    try:
-        auc = run_stack(table, run, num_boost_round=rounds, seed=seed)
+    fit = fit_run_stack(table, run, num_boost_round=rounds, seed=seed)
+    with writing(run, "stack"):  # the stack's files and its submission: together or not at all
+        write_stack(run, fit)
         chosen = write_stack_submission(run, table, layout)
-    except (ValueError, FileNotFoundError) as error:
-        raise _fail(error) from error
     wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if chosen else " (no test rows)"
-    console.print(f"stack: OOF AUC {auc:.4f}{wrote}")
+    console.print(f"stack: OOF AUC {fit.auc:.4f}{wrote}")
     _write_report(run, table, 1000, seed)
 
 
@@ -441,14 +462,11 @@ def submit(
     from ensemble.run_files import load_run_predictions
     from ensemble.submission import expected_test_ids, run_submission, submission_format as find_format
 
-    try:
-        chosen = find_format(submission_format)
-        predictions = load_run_predictions(run)
-        expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, data_format, None))
-        path = out or run / f"submission_{submission_format}.csv"
-        frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
-    except (ValueError, FileNotFoundError) as error:
-        raise _fail(error) from error
+    chosen = find_format(submission_format)
+    predictions = load_run_predictions(run)
+    expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, data_format, None))
+    path = out or run / f"submission_{submission_format}.csv"
+    frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"{chosen.title}: {len(frame)} test images from {model or chosen.default_model} -> {path}")
@@ -464,10 +482,7 @@ def export(
     """Export a finished run (CNNs + stack) as a self-contained bundle that scores new patients (`predict`)."""
     from ensemble.bundle import export_bundle
 
-    try:
-        config = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
-    except (ValueError, FileNotFoundError) as error:
-        raise _fail(error) from error
+    config = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
     console.print(f"bundle: {out} ({', '.join(c['name'] for c in config['cnns'])} x {len(config['stack']['folds'])} folds + stack)")
     out_table = Table("operating point", "alert at", "OOF sens.", "OOF spec. [95% CI]", title=f"Alert for {sensitivity:.0%} sensitivity per missingness pattern (OOF, inputs masked)")
     for name, point in config["operating_points"].items():
@@ -490,25 +505,27 @@ def predict(
         typer.Option("--metadata", help="CSV by image id: patient_id, age, sex, site (any may be missing); with --data as in `folds`."),
     ] = None,
     split: Annotated[str, typer.Option("--split", help="With --data: all, train or test rows.")] = "all",
+    recursive: Annotated[bool, typer.Option("--recursive", help="With --images: score the images in its sub-folders too.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and scored at a time (bounds memory).")] = 32,
     explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM overlay of every alerted image; an HTML page per patient.")] = False,
     fmt: FormatOption = None,
 ) -> None:
     """Score new patients with an exported bundle: probability, alert at the operating point, rank within patient."""
-    from ensemble.bundle import BundleError, load_bundle, version_differences
-    from ensemble.predict import score_patients, scoring_rows, write_predictions
+    from ensemble.bundle import load_bundle, version_differences
+    from ensemble.predict import files_not_scored, score_patients, scoring_rows, write_predictions
 
-    try:
-        rows = scoring_rows(data, images, metadata, fmt, split)
-        loaded = load_bundle(bundle)
-        for difference in version_differences(loaded.manifest):
-            console.print(f"[yellow]note:[/yellow] {difference}")
-        with Progress(console=console) as progress:
-            task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
-            scored = score_patients(loaded, rows, batch_size, lambda n: progress.advance(task, n))
-    except (BundleError, DataError) as error:
-        raise _fail(error) from error
-    summary = write_predictions(scored, loaded, out)
+    rows = scoring_rows(data, images, metadata, fmt, split, recursive)
+    not_scored = files_not_scored(images, recursive) if images is not None else []
+    if not_scored:
+        hint = " (images in sub-folders are scored with --recursive)" if not recursive else ""
+        console.print(f"[yellow]note:[/yellow] {len(not_scored)} file(s) in {images} not scored{hint}, e.g. {', '.join(not_scored[:3])}; listed in summary.json")
+    loaded = load_bundle(bundle)
+    for difference in version_differences(loaded.manifest):
+        console.print(f"[yellow]note:[/yellow] {difference}")
+    with Progress(console=console) as progress:
+        task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
+        scored = score_patients(loaded, rows, batch_size, lambda n: progress.advance(task, n))
+    summary = write_predictions(scored, loaded, out, not_scored)
     for note in summary["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     for warning in summary["shift_warnings"]:
@@ -545,18 +562,15 @@ def validate(
     seed: SeedOption = 0,
 ) -> None:
     """Score a labelled set with a bundle and compare AUC, sensitivity and specificity at each operating point with what it promised."""
-    from ensemble.bundle import BundleError, load_bundle
+    from ensemble.bundle import load_bundle
     from ensemble.predict import scoring_rows
     from ensemble.validate import validate_bundle, validation_rows, write_validation
 
-    try:
-        rows, unlabelled = validation_rows(scoring_rows(data, None, metadata_csv, fmt, split), metadata)
-        loaded = load_bundle(bundle)
-        with Progress(console=console) as progress:
-            task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
-            report = validate_bundle(loaded, rows, batch_size, lambda n: progress.advance(task, n), n_boot=bootstrap, seed=seed)
-    except (BundleError, DataError) as error:
-        raise _fail(error) from error
+    rows, unlabelled = validation_rows(scoring_rows(data, None, metadata_csv, fmt, split), metadata)
+    loaded = load_bundle(bundle)
+    with Progress(console=console) as progress:
+        task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
+        report = validate_bundle(loaded, rows, batch_size, lambda n: progress.advance(task, n), n_boot=bootstrap, seed=seed)
     if unlabelled:
         console.print(f"[yellow]note:[/yellow] {unlabelled} row(s) without a label were not scored")
     low, high = report["mel_auc_ci"]
@@ -585,7 +599,7 @@ def status(run: RunOption) -> None:
 
     pairs = run_status(run, time.time())
     if not pairs:
-        raise _fail(FileNotFoundError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first."))
+        raise FileNotFoundError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first.")
     out = Table("model", "fold", "state", "epochs", "best val AUC", "detail", title=f"CNN pairs of {run}")
     for pair in pairs:
         out.add_row(

@@ -28,13 +28,8 @@ import numpy as np
 import pandas as pd
 
 from metadata.run.io import read_json, read_table, write_json, write_table
-from metadata.run.layout import HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
+from metadata.run.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
 
-DONE_FILE = "done.json"
-FAILED_FILE = "failed.json"
-HEARTBEAT_FILE = "heartbeat.json"
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_STATE = "state.json"
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belongs to a dead or stuck process
 

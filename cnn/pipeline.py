@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from cnn.options import AUGMENT_LEVELS
 from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
-from metadata.images import ImageBytesReader, is_hdf5_source
+from metadata.images import ImageBytesReader, exif_orientation, is_hdf5_source
 
 AUTOTUNE = tf.data.AUTOTUNE
 TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -31,11 +31,43 @@ TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
 }
 
 
+# EXIF orientation -> the turn that shows the image upright (PIL's ImageOps.exif_transpose, in TF ops).
+ORIENTATIONS: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {
+    1: lambda x: x,
+    2: tf.image.flip_left_right,
+    3: lambda x: tf.image.rot90(x, 2),
+    4: tf.image.flip_up_down,
+    5: tf.image.transpose,
+    6: lambda x: tf.image.rot90(x, 3),
+    7: lambda x: tf.image.rot90(tf.image.transpose(x), 2),
+    8: lambda x: tf.image.rot90(x, 1),
+}
+
+
+def upright(image: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor:
+    """The decoded `image` turned as its EXIF orientation says (as every viewer shows it)."""
+    orientation = tf.numpy_function(lambda b: np.int32(exif_orientation(b.item() if isinstance(b, np.ndarray) else b)), [encoded], tf.int32, stateful=False)
+    branches = [lambda turn=turn: turn(image) for turn in ORIENTATIONS.values()]
+    return tf.switch_case(tf.clip_by_value(tf.reshape(orientation, []) - 1, 0, 7), branches)
+
+
 def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one JPEG/PNG byte string to float32 [0, 255] at `image_size` square."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """Decode one JPEG/PNG byte string, upright (EXIF orientation), to float32 [0, 255] at `image_size` square."""
+    image = upright(tf.io.decode_image(encoded, channels=3, expand_animations=False), encoded)
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
     return tf.ensure_shape(image, (image_size, image_size, 3))
+
+
+def first_undecodable(sources: Sequence[str], image_size: int = 8) -> str | None:
+    """The first source that cannot be read or decoded as `decode_image` does, if any (a slow scan, run
+    once a batch has failed, to name the file instead of showing TensorFlow's error)."""
+    with ImageBytesReader() as reader:
+        for source in sources:
+            try:
+                decode_image(reader.read(source), image_size)
+            except (OSError, tf.errors.OpError):
+                return source
+    return None
 
 
 def _stream_bytes(sources: list[str]) -> Iterator[bytes]:

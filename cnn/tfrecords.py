@@ -22,9 +22,8 @@ from PIL import Image
 
 from metadata.images import ImageBytesReader
 from metadata.run.io import read_table, write_table
-from metadata.run.layout import RunLayout
+from metadata.run.layout import INDEX_FILE, RunLayout
 
-INDEX_FILE = "index.parquet"
 SHARD_SUFFIX = ".tfrec"
 FEATURES = {"image_id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
 

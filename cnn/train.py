@@ -37,9 +37,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from cnn.backbones import build_classifier, parse_model_specs
 from cnn.pairs import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_STATE,
-    DONE_FILE,
     assemble_model_outputs,
     heartbeat,
     is_done,
@@ -51,13 +48,17 @@ from cnn.pairs import (
     write_plan,
 )
 from cnn.options import DEFAULT_CACHE_BUDGET_GB
-from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, image_dataset, predict_tta
+from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source, shard_sources
+from metadata.dataset import record_skipped
+from metadata.duplicates import fingerprint_images
 from metadata.folds import attach_folds
 from metadata.metrics import roc_auc
+from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_table
-from metadata.run.layout import HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
+from metadata.run.layout import CACHE_DIR, CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
+from metadata.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ def fold_inputs(
     model_name: str, fold: int, rows: dict[str, pd.DataFrame], config: CnnConfig, target: TargetSpec, fold_dir: Path, progress: Progress
 ) -> FoldInputs:
     """Datasets for `rows` (train, val, test): cached within the budget or streamed (said in the log and console)."""
-    cache_dir = fold_dir / "cache"
+    cache_dir = fold_dir / CACHE_DIR
     shutil.rmtree(cache_dir, ignore_errors=True)  # a killed attempt's half-written cache is locked
     all_sources = pd.concat([rows[split]["image_path"] for split in ("train", "val", "test")]).astype(str)
     cache_mode, cache_reason = choose_cache(
@@ -485,7 +486,7 @@ def train_fold(
     oof = write_fold_predictions(model, fold, rows, inputs, config, target, fold_dir)
     history = fold_history(model_name, fold, config, target, inputs, best, checkpoint, resumed, oof, images_per_second)
     write_json(history, fold_dir / HISTORY_FILE)
-    shutil.rmtree(fold_dir / "cache", ignore_errors=True)
+    shutil.rmtree(fold_dir / CACHE_DIR, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log.info("%s done: best val AUC %.4f at epoch %d", label, history["best_val_auc"], history["best_epoch"] + 1)
@@ -523,6 +524,18 @@ def fold_history(
     }
 
 
+def _unreadable_image_error(rows: pd.DataFrame) -> DataError | None:
+    """The user's error behind a TensorFlow failure, when it is an image that cannot be decoded."""
+    bad = first_undecodable(list(rows["image_path"].astype(str)))
+    if bad is None:
+        return None
+    image_id = rows.loc[rows["image_path"].astype(str) == bad, "image_id"].iloc[0]
+    return DataError(
+        f"image {image_id!r} at {bad} cannot be read or decoded (changed since `folds` read it?); replace the file, "
+        "or run train-cnns with --on-bad-image skip to leave every such image out of the run (listed in RUN/skipped_images.csv)."
+    )
+
+
 def train_pair(
     model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, config: CnnConfig, target: TargetSpec,
     run_dir: Path, progress: Progress, strategy: tf.distribute.Strategy,
@@ -538,9 +551,12 @@ def train_pair(
     start_attempt(fold_dir)
     held_out = train["fold"] == fold
     with heartbeat(fold_dir):
+        rows = {"train": train[~held_out], "val": train[held_out], "test": test}
         try:
-            rows = {"train": train[~held_out], "val": train[held_out], "test": test}
-            train_fold(model_name, fold, rows, config, target, fold_dir, progress, strategy)
+            try:
+                train_fold(model_name, fold, rows, config, target, fold_dir, progress, strategy)
+            except tf.errors.OpError as error:  # most often an image that changed after `folds` read it
+                raise _unreadable_image_error(pd.concat(rows.values())) or error from error
         except Exception as error:
             record_failure(fold_dir, error, traceback.format_exc())
             log.error("%s fold %d failed: %s", model_name, fold, error)
@@ -561,7 +577,8 @@ def assemble_finished_models(run_dir: Path, models: dict[str, int], fold_ids: li
     aucs: dict[str, float] = {}
     for model_name in models:
         if all(is_done(run_dir, model_name, fold) for fold in fold_ids):
-            oof, _ = assemble_model_outputs(RunLayout(run_dir).model_dir(model_name), fold_ids)
+            with writing(run_dir, f"train-cnns.{model_name}"):  # its OOF and test tables together or not at all
+                oof, _ = assemble_model_outputs(RunLayout(run_dir).model_dir(model_name), fold_ids)
             aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
     return aucs
 
@@ -615,6 +632,7 @@ class TrainingOutcome:
     aucs: dict[str, float]
     shards: Path | None  # the TFRecord shards read instead of the image files, if the run has them
     unfinished: list[tuple[str, int]]  # declared (model, fold) pairs still to train (other jobs' or failed)
+    skipped: int = 0  # unreadable images left out of the run now (--on-bad-image skip)
 
 
 def training_progress() -> Progress:
@@ -627,12 +645,20 @@ def training_progress() -> Progress:
 
 def train_run_cnns(
     table: pd.DataFrame, run_dir: Path, models: str, config: CnnConfig, model: str | None = None, fold: int | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, on_bad_image: str = "raise",
 ) -> TrainingOutcome:
     """The `train-cnns` stage on the run's folds: `models` as on the command line (`small:64,efficientnet_b0:128`);
-    images from the run's TFRecord shards when it has them."""
+    images from the run's TFRecord shards when it has them. With `on_bad_image="skip"` every image is
+    decoded once first and the unreadable ones are left out of the run (RUN/skipped_images.csv);
+    otherwise an unreadable image stops training, named."""
     specs = parse_model_specs(models, config.image_size)
+    skipped = 0
+    if on_bad_image == "skip":
+        _, unreadable = fingerprint_images(list(table["image_id"]), list(table["image_path"].astype(str)), on_error="skip")
+        if unreadable:
+            record_skipped(run_dir, pd.DataFrame(unreadable, columns=["image_id", "reason"]))
+            table, skipped = table[~table["image_id"].isin([i for i, _ in unreadable])], len(unreadable)
     sharded = shard_sources(table, run_dir)
     layout = RunLayout(run_dir)
     aucs = train_cnns(table if sharded is None else sharded, read_table(layout.folds, "folds"), specs, config, run_dir, model, fold, progress)
-    return TrainingOutcome(aucs, None if sharded is None else layout.shards, unfinished_pairs(run_dir))
+    return TrainingOutcome(aucs, None if sharded is None else layout.shards, unfinished_pairs(run_dir), skipped)

@@ -31,6 +31,7 @@ from ensemble.operating_point import OperatingPoint, choose_operating_point
 from fusion.cnn_scores import fold_model_scales
 from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
+from metadata.run.completion import require_complete
 from metadata.run.io import read_json, read_table, write_json
 from metadata.run.layout import MASKED_OOF_FILE, SCORING_REFERENCE_FILE, RunLayout
 from metadata.run.manifest import package_versions
@@ -162,6 +163,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
     nothing behind that could be mistaken for a bundle.
     """
     run_dir, out = Path(run_dir), Path(out)
+    require_complete(run_dir, "train-cnns", "stack")
     stack_dir = RunLayout(run_dir).stack
     stack_info = _required_json(RunLayout(run_dir).stack_recipe, f"run `python cli.py stack --data DIR --run {run_dir}` first")
     if not stack_info["cnns"]:

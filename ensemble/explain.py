@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cnn.gradcam import GradCam, overlay, resize_map
 from cnn.pipeline import decode_image
@@ -46,7 +46,7 @@ def patient_page_name(patient_id: str) -> str:
 
 def ensemble_heatmaps(gradcams: list[tuple[int, GradCam]], encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image: the image (uint8 RGB, its own size) and the mean Grad-CAM of every (input size, model) at that size."""
-    images = [np.asarray(Image.open(io.BytesIO(e)).convert("RGB")) for e in encoded]
+    images = [np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(e))).convert("RGB")) for e in encoded]  # upright, as the CNNs saw them
     inputs = {size: np.stack([decode_image(e, size).numpy() for e in encoded]) for size in {s for s, _ in gradcams}}
     totals = [np.zeros(image.shape[:2]) for image in images]
     for size, gradcam in gradcams:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cnn.pipeline import TTA_VIEWS, decode_image, image_dataset
+from cnn.pipeline import TTA_VIEWS, first_undecodable, image_dataset
 from ensemble.bundle import Bundle, CnnMember
 from fusion.cnn_scores import standardized_test_scores
 from fusion.missingness import METADATA_FIELDS, missingness_pattern
@@ -24,7 +24,6 @@ from fusion.shift import alert_rate_warning, concat_statistics, image_statistics
 from fusion.stacker import build_stack_features
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
-from metadata.images import ImageBytesReader
 from metadata.run.io import atomic_write, write_json
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataError, clean_text, map_vocabulary, parse_age, read_csv
 
@@ -68,17 +67,30 @@ def _metadata_table(file: Path) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def image_folder_rows(images: Path, metadata: Path | None = None) -> pd.DataFrame:
-    """Canonical rows for every image in a folder, metadata joined by image id where a CSV gives it.
+def _folder_files(images: Path, recursive: bool) -> list[Path]:
+    return sorted(p for p in (images.rglob("*") if recursive else images.iterdir()) if p.is_file())
+
+
+def files_not_scored(images: Path, recursive: bool = False) -> list[str]:
+    """What `--images` leaves out: files that are not images, and (without `recursive`) every file in a sub-folder."""
+    images = Path(images)
+    skipped = [p for p in _folder_files(images, True) if p.suffix.lower() not in IMAGE_SUFFIXES or (not recursive and p.parent != images)]
+    return [str(p.relative_to(images)) for p in skipped]
+
+
+def image_folder_rows(images: Path, metadata: Path | None = None, recursive: bool = False) -> pd.DataFrame:
+    """Canonical rows for every image in a folder (and its sub-folders with `recursive`), metadata
+    joined by image id (the file name without extension) where a CSV gives it.
 
     Without a patient id an image is its own patient (no patient context to compare it with).
     """
     images = Path(images)
     if not images.is_dir():
         raise DataError(f"--images {images}: not a folder.")
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [p for p in _folder_files(images, recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise DataError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files.")
+        inside = " (images in sub-folders are scored with --recursive)" if not recursive and files_not_scored(images) else ""
+        raise DataError(f"--images {images}: no {'/'.join(IMAGE_SUFFIXES)} files{inside}.")
     ids = pd.Series([p.stem for p in files], dtype="string")
     if ids.duplicated().any():
         raise DataError(f"--images {images}: two files share the name {ids[ids.duplicated()].iloc[0]!r}; rename one.")
@@ -96,13 +108,14 @@ def image_folder_rows(images: Path, metadata: Path | None = None) -> pd.DataFram
 
 
 def scoring_rows(
-    data: Path | None, images: Path | None, metadata: Path | None = None, fmt: str | None = None, split: str = "all"
+    data: Path | None, images: Path | None, metadata: Path | None = None, fmt: str | None = None, split: str = "all",
+    recursive: bool = False,
 ) -> pd.DataFrame:
     """The rows to score: a data folder in any supported layout (`split` of it), or a folder of images."""
     if (data is None) == (images is None):
         raise DataError("give exactly one of --data DIR (a supported layout) or --images DIR (a folder of images).")
     if images is not None:
-        return image_folder_rows(images, metadata)
+        return image_folder_rows(images, metadata, recursive)
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {SPLITS}.")
     table = load_dataset(data, fmt, metadata).table
@@ -118,17 +131,6 @@ def scoring_rows(
     return rows.reset_index(drop=True)
 
 
-def _first_unreadable(sources: list[str], image_size: int) -> str | None:
-    """The first source that cannot be read or decoded, if any (checked only once a batch has failed)."""
-    with ImageBytesReader() as reader:
-        for source in sources:
-            try:
-                decode_image(reader.read(source), image_size)
-            except (OSError, tf.errors.OpError):
-                return source
-    return None
-
-
 def _image_batches(sources: list[str], image_size: int, batch_size: int) -> Iterator[tf.Tensor]:
     """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
     batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none"))
@@ -139,7 +141,7 @@ def _image_batches(sources: list[str], image_size: int, batch_size: int) -> Iter
         except StopIteration:
             return
         except tf.errors.OpError as error:
-            unreadable = _first_unreadable(sources[done:], image_size)
+            unreadable = first_undecodable(sources[done:], image_size)
             if unreadable is None:
                 raise
             raise DataError(f"{unreadable}: cannot be read or decoded as an image; replace the file or leave it out.") from error
@@ -266,8 +268,9 @@ def scoring_notes(scored: Scored) -> list[str]:
     return notes
 
 
-def write_predictions(scored: Scored, bundle: Bundle, out: Path) -> dict:
-    """Write OUT/predictions.csv and OUT/summary.json (bundle, operating point, counts, notes)."""
+def write_predictions(scored: Scored, bundle: Bundle, out: Path, not_scored: list[str] | None = None) -> dict:
+    """Write OUT/predictions.csv and OUT/summary.json (bundle, operating point, counts, notes, the files
+    of an --images folder that were not scored)."""
     out = Path(out)
     atomic_write(out / "predictions.csv", lambda tmp: scored.predictions.to_csv(tmp, index=False))
     predictions = scored.predictions
@@ -283,6 +286,7 @@ def write_predictions(scored: Scored, bundle: Bundle, out: Path) -> dict:
         },
         "notes": scoring_notes(scored),
         "shift_warnings": scored.shift_warnings,
+        "not_scored": list(not_scored or []),
     }
     write_json(summary, out / "summary.json")
     return summary

@@ -37,6 +37,7 @@ from metadata.metrics import (
 from ensemble.provenance import run_provenance
 from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
 from fusion.missingness import PATTERNS
+from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_text
 from metadata.run.layout import FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 from metadata.schema import SEXES, SITES
@@ -566,8 +567,9 @@ def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstr
     report = build_report(run_dir, predictions, table, boot)
     figures = report_figures(report, predictions, run_dir)
     report["report_seconds"] = round(time.perf_counter() - started, 2)
-    write_json(report, RunLayout(run_dir).report_json)
-    write_text(render_html(report, figures), RunLayout(run_dir).report_html)
-    write_figures(figures, run_dir / FIGURES_DIR)
-    write_text(render_markdown(report, figures), RunLayout(run_dir).report_md)
+    with writing(run_dir, "report"):  # report.json, .html, .md and the figures: together or not at all
+        write_json(report, RunLayout(run_dir).report_json)
+        write_text(render_html(report, figures), RunLayout(run_dir).report_html)
+        write_figures(figures, run_dir / FIGURES_DIR)
+        write_text(render_markdown(report, figures), RunLayout(run_dir).report_md)
     return report

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ensemble.blend import mean_blend, rank_blend
 from fusion.cnn_scores import cnn_names
+from metadata.run.completion import require_complete
 from metadata.run.io import read_table
 from metadata.run.layout import HISTORY_FILE, STACK_OUTPUTS, RunLayout
 from metadata.schema import DIAGNOSES
@@ -119,9 +120,14 @@ def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
     return by_fold.reindex(folds.to_numpy()).set_axis(folds.index)
 
 
-def load_run_predictions(run_dir: Path) -> RunPredictions:
-    """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted."""
+def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredictions:
+    """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted.
+
+    Refuses a run whose `stack` (or a CNN's assembly) was interrupted while writing (`check_complete=False`:
+    for the stack itself, reading what it has just written)."""
     run_dir = Path(run_dir)
+    if check_complete:
+        require_complete(run_dir, "train-cnns", "stack")
     layout = RunLayout(run_dir)
     sources = {name: ("cnn", *layout.cnn_outputs(name)) for name in cnn_names(run_dir)}
     sources.update(

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metadata.run.completion import require_complete
 from metadata.run.io import read_table
 from metadata.run.layout import OOF_FILE, RunLayout
 
 
 def cnn_names(run_dir: Path) -> list[str]:
-    """CNNs of a run that have an assembled OOF table, in name order."""
+    """CNNs of a run that have an assembled OOF table, in name order; refuses a run whose assembly of a CNN was interrupted."""
+    require_complete(run_dir, "train-cnns")
     return sorted(p.parent.name for p in RunLayout(run_dir).cnn.glob(f"*/{OOF_FILE}"))
 
 

@@ -26,6 +26,7 @@ from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, 
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.folds import attach_folds
 from metadata.metrics import roc_auc
+from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_table
 from metadata.run.layout import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
 
@@ -139,14 +140,20 @@ def write_stack(run_dir: Path, fit: StackFit) -> None:
     write_json(fit.recipe, layout.stack_recipe)
 
 
-def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> float:
-    """Fit the stacker on the run's folds and write its outputs; return its OOF AUC.
+def fit_run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> StackFit:
+    """Fit the stacker on the run's folds (nothing is written yet).
 
     Refuses while any (model, fold) pair that `train-cnns` declared is unfinished: a stack silently
     built without a model (or on a partial OOF table) would look like a finished run.
     """
-    run_dir = Path(run_dir)
-    require_finished_cnns(run_dir)
-    fit = fit_stack(table, run_dir, num_boost_round, seed)
-    write_stack(run_dir, fit)
+    require_finished_cnns(Path(run_dir))
+    return fit_stack(table, Path(run_dir), num_boost_round, seed)
+
+
+def run_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, seed: int = 0) -> float:
+    """Fit the stacker on the run's folds and write its outputs (together or, if interrupted, marked
+    incomplete); return its OOF AUC."""
+    fit = fit_run_stack(table, run_dir, num_boost_round, seed)
+    with writing(run_dir, "stack"):
+        write_stack(run_dir, fit)
     return fit.auc

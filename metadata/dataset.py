@@ -30,6 +30,10 @@ class LoadedDataset:
     format_name: str
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["image_id", "reason"]))
     unlisted_images: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a user should be told about how the data was read
+
+
+TEST_LISTS = ("test.csv", "test-metadata.csv")  # the competition layouts' test-split files
 
 
 def _image_folders(table: pd.DataFrame) -> set[Path]:
@@ -103,9 +107,12 @@ def load_dataset(
             f"{root}: {int(missing.sum())} listed image(s) have no file (first: {first['image_id']} at "
             f"{first['image_path']}); add the files, remove their rows, or pass --on-bad-image skip."
         )
+    no_test = not (table["split"] == "test").any()
+    notes = [f"{root / name} lists no images: training without a test split (no submission)" for name in TEST_LISTS if no_test and (root / name).is_file()]
     return LoadedDataset(
         table=table[~missing].reset_index(drop=True),
         format_name=fmt.name,
+        notes=notes,
         skipped=skipped.reset_index(drop=True),
         unlisted_images=unlisted_images(table),
     )
@@ -129,6 +136,7 @@ class RunData:
     table: pd.DataFrame  # canonical rows, without the images the run skipped
     format_name: str  # the data's layout
     newly_skipped: int  # images found missing now (added to RUN/skipped_images.csv)
+    notes: list[str] = field(default_factory=list)
 
 
 def run_data(data: Path, run_dir: Path, fmt: str | None = None, metadata: Path | None = None, on_bad_image: str = "raise") -> RunData:
@@ -143,7 +151,7 @@ def run_data(data: Path, run_dir: Path, fmt: str | None = None, metadata: Path |
         record_skipped(run_dir, loaded.skipped)
     table = drop_skipped(loaded.table, run_dir)
     record_data_fingerprint(run_dir, table)
-    return RunData(table=table, format_name=loaded.format_name, newly_skipped=len(loaded.skipped))
+    return RunData(table=table, format_name=loaded.format_name, newly_skipped=len(loaded.skipped), notes=loaded.notes)
 
 
 def drop_skipped(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -52,7 +52,7 @@ def _fingerprint_one(image_id: str, path: str, reader: ImageBytesReader) -> Imag
     data = reader.read(path)
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = img.convert("RGB")
+        rgb = ImageOps.exif_transpose(img).convert("RGB")  # upright, as `cnn.pipeline.decode_image` sees it
     bits = imagehash.phash(rgb).hash.flatten()
     return ImageFingerprint(
         image_id=image_id,

@@ -141,8 +141,9 @@ def triple_stratified_folds(
         largest = chained.loc[chained["images"].idxmax()]
         raise ValueError(
             f"group {largest['group']!r} joins {largest['patients']} patients through duplicate images and holds "
-            f"{largest['images']} of {len(train)} images, more than a fold of {k}; the duplicate links probably chained "
-            "unrelated patients: run `folds --no-dedup` or a smaller --dedup-distance."
+            f"{largest['images']} of {len(train)} images, more than a fold of {k}: one fold would hold them all. Check those "
+            "pairs (`inspect` lists them); if they are look-alikes, not copies, run `folds --no-dedup` or a lower "
+            "--max-linked-patients; or use fewer folds (--k)."
         )
     strata = _patient_strata(patients, k)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)

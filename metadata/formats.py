@@ -137,7 +137,7 @@ def _siim2020_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         raise _not_this_layout(root, "siim-isic-2020", "train.csv or ISIC_2020_Training_GroundTruth*.csv")
     parts = []
     for split, file in files.items():
-        raw = read_csv(file)
+        raw = read_csv(file, allow_no_rows=split == "test")  # an empty test list: train without a test split
         require_columns(raw, ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge"), file)
         diagnosis = (
             _diagnosis(raw["diagnosis"], file, "diagnosis")
@@ -320,7 +320,7 @@ def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         file = root / f"{split}-metadata.csv"
         if not file.exists():
             continue
-        raw = read_csv(file)
+        raw = read_csv(file, allow_no_rows=split == "test")  # an empty test list: train without a test split
         require_columns(raw, ("isic_id", "patient_id", "age_approx", "sex", "anatom_site_general"), file)
         hdf5 = root / f"{split}-image.hdf5"
         if hdf5.exists():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from PIL import Image
 
 
 HDF5_MARK = ".hdf5#"  # `FILE.hdf5#KEY`: the entry KEY of an HDF5 file (the ISIC 2024 layout)
@@ -61,6 +64,23 @@ class ImageBytesReader:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.close()
+
+
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(encoded: bytes) -> int:
+    """The EXIF orientation (1-8) of an encoded image, 1 when it has none (read from the header only).
+
+    Phones and clinical cameras store the sensor's pixels and say in this tag how to turn them; every
+    viewer applies it, so the pipeline does too (training, prediction, Grad-CAM, duplicate scan).
+    """
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # not an image PIL knows: the decoder says so, with the file's name
+        return 1
+    return int(orientation) if orientation in range(1, 9) else 1
 
 
 def read_image_bytes(source: str) -> bytes:

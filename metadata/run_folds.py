@@ -17,6 +17,7 @@ from metadata.dataset import record_skipped
 from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
 from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
 from metadata.run.io import write_table
+from metadata.schema import DataError
 from metadata.run.layout import RunLayout
 
 
@@ -83,6 +84,7 @@ def write_run_folds(
             + (f" ({absent} listed pair(s) name an image not in this data)" if absent else "")
         )
     train = table[table["split"] == "train"]
+    _require_both_classes(train, data_dir)
     if options.group_by == "source":
         assigned = source_folds(train)
     else:
@@ -98,4 +100,27 @@ def write_run_folds(
         assigned = triple_stratified_folds(train, k=options.k, seed=options.seed, groups=fold_groups(train, pairs))
     write_table(assigned, RunLayout(run_dir).folds)
     result.folds, result.train = assigned, train
+    result.warnings += _patients_larger_than_a_fold(train, assigned)
     return result
+
+
+def _require_both_classes(train: pd.DataFrame, data_dir: Path) -> None:
+    """Refuse training rows of one class: every later stage learns melanoma against the rest."""
+    classes = sorted(train["target"].dropna().astype(int).unique())
+    if len(classes) < 2:
+        found = "no training rows" if not classes else f"only target {classes[0]} ({'melanoma' if classes[0] else 'no melanoma'})"
+        raise DataError(
+            f"{data_dir}: {found} in {len(train)} training image(s); the CNNs and the stack learn melanoma against "
+            "other lesions: add images of both classes (or check the layout's label column)."
+        )
+
+
+def _patients_larger_than_a_fold(train: pd.DataFrame, folds: pd.DataFrame) -> list[str]:
+    """A warning per patient holding more images than a fold's share: their fold trains without them."""
+    per_patient = train["patient_id"].fillna(train["image_id"]).value_counts()
+    share = len(train) / max(folds["fold"].nunique(), 1)
+    return [
+        f"patient {patient!r} holds {count} of {len(train)} training images, more than a fold's share ({share:.0f}): their fold "
+        "holds them all, and its model trains on the other patients only"
+        for patient, count in per_patient[per_patient > share].items()
+    ]

@@ -109,8 +109,12 @@ def map_vocabulary(
     return mapped.astype(pd.CategoricalDtype(categories=list(vocabulary)))
 
 
+MAX_AGE = 120  # years: an age outside 0..MAX_AGE is a typo or a code, never a patient's age
+
+
 def parse_age(values: pd.Series, file: Path, column: str, zero_is_missing: bool = False) -> pd.Series:
-    """Ages as floats; text that is not a number is refused, empty cells stay missing."""
+    """Ages as floats; text that is not a number, or an age outside 0-120 years, is refused naming the
+    row (the stack would learn from it as an age); empty cells stay missing."""
     text = clean_text(values)
     ages = pd.to_numeric(text, errors="coerce").astype(float)
     bad = text.notna() & ages.isna()
@@ -119,6 +123,13 @@ def parse_age(values: pd.Series, file: Path, column: str, zero_is_missing: bool 
         raise DataError(
             f"{file}: row {row + 2} has {column}={values.iloc[row]!r}, not a number; "
             "write the age in years or leave the cell empty."
+        )
+    impossible = ages.notna() & ~ages.between(0, MAX_AGE)
+    if impossible.any():
+        row = first_bad_row(impossible)
+        raise DataError(
+            f"{file}: row {row + 2} has {column}={values.iloc[row]!r}, outside 0-{MAX_AGE} years "
+            f"({int(impossible.sum())} such row(s)); correct the age or leave the cell empty (missing)."
         )
     return ages.mask(ages <= 0) if zero_is_missing else ages
 
@@ -130,14 +141,15 @@ def require_columns(frame: pd.DataFrame, columns: tuple[str, ...], file: Path) -
         raise DataError(f"{file}: missing required column(s) {missing}; found {list(frame.columns)}.")
 
 
-def read_csv(file: Path) -> pd.DataFrame:
-    """Read a CSV as text columns (ids keep leading zeros); refuse empty files."""
+def read_csv(file: Path, allow_no_rows: bool = False) -> pd.DataFrame:
+    """Read a CSV as text columns (ids keep leading zeros); refuse empty files (and, unless
+    `allow_no_rows`, a header without rows)."""
     try:
         frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError as error:
         raise DataError(f"{file} is empty: expected a header row and one row per image.") from error
-    if frame.empty:
-        raise DataError(f"{file} has a header but no rows.")
+    if frame.empty and not allow_no_rows:
+        raise DataError(f"{file} has a header but no rows: add the rows or remove the file.")
     return frame
 
 

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from cli import app
 from cnn.pairs import (
-    HEARTBEAT_FILE,
     STALE_AFTER_SECONDS,
     heartbeat,
     other_live_owner,
@@ -25,6 +24,7 @@ from cnn.pairs import (
     run_status,
     write_plan,
 )
+from metadata.run.layout import HEARTBEAT_FILE
 
 
 def _write(path: Path, content: dict) -> None:

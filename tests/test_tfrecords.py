@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from cnn.pipeline import image_dataset
-from cnn.tfrecords import INDEX_FILE, shard_sources, write_shards
+from cnn.tfrecords import shard_sources, write_shards
 from metadata.dataset import load_dataset
-from metadata.run.layout import SHARD_DIR
+from metadata.run.layout import INDEX_FILE, SHARD_DIR
 
 
 def test_shards_stream_any_subset_in_order_with_the_original_pixels(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -5,13 +5,15 @@
       skipped_images.csv            images left out of the run (folds / any stage with --on-bad-image skip)
       manifest.json, config.json    data fingerprint, versions, each stage's options and seconds
       log.txt                       every stage's log
-      tfrecords/                    tfrecords: shards and their index
+      tfrecords/                    tfrecords: shards and their index.parquet
       cnn/plan.json                 train-cnns: the declared (model, fold) pairs
       cnn/<model>/{oof,test}.parquet
-      cnn/<model>/fold<k>/          model.keras, history.json, oof.parquet, test.parquet, checkpoints
+      cnn/<model>/fold<k>/          model.keras, history.json, oof.parquet, test.parquet (finished pair);
+                                    done.json, failed.json, heartbeat.json, checkpoint/, cache/ (pair state)
       stack/                        stack: STACK_OUTPUTS, features, masked OOF, scoring reference, boosters
       submission.csv                stack: the primary stack's submission in the data's format
       report.{json,html,md}, figures/   report
+      .incomplete/<stage>.json      a stage writing its outputs (left behind if it was interrupted)
 
 >>> layout = RunLayout("runs/demo")
 >>> layout.folds.as_posix(), layout.fold_dir("small", 2).as_posix()
@@ -33,6 +35,10 @@ FIGURES_DIR = "figures"  # RUN/figures/<name>.png: the report's figures as files
 OOF_FILE, TEST_FILE = "oof.parquet", "test.parquet"  # per CNN and per (CNN, fold)
 HISTORY_FILE = "history.json"  # per (CNN, fold)
 MODEL_FILE = "model.keras"  # per (CNN, fold): the best epoch
+# A (CNN, fold) pair's state (cnn.pairs): finished, failed, alive; its last epoch checkpoint; its decoded-image cache.
+DONE_FILE, FAILED_FILE, HEARTBEAT_FILE = "done.json", "failed.json", "heartbeat.json"
+CHECKPOINT_DIR, CHECKPOINT_STATE, CACHE_DIR = "checkpoint", "state.json", "cache"
+INDEX_FILE = "index.parquet"  # RUN/tfrecords: image_id -> shard, position
 
 # Stack name -> (OOF file, test file) under RUN/stack, in report order (the linear baseline first).
 STACK_OUTPUTS: dict[str, tuple[str, str]] = {
@@ -150,3 +156,11 @@ class RunLayout:
     @property
     def figures(self) -> Path:
         return self.root / FIGURES_DIR
+
+    @property
+    def incomplete_dir(self) -> Path:
+        return self.root / ".incomplete"
+
+    def incomplete(self, stage: str) -> Path:
+        """The marker of `stage` while it writes (metadata.run.completion)."""
+        return self.incomplete_dir / f"{stage}.json"
