@@ -144,7 +144,7 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
             try:
                 command(*args, **kwargs)
             except BaseException as error:
-                log.error("%s stopped: %s", stage, repr(error), exc_info=not isinstance(error, (*USER_ERRORS, KeyboardInterrupt)))
+                log.error("%s stopped: %s", stage, str(error) or type(error).__name__, exc_info=not isinstance(error, (*USER_ERRORS, KeyboardInterrupt)))
                 raise
             record_stage_seconds(run, stage, time.perf_counter() - started)
             log.info("%s finished in %.1f s", stage, time.perf_counter() - started)

@@ -39,7 +39,7 @@ def main() -> None:
         ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis",
          "--batch-size", str(args.batch_size), "--augment", args.augment, "--learning-rate", str(args.learning_rate),
          "--weight-decay", str(args.weight_decay),
-         "--class-weight", args.class_weight, "--mix", args.mix, "--tta", args.tta],
+         "--class-weight", args.class_weight, "--mix", args.mix, "--tta", args.tta, "--color-constancy", args.color_constancy],
         ["stack", *common],
     ]
     seconds = run_cli_steps(steps)

@@ -213,8 +213,10 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance:
     built = build_stack_features(rows, cnn_scores)
     absent = [f for f in bundle.features if f not in built.columns]
     features = built.reindex(columns=bundle.features)
-    score = np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0)
+    stack_score = np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0)
     pattern = missingness_pattern(rows)
+    # each pattern's scorer as chosen on OOF: the stack, or one CNN alone (fusion.missingness)
+    score = bundle.calibration.chosen_scores(stack_score, pattern.to_numpy(), {c: cnn_scores[c].to_numpy() for c in cnn_scores})
     source = pattern.map(bundle.calibration.sources)
     points = {name: bundle.operating_points[name] for name in source.unique()}
     probability = pd.Series(bundle.calibration.apply(score, pattern.to_numpy()), index=rows.index)

@@ -26,11 +26,12 @@ Patterns (metadata level x patient context):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 
 from fusion.patient_context import extra_numeric_features
 
@@ -181,28 +182,78 @@ def pattern_sources(pattern: pd.Series, target: pd.Series) -> dict[str, str]:
     return {p: next((c for c in fallback_chain(p) if melanomas.get(c, 0) >= MIN_PATTERN_MELANOMAS), last) for p in PATTERNS}
 
 
+STACK_SCORER = "stack"
+
+
+def _sigmoid(log_odds: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(log_odds, dtype=float)))
+
+
+def _choose_scorers(
+    scores: np.ndarray, target: np.ndarray, pattern: np.ndarray, sources: set[str], alternatives: dict[str, np.ndarray]
+) -> dict[str, str]:
+    """Per pattern source, the scorer that ranks its own masked OOF rows best: the stack, or one CNN alone.
+
+    The stack is trained mostly on rows that have what a pattern lacks; where, with those inputs
+    masked, it ranks below a CNN of its own (a weak CNN it leans on, too few rows of the pattern), the
+    lesions of that pattern are scored by that CNN: the promise "at least as good as the CNNs alone"
+    is kept by construction, at the cost of one choice per pattern made on OOF scores.
+    """
+    chosen = {}
+    for name in sorted(sources):
+        rows = pattern == name
+        if len(np.unique(target[rows])) < 2:
+            chosen[name] = STACK_SCORER
+            continue
+        candidates = {STACK_SCORER: scores[rows], **{c: values[rows] for c, values in alternatives.items()}}
+        aucs = {c: roc_auc_score(target[rows], values) for c, values in candidates.items()}
+        chosen[name] = max(aucs, key=lambda c: (aucs[c], c == STACK_SCORER))  # ties keep the stack
+    return chosen
+
+
 @dataclass(frozen=True)
 class PatternCalibration:
     """One Platt calibration per pattern source, fitted on OOF scores: on every fold (`final`: the
     probabilities users see, so each pattern keeps its ranking) and on all folds but one (`by_fold`:
-    each fold calibrated without its own labels, for an honest calibration error)."""
+    each fold calibrated without its own labels, for an honest calibration error). `scorers`: per
+    source, `"stack"` or the CNN column (`cnn_<name>`, standardised log-odds) that scores its lesions
+    (see `_choose_scorers`)."""
 
     sources: dict[str, str]
     final: dict[str, PlattCalibration]
     by_fold: dict[int, dict[str, PlattCalibration]]
+    scorers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, scores: np.ndarray, target: np.ndarray, folds: np.ndarray, pattern: np.ndarray) -> PatternCalibration:
+    def fit(
+        cls, scores: np.ndarray, target: np.ndarray, folds: np.ndarray, pattern: np.ndarray, alternatives: dict[str, np.ndarray] | None = None
+    ) -> PatternCalibration:
+        """`alternatives`: CNN scores (column -> standardised log-odds per row) a pattern may be scored by instead of the stack."""
         scores, target, folds, pattern = (np.asarray(a) for a in (scores, target, folds, pattern))
         sources = pattern_sources(pd.Series(pattern), pd.Series(target))
+        alternatives = {c: np.asarray(v, dtype=float) for c, v in (alternatives or {}).items()}
+        scorers = _choose_scorers(scores, target, pattern, set(sources.values()), alternatives)
+        scores = cls(sources, {}, {}, scorers).chosen_scores(scores, pattern, alternatives)
 
         def fitted(rows: np.ndarray) -> dict[str, PlattCalibration]:
             return {s: PlattCalibration.fit(scores[rows & (pattern == s)], target[rows & (pattern == s)]) for s in set(sources.values())}
 
-        return cls(sources, fitted(np.ones(len(scores), bool)), {int(f): fitted(folds != f) for f in np.unique(folds)})
+        return cls(sources, fitted(np.ones(len(scores), bool)), {int(f): fitted(folds != f) for f in np.unique(folds)}, scorers)
+
+    def chosen_scores(self, scores: np.ndarray, pattern: np.ndarray, alternatives: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Each row's score from its pattern source's scorer (the stack's, or a CNN's as a probability)."""
+        out = np.asarray(scores, dtype=float).copy()
+        source = pd.Series(np.asarray(pattern)).map(self.sources).to_numpy()
+        for name, scorer in self.scorers.items():
+            if scorer != STACK_SCORER:
+                if alternatives is None or scorer not in alternatives:
+                    raise ValueError(f"pattern {name!r} is scored by {scorer!r}: pass that CNN score.")
+                rows = source == name
+                out[rows] = _sigmoid(np.asarray(alternatives[scorer], dtype=float)[rows])
+        return out
 
     def apply(self, scores: np.ndarray, pattern: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
-        """Calibrated probabilities; with `folds`, each row by the calibration its fold did not see."""
+        """Calibrated probabilities of scores from `chosen_scores`; with `folds`, each row by the calibration its fold did not see."""
         scores, source = np.asarray(scores, dtype=float), pd.Series(np.asarray(pattern)).map(self.sources).to_numpy()
         out = np.full(len(scores), np.nan)
         for fold in ([None] if folds is None else np.unique(folds)):
@@ -214,9 +265,9 @@ class PatternCalibration:
         return out
 
     def to_json(self) -> dict[str, object]:
-        return {"sources": self.sources, "calibrations": {name: c.to_json() for name, c in self.final.items()}}
+        return {"sources": self.sources, "calibrations": {name: c.to_json() for name, c in self.final.items()}, "scorers": self.scorers}
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> PatternCalibration:
         """The final calibrations (as a bundle carries them) from `to_json` output."""
-        return cls(dict(data["sources"]), {n: PlattCalibration(**c) for n, c in data["calibrations"].items()}, {})
+        return cls(dict(data["sources"]), {n: PlattCalibration(**c) for n, c in data["calibrations"].items()}, {}, dict(data.get("scorers", {})))

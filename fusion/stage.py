@@ -101,19 +101,26 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
         increasing=tuple(train_scores.columns),
     )
     masked = masked_oof_table(train, result.oof_probs, copies, result.masked_oof)
-    calibration = PatternCalibration.fit(masked["score"], masked["target"], masked["fold"], masked["pattern"])
+    # a lesion's CNN scores are never masked: each masked row takes its image's
+    cnn_of_masked = {c: train_scores[c].set_axis(train["image_id"]).reindex(masked["image_id"]).to_numpy() for c in train_scores}
+    calibration = PatternCalibration.fit(masked["score"], masked["target"], masked["fold"], masked["pattern"], cnn_of_masked)
     # `prob`: the calibration new patients get (one per pattern, so each pattern keeps its ranking);
     # `prob_cross_fitted`: each fold by a calibration fitted without it, for an honest calibration error.
+    masked["score"] = calibration.chosen_scores(masked["score"], masked["pattern"], cnn_of_masked)
+    masked["scorer"] = masked["pattern"].map(calibration.sources).map(calibration.scorers)
     masked["prob"] = calibration.apply(masked["score"], masked["pattern"])
     masked["prob_cross_fitted"] = calibration.apply(masked["score"], masked["pattern"], masked["fold"])
     train_pattern, test_pattern = missingness_pattern(train).to_numpy(), missingness_pattern(test).to_numpy()
     labelled, unlabelled = train[["image_id", "patient_id", "fold", "target"]], test[["image_id", "patient_id"]]
-    stack_oof = labelled.assign(prob=calibration.apply(result.oof_probs, train_pattern), score=result.oof_probs, pattern=train_pattern)
+    test_scores = test_features[list(train_scores.columns)]
+    oof_score = calibration.chosen_scores(result.oof_probs, train_pattern, {c: train_scores[c].to_numpy() for c in train_scores})
+    test_score = calibration.chosen_scores(result.test_probs, test_pattern, {c: test_scores[c].to_numpy() for c in test_scores})
+    stack_oof = labelled.assign(prob=calibration.apply(oof_score, train_pattern), score=oof_score, pattern=train_pattern)
     linear = cross_val_logreg(train_features, target, folds, test_features)
     (lightgbm_oof, lightgbm_test), (logreg_oof, logreg_test) = STACK_OUTPUTS[PRIMARY_STACK], STACK_OUTPUTS["logreg_stack"]
     tables = {
         lightgbm_oof: stack_oof,
-        lightgbm_test: unlabelled.assign(prob=calibration.apply(result.test_probs, test_pattern), score=result.test_probs, pattern=test_pattern),
+        lightgbm_test: unlabelled.assign(prob=calibration.apply(test_score, test_pattern), score=test_score, pattern=test_pattern),
         logreg_oof: labelled.assign(prob=linear.oof_probs),
         logreg_test: unlabelled.assign(prob=linear.test_probs),
         MASKED_OOF_FILE: masked,

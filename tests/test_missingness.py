@@ -112,3 +112,26 @@ def test_shift_checks_need_a_batch_and_a_difference_that_matters() -> None:
 def test_pattern_names_are_their_own_source_when_they_have_melanomas(pattern: str) -> None:
     sources = pattern_sources(pd.Series([pattern] * 30), pd.Series([1] * MIN_PATTERN_MELANOMAS + [0] * (30 - MIN_PATTERN_MELANOMAS)))
     assert sources[pattern] == pattern
+
+
+def test_a_pattern_the_stack_ranks_worse_than_a_cnn_is_scored_by_that_cnn() -> None:
+    """With its inputs masked the stack may rank below one of its own CNNs; that pattern then uses the CNN (never worse on OOF)."""
+    from fusion.missingness import PatternCalibration
+
+    rng = np.random.default_rng(0)
+    n = 600
+    target = (rng.random(n) < 0.2).astype(int)
+    good_cnn = target * 1.5 + rng.normal(0, 1, n)  # standardised log-odds that rank well
+    pattern = np.where(np.arange(n) % 2 == 0, "complete", "no_metadata+single_lesion")
+    stack = np.where(pattern == "complete", 1 / (1 + np.exp(-(3 * target + rng.normal(0, 1, n)))), rng.random(n))  # noise when masked
+    folds = np.arange(n) % 3
+    calibration = PatternCalibration.fit(stack, target, folds, pattern, {"cnn_small": good_cnn})
+    assert calibration.scorers["complete"] == "stack" and calibration.scorers["no_metadata+single_lesion"] == "cnn_small"
+    chosen = calibration.chosen_scores(stack, pattern, {"cnn_small": good_cnn})
+    masked = pattern == "no_metadata+single_lesion"
+    np.testing.assert_allclose(chosen[masked], 1 / (1 + np.exp(-good_cnn[masked])))
+    np.testing.assert_array_equal(chosen[~masked], stack[~masked])
+    restored = PatternCalibration.from_json(calibration.to_json())  # what a bundle carries
+    np.testing.assert_allclose(restored.apply(chosen, pattern), calibration.apply(chosen, pattern))
+    with pytest.raises(ValueError, match="pass that CNN score"):
+        calibration.chosen_scores(stack, pattern)
