@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
+from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, COLOR_CONSTANCY_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
 from metadata.dataset import BAD_IMAGE_POLICIES
 from metadata.run.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
 from metadata.run.completion import writing
@@ -321,6 +321,7 @@ def train_cnns(
     strategy: Annotated[Literal[STRATEGY_CHOICES], typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none.")] = "auto",
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
+    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation after decoding (kept in the bundle): none or shades-of-gray (p=6).")] = "none",
     on_bad_image: BadImageOption = "raise",
     fmt: FormatOption = None,
     metadata: MetadataOption = None,

@@ -51,10 +51,36 @@ def upright(image: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(tf.clip_by_value(tf.reshape(orientation, []) - 1, 0, 7), branches)
 
 
-def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one JPEG/PNG byte string, upright (EXIF orientation), to float32 [0, 255] at `image_size` square."""
+SHADES_OF_GRAY_P = 6  # the Minkowski norm of the ISIC 2018-2019 winners' colour constancy
+
+
+def shades_of_gray(image: tf.Tensor, p: float = SHADES_OF_GRAY_P) -> tf.Tensor:
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004): estimate the illuminant as each
+    channel's Minkowski p-mean and divide it out, so a lesion photographed under another light or
+    camera balance looks as under a neutral one. A grey-world image is left as it is.
+
+    >>> grey = tf.fill([4, 4, 3], 100.0)
+    >>> bool(tf.reduce_all(tf.abs(shades_of_gray(grey) - grey) < 1e-3))
+    True
+    """
+    image = tf.cast(image, tf.float32)
+    illuminant = tf.reduce_mean(tf.pow(tf.maximum(image, 0.0), p), axis=[0, 1]) ** (1.0 / p)
+    illuminant = illuminant / tf.maximum(tf.norm(illuminant), 1e-6)
+    return tf.clip_by_value(image / (illuminant * tf.sqrt(3.0)), 0.0, 255.0)
+
+
+# --color-constancy: how each image's colours are normalised after decoding (training, predict, Grad-CAM alike).
+COLOR_CONSTANCY: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "none": lambda image: image,
+    "shades-of-gray": shades_of_gray,
+}
+
+
+def decode_image(encoded: tf.Tensor, image_size: int, color_constancy: str = "none") -> tf.Tensor:
+    """Decode one JPEG/PNG byte string, upright (EXIF orientation), to float32 [0, 255] at `image_size`
+    square, its colours normalised by `color_constancy` (a key of COLOR_CONSTANCY)."""
     image = upright(tf.io.decode_image(encoded, channels=3, expand_animations=False), encoded)
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    image = COLOR_CONSTANCY[color_constancy](tf.image.resize(image, (image_size, image_size), antialias=True))
     return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
@@ -193,11 +219,11 @@ def choose_cache(cache: str, n_images: int, image_size: int, budget_gb: float, s
     return "none", f"{n_images} images at {image_size} px would need {need:.2f} GB decoded, over --cache-budget {budget_gb:g} GB: {how}"
 
 
-def decoded_store(sources: list[str], image_size: int, file: str | None = None) -> np.ndarray:
+def decoded_store(sources: list[str], image_size: int, file: str | None = None, color_constancy: str = "none") -> np.ndarray:
     """Every source decoded once at `image_size` as uint8, in RAM or (with `file`) in a .npy memmap."""
     shape = (len(sources), image_size, image_size, 3)
     store = np.empty(shape, np.uint8) if file is None else np.lib.format.open_memmap(file, mode="w+", dtype=np.uint8, shape=shape)
-    images = encoded_images(list(sources)).map(lambda b: _as_uint8(decode_image(b, image_size)), num_parallel_calls=AUTOTUNE)
+    images = encoded_images(list(sources)).map(lambda b: _as_uint8(decode_image(b, image_size, color_constancy)), num_parallel_calls=AUTOTUNE)
     done = 0
     for batch in images.batch(256).prefetch(2):
         store[done : done + len(batch)] = batch.numpy()
@@ -308,14 +334,14 @@ def _row_indices(n_rows: int, sampler: EpochSampler | None) -> tf.data.Dataset:
 
 
 def _streamed_batches(
-    sources: list[str], labels: np.ndarray | None, image_size: int, batch_size: int, sampler: EpochSampler | None
+    sources: list[str], labels: np.ndarray | None, image_size: int, batch_size: int, sampler: EpochSampler | None, color_constancy: str
 ) -> tf.data.Dataset:
     """Images read and decoded every epoch, after the rows are drawn: from files and HDF5 by index, from
     TFRecord shards interleaved and shuffled in a bounded buffer (training) or in stored order."""
     y_rows = None if labels is None else tf.constant(np.asarray(labels, np.float32))
 
     def decode_row(i: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        image = decode_image(encoded, image_size)
+        image = decode_image(encoded, image_size, color_constancy)
         return image if y_rows is None else (image, tf.gather(y_rows, i))
 
     shards = bool(sources) and all(is_shard_source(s) for s in sources)
@@ -323,7 +349,7 @@ def _streamed_batches(
         rows = shuffled_shard_records(sources, sampler.masks).map(decode_row, num_parallel_calls=AUTOTUNE)
         return rows.apply(tf.data.experimental.assert_cardinality(sampler.epoch_size)).batch(batch_size)
     if shards:
-        images = encoded_images(sources).map(lambda b: decode_image(b, image_size), num_parallel_calls=AUTOTUNE)
+        images = encoded_images(sources).map(lambda b: decode_image(b, image_size, color_constancy), num_parallel_calls=AUTOTUNE)
         return images.apply(tf.data.experimental.assert_cardinality(len(sources))).batch(batch_size)
     # one map per index: image and label come from the same draw of the (per-epoch) index stream
     read = bytes_reader(sources)
@@ -357,6 +383,7 @@ def image_dataset(
     mix: str = "none",
     cache: str = "memory",
     seed: int = 0,
+    color_constancy: str = "none",
 ) -> tf.data.Dataset:
     """Batches of `(images, labels)` (or images alone when `labels` is None), float32 RGB in [0, 255].
 
@@ -365,15 +392,15 @@ def image_dataset(
     image once into a uint8 array (3 bytes per pixel), "disk" into a uint8 .npy file of that name
     (a path prefix), "none" reads and decodes each epoch's images in parallel (TFRecord shards:
     interleaved and shuffled in a bounded buffer, `cnn.tfrecords.shuffled_shard_records`). `mix` is "none",
-    "mixup" or "cutmix".
+    "mixup" or "cutmix". `color_constancy` normalises each image's colours after decoding (COLOR_CONSTANCY).
     """
     sources = list(paths)
     if sampler is None and shuffle:
         sampler = EpochSampler(len(sources), seed)
     if cache == "none":
-        ds = _streamed_batches(sources, labels, image_size, batch_size, sampler)
+        ds = _streamed_batches(sources, labels, image_size, batch_size, sampler, color_constancy)
     else:
-        store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy")
+        store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy", color_constancy)
         ds = _cached_batches(store, labels, _row_indices(len(sources), sampler), batch_size)
     if augment is not None:
         if labels is None:

@@ -92,6 +92,7 @@ class CnnConfig:
     strategy: str = "auto"  # a key of STRATEGIES
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU
     jit: bool | None = None  # XLA: None leaves it to Keras (on for one GPU); a no-op on a CPU
+    color_constancy: str = "none"  # a key of cnn.pipeline.COLOR_CONSTANCY, applied the same at scoring (bundle)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> CnnConfig:
@@ -387,7 +388,10 @@ def fold_inputs(
     if cache_mode == "disk":
         cache_dir.mkdir()
     cache = {split: str(cache_dir / split) if cache_mode == "disk" else cache_mode for split in ("train", "val", "test")}
-    val, test = (image_dataset(rows[split]["image_path"], None, config.image_size, config.batch_size, cache=cache[split]) for split in ("val", "test"))
+    val, test = (
+        image_dataset(rows[split]["image_path"], None, config.image_size, config.batch_size, cache=cache[split], color_constancy=config.color_constancy)
+        for split in ("val", "test")
+    )
     train_rows, y_train = rows["train"], target.labels(rows["train"])
     augmenter = build_augmenter(config.seed + fold, config.augment)
     sampler = EpochSampler(
@@ -396,7 +400,7 @@ def fold_inputs(
     )
     train = image_dataset(
         train_rows["image_path"], y_train, config.image_size, config.batch_size, sampler=sampler,
-        augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"],
+        augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"], color_constancy=config.color_constancy,
     )
     steps = math.ceil(sampler.epoch_size / config.batch_size)
     return FoldInputs(train, val, test, sampler, augmenter, y_train, steps, cache_mode, cache_reason)

@@ -59,6 +59,7 @@ class CnnMember:
     target: TargetSpec
     scales: pd.DataFrame  # fold -> mean, std of that fold model's OOF log-odds (see ensemble.blend)
     models: dict[int, keras.Model]
+    color_constancy: str = "none"  # as in training (cnn.pipeline.COLOR_CONSTANCY)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
         "name": name,
         "image_size": int(history["config"]["image_size"]),
         "tta": list(history["config"]["tta"]),
+        "color_constancy": history["config"].get("color_constancy", "none"),
         "classes": list(history.get("classes", ["MEL"])),  # runs from before diagnosis heads had melanoma heads only
         "scales": {str(f): {"mean": float(r["mean"]), "std": float(r["std"])} for f, r in scales.iterrows()},
     }
@@ -256,6 +258,7 @@ def load_bundle(path: Path) -> Bundle:
             target=TargetSpec(tuple(c["classes"])),
             scales=pd.DataFrame.from_dict(c["scales"], orient="index").set_axis([int(f) for f in c["scales"]]),
             models={int(f): _load_keras(path / "cnn" / c["name"] / f"fold{f}.keras") for f in c["scales"]},
+            color_constancy=c.get("color_constancy", "none"),
         )
         for c in config["cnns"]
     ]

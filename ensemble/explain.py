@@ -44,10 +44,10 @@ def patient_page_name(patient_id: str) -> str:
     return f"patient_{file_stem(patient_id)}.html"
 
 
-def ensemble_heatmaps(gradcams: list[tuple[int, GradCam]], encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+def ensemble_heatmaps(gradcams: list[tuple[tuple[int, str], GradCam]], encoded: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image: the image (uint8 RGB, its own size) and the mean Grad-CAM of every (input size, model) at that size."""
     images = [np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(e))).convert("RGB")) for e in encoded]  # upright, as the CNNs saw them
-    inputs = {size: np.stack([decode_image(e, size).numpy() for e in encoded]) for size in {s for s, _ in gradcams}}
+    inputs = {view: np.stack([decode_image(e, *view).numpy() for e in encoded]) for view in {v for v, _ in gradcams}}
     totals = [np.zeros(image.shape[:2]) for image in images]
     for size, gradcam in gradcams:
         for total, image, heat in zip(totals, images, gradcam(inputs[size])):
@@ -130,7 +130,7 @@ def write_explanations(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gradcams = [
-        (member.image_size, GradCam(model, member.target.classes.index("MEL")))
+        ((member.image_size, member.color_constancy), GradCam(model, member.target.classes.index("MEL")))
         for member in bundle.cnns
         for model in member.models.values()
     ]

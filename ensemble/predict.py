@@ -131,9 +131,9 @@ def scoring_rows(
     return rows.reset_index(drop=True)
 
 
-def _image_batches(sources: list[str], image_size: int, batch_size: int) -> Iterator[tf.Tensor]:
+def _image_batches(sources: list[str], image_size: int, batch_size: int, color_constancy: str = "none") -> Iterator[tf.Tensor]:
     """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
-    batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none"))
+    batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none", color_constancy=color_constancy))
     done = 0
     while True:
         try:
@@ -157,7 +157,7 @@ def cnn_fold_probabilities(
     `seen(images)`, when given, receives each decoded batch (for the image statistics of shift warnings).
     """
     parts: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
-    for images in _image_batches(sources, member.image_size, batch_size):
+    for images in _image_batches(sources, member.image_size, batch_size, member.color_constancy):
         if seen is not None:
             seen(images.numpy())
         for fold, model in member.models.items():

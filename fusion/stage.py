@@ -46,9 +46,12 @@ def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[M
     return table.sort_index().reset_index(drop=True)
 
 
-def scoring_reference(train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size: int | None, seed: int) -> dict[str, object]:
+def scoring_reference(
+    train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size: int | None, color_constancy: str = "none", seed: int = 0
+) -> dict[str, object]:
     """What `predict` compares a batch with (see `fusion.shift`): image statistics of a seeded sample of
-    training images at the first CNN's input size, CNN score moments, metadata missing rates."""
+    training images as the first CNN sees them (its size and colour constancy), CNN score moments,
+    metadata missing rates."""
     reference: dict[str, object] = {
         "cnn_scores": moments({c: cnn_scores[c].to_numpy() for c in cnn_scores.columns}),
         "missing_rate": {f: float(train[f].isna().mean()) for f in METADATA_FIELDS},
@@ -59,18 +62,20 @@ def scoring_reference(train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size:
         from cnn.pipeline import image_dataset
 
         sample = train["image_path"].sample(min(REFERENCE_SAMPLE, len(train)), random_state=seed).astype(str).tolist()
-        batches = image_dataset(sample, None, image_size, 64, cache="none")
+        batches = image_dataset(sample, None, image_size, 64, cache="none", color_constancy=color_constancy)
         reference["images"] = moments(concat_statistics(image_statistics(b.numpy()) for b in batches))
     return reference
 
 
-def _first_cnn_image_size(run_dir: Path) -> int | None:
-    """Input size of the run's first CNN (the one `predict` takes image statistics from); None without a
-    CNN, or for CNN outputs written without a training history (no image reference is kept then)."""
+def _first_cnn_input(run_dir: Path) -> tuple[int | None, str]:
+    """Input size and colour constancy of the run's first CNN (the one `predict` takes image statistics
+    from); no size without a CNN, or for CNN outputs written without a training history (no image
+    reference is kept then)."""
     names = cnn_names(run_dir)
     histories = RunLayout(run_dir).histories(names[0]) if names else []
-    size = json.loads(histories[0].read_text()).get("config", {}).get("image_size") if histories else None
-    return None if size is None else int(size)
+    config = json.loads(histories[0].read_text()).get("config", {}) if histories else {}
+    size = config.get("image_size")
+    return (None if size is None else int(size)), config.get("color_constancy", "none")
 
 
 @dataclass
@@ -132,7 +137,7 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
         "oof_auc": auc, "masked_copies": [c.design for c in copies], "calibration": calibration.to_json(),
     }
     boosters = dict(zip(sorted(train["fold"].unique()), result.models))
-    return StackFit(boosters, tables, scoring_reference(train, train_scores, _first_cnn_image_size(run_dir), seed), recipe, auc)
+    return StackFit(boosters, tables, scoring_reference(train, train_scores, *_first_cnn_input(run_dir), seed=seed), recipe, auc)
 
 
 def write_stack(run_dir: Path, fit: StackFit) -> None:

@@ -1,0 +1,60 @@
+"""Colour constancy: the same lesion under another light looks the same to the CNNs, in training and at scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def test_shades_of_gray_removes_a_known_colour_cast_and_leaves_grey_alone() -> None:
+    import tensorflow as tf
+
+    from cnn.pipeline import shades_of_gray
+
+    rng = np.random.default_rng(0)
+    lesion = rng.uniform(20, 150, (16, 16, 3)).astype(np.float32)
+    cast = lesion * np.array([1.3, 1.0, 0.7], np.float32)  # another camera's white balance
+    corrected, reference = (shades_of_gray(tf.constant(x)).numpy() for x in (cast, lesion))
+    # the cast is gone; what is left is one overall brightness factor (Shades of Gray keeps the light's strength)
+    np.testing.assert_allclose(corrected / corrected.mean(), reference / reference.mean(), atol=1e-4)
+    assert not np.allclose(cast / cast.mean(), lesion / lesion.mean(), atol=1e-2)
+    grey = np.full((8, 8, 3), 90.0, np.float32)
+    np.testing.assert_allclose(shades_of_gray(tf.constant(grey)).numpy(), grey, atol=1e-3)
+
+
+def test_the_bundle_scores_with_the_colour_constancy_it_was_trained_with(tiny_cohort: Path, tmp_path: Path) -> None:
+    from cnn.pipeline import image_dataset
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    common = ["--data", str(tiny_cohort), "--run", str(run)]
+    assert runner.invoke(app, ["folds", *common, "--k", "2", "--no-dedup"]).exit_code == 0
+    result = runner.invoke(app, ["train-cnns", *common, "--models", "small:16", "--epochs", "1", "--color-constancy", "shades-of-gray"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "cnn" / "small" / "fold0" / "history.json").read_text())["config"]["color_constancy"] == "shades-of-gray"
+    assert runner.invoke(app, ["stack", *common, "--rounds", "20"]).exit_code == 0
+    assert runner.invoke(app, ["export", "--run", str(run), "--out", str(bundle)]).exit_code == 0
+    assert json.loads((bundle / "config.json").read_text())["cnns"][0]["color_constancy"] == "shades-of-gray"
+    from ensemble.bundle import load_bundle
+
+    loaded = load_bundle(bundle)
+    assert loaded.cnns[0].color_constancy == "shades-of-gray"
+    out = tmp_path / "predicted"
+    result = runner.invoke(app, ["predict", "--bundle", str(bundle), "--data", str(tiny_cohort), "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    # what predict feeds the CNNs is what training fed them: the corrected images, not the raw ones
+    sources = pd.read_csv(tiny_cohort / "test.csv")["image_name"].map(lambda i: str(tiny_cohort / "jpeg" / "test" / f"{i}.jpg")).tolist()[:8]
+    corrected = next(iter(image_dataset(sources, None, 16, 8, cache="none", color_constancy="shades-of-gray"))).numpy()
+    raw = next(iter(image_dataset(sources, None, 16, 8, cache="none"))).numpy()
+    from ensemble.predict import _image_batches
+
+    fed = next(_image_batches(sources, 16, 8, loaded.cnns[0].color_constancy)).numpy()
+    np.testing.assert_allclose(fed, corrected)
+    assert np.abs(fed - raw).mean() > 1.0
