@@ -122,7 +122,7 @@ def test_gradcam_has_the_images_size_and_is_not_constant(cohort_dir: Path, bundl
     source.resize((56, 40)).save(odd)
     encoded = odd.read_bytes()
     for member in bundle.cnns:
-        gradcams = [(member.image_size, GradCam(model, member.target.classes.index("MEL"))) for model in member.models.values()]
+        gradcams = [((member.image_size, member.color_constancy), GradCam(model, member.target.classes.index("MEL"))) for model in member.models.values()]
         [(image, heat)] = ensemble_heatmaps(gradcams, [encoded])
         assert image.shape == (40, 56, 3) and heat.shape == (40, 56), member.name
         assert heat.max() - heat.min() > 0.1, member.name
