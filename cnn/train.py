@@ -560,7 +560,10 @@ def train_pair(
             try:
                 train_fold(model_name, fold, rows, config, target, fold_dir, progress, strategy)
             except tf.errors.OpError as error:  # most often an image that changed after `folds` read it
-                raise _unreadable_image_error(pd.concat(rows.values())) or error from error
+                unreadable = _unreadable_image_error(pd.concat(rows.values()))
+                if unreadable is None:
+                    raise
+                raise unreadable from error
         except Exception as error:
             record_failure(fold_dir, error, traceback.format_exc())
             log.error("%s fold %d failed: %s", model_name, fold, error)

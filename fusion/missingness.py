@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -185,10 +186,6 @@ def pattern_sources(pattern: pd.Series, target: pd.Series) -> dict[str, str]:
 STACK_SCORER = "stack"
 
 
-def _sigmoid(log_odds: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.asarray(log_odds, dtype=float)))
-
-
 def _choose_scorers(
     scores: np.ndarray, target: np.ndarray, pattern: np.ndarray, sources: set[str], alternatives: dict[str, np.ndarray]
 ) -> dict[str, str]:
@@ -249,7 +246,7 @@ class PatternCalibration:
                 if alternatives is None or scorer not in alternatives:
                     raise ValueError(f"pattern {name!r} is scored by {scorer!r}: pass that CNN score.")
                 rows = source == name
-                out[rows] = _sigmoid(np.asarray(alternatives[scorer], dtype=float)[rows])
+                out[rows] = expit(np.asarray(alternatives[scorer], dtype=float)[rows])
         return out
 
     def apply(self, scores: np.ndarray, pattern: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:

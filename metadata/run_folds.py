@@ -38,8 +38,8 @@ class FoldOptions:
 class FoldsResult:
     """The folds written, the training rows they cover, and what the console should say."""
 
-    folds: pd.DataFrame
-    train: pd.DataFrame
+    folds: pd.DataFrame | None = None
+    train: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -73,7 +73,7 @@ def write_run_folds(
     images (perceptual hash, and the data folder's published list) share a fold; near-duplicate links
     that would chain more than `max_linked_patients` patients are cut and counted.
     """
-    result = FoldsResult(folds=pd.DataFrame(), train=pd.DataFrame())
+    result = FoldsResult()  # notes and warnings gather on the way; the folds come last
     table, pairs = _image_pairs(table, run_dir, options, result, advance)
     published = published_duplicate_pairs(data_dir, table["image_id"])
     if published is not None:
