@@ -291,7 +291,7 @@ def inspect(
 def train_cnns(
     data: DataOption,
     run: RunOption,
-    models: Annotated[str, typer.Option("--models", help="Backbones, each with an optional size: small:64,efficientnet_b0:128.")],
+    models: Annotated[str, typer.Option("--models", help="Backbones, each with an optional size and seed: small:64,small:96@1,efficientnet_b0:128.")],
     image_size: Annotated[int, typer.Option("--image-size", help="Size for models given without one.")] = 64,
     epochs: Annotated[int, typer.Option("--epochs")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
@@ -322,6 +322,7 @@ def train_cnns(
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
     color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation after decoding (kept in the bundle): none or shades-of-gray (p=6).")] = "none",
+    illuminant_augment: Annotated[bool, typer.Option("--illuminant-augment", help="Re-light training images under the illuminants (Shades of Gray) of other training images.")] = False,
     on_bad_image: BadImageOption = "raise",
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
@@ -373,6 +374,35 @@ def tfrecords(
         index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
     size = sum(f.stat().st_size for f in RunLayout(run).shards.glob("*.tfrec"))
     console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {RunLayout(run).shards}")
+
+
+@app.command()
+@recorded_stage
+def features(
+    data: DataOption,
+    run: RunOption,
+    families: Annotated[str, typer.Option("--families", help="Feature families, comma-separated: shape,color,texture.")] = "shape,color,texture",
+    image_size: Annotated[int, typer.Option("--image-size", min=32, help="Images are resized to this square before the lesion is segmented.")] = 128,
+    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation before the features (kept in the bundle).")] = "none",
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Worker processes (default: every core).")] = None,  # noqa: UP007
+    fmt: FormatOption = None,
+    metadata: MetadataOption = None,
+) -> None:
+    """Dermoscopy features of every image (shape and asymmetry, colour, texture on a lesion mask): RUN/features/<family>.parquet.
+
+    The next `stack` takes them as a third input family, with their rank and z-score within the
+    patient, and reports each family's gain. An interrupted call resumes from its last saved chunk.
+    """
+    from fusion.image_features.stage import FeatureRecipe, image_rows, run_features
+
+    recipe = FeatureRecipe(tuple(f.strip() for f in families.split(",") if f.strip()), image_size, color_constancy)
+    table = _run_table(data, run, fmt, metadata)
+    with Progress(console=console) as progress:
+        task = progress.add_task("dermoscopy features", total=len(image_rows(table)))
+        counts = run_features(table, run, recipe, jobs, lambda n: progress.advance(task, n))
+    console.print(f"features: {len(recipe.columns())} per image for {counts['images']} images in {RunLayout(run).features}")
+    if counts["no_lesion_found"]:
+        console.print(f"[yellow]note:[/yellow] no lesion stood out in {counts['no_lesion_found']} image(s); their features are missing (NaN)")
 
 
 def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int) -> None:

@@ -54,4 +54,5 @@ def cnn_bench_parser(description: str, dataset: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--color-constancy", default="none", choices=("none", "shades-of-gray"), help="as for train-cnns")
+    parser.add_argument("--illuminant-augment", action="store_true", help="as for train-cnns")
     return parser

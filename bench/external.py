@@ -91,7 +91,7 @@ def main() -> None:
         steps.append(["folds", *common, "--k", str(args.k)])
     steps += [
         ["train-cnns", *common, "--models", args.models, "--epochs", str(args.epochs), "--target", "diagnosis", "--class-weight", "none",
-         "--color-constancy", args.color_constancy],
+         "--color-constancy", args.color_constancy, *(["--illuminant-augment"] if args.illuminant_augment else [])],
         ["stack", *common],
     ]
     seconds = run_cli_steps(steps)
@@ -130,7 +130,7 @@ def main() -> None:
     result = {
         **provenance(),
         "recipe": {"train": str(args.data), "models": args.models, "epochs": args.epochs, "k": args.k, "target": "diagnosis",
-                   "class_weight": "none", "color_constancy": args.color_constancy, "sensitivity": args.sensitivity, "validate_on": str(args.isic9),
+                   "class_weight": "none", "color_constancy": args.color_constancy, "illuminant_augment": args.illuminant_augment, "sensitivity": args.sensitivity, "validate_on": str(args.isic9),
                    "metadata": str(args.isic2019_metadata)},
         "external_set": exclusions,
         "cv_oof_auc": cv_auc,

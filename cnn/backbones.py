@@ -7,6 +7,7 @@ layers (no Lambda layers, so saved models load with `safe_mode`). Adding a backb
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -187,16 +188,46 @@ def build_classifier(
 
 
 def parse_model_specs(text: str, default_size: int) -> dict[str, int]:
-    """`small:64,efficientnet_b0:128` -> {name: image size}; a name without `:SIZE` gets `default_size`."""
+    """`small:64,small:96@1,efficientnet_b0:128` -> {member name: image size}.
+
+    A name without `:SIZE` gets `default_size`. `@SEED` adds another member of the same backbone
+    trained from its own seed (cheap diversity for the stack), named `<backbone>_s<SEED>`.
+
+    >>> parse_model_specs("small:64,small:96@1", 64)
+    {'small': 64, 'small_s1': 96}
+    """
     specs: dict[str, int] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        name, _, size = item.partition(":")
+        spec, _, seed = item.partition("@")
+        name, _, size = spec.partition(":")
         get_backbone(name)
         if not (size or str(default_size)).isdigit():
             raise ValueError(f"--models {item!r}: the size after ':' must be a whole number of pixels.")
-        specs[name] = int(size or default_size)
+        if seed and not seed.isdigit():
+            raise ValueError(f"--models {item!r}: the seed after '@' must be a whole number.")
+        member = name if int(seed or 0) == 0 else f"{name}_s{int(seed)}"
+        if member in specs:
+            raise ValueError(f"--models names {member!r} twice; give one a seed of its own, e.g. {name}:{size or default_size}@1.")
+        specs[member] = int(size or default_size)
     if not specs:
         raise ValueError("--models is empty; name at least one backbone.")
     return specs
+
+
+_MEMBER = re.compile(r"^(?P<backbone>.+)_s(?P<seed>\d+)$")
+
+
+def member_backbone(member: str) -> tuple[str, int]:
+    """(backbone, seed offset) of a member named by `parse_model_specs`.
+
+    >>> member_backbone("small"), member_backbone("small_s2")
+    (('small', 0), ('small', 2))
+    """
+    if member in BACKBONES:
+        return member, 0
+    found = _MEMBER.match(member)
+    if found is None or found["backbone"] not in BACKBONES:
+        get_backbone(member)  # raises, listing the registered backbones
+    return found["backbone"], int(found["seed"])

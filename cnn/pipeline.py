@@ -19,6 +19,7 @@ import tensorflow as tf
 from cnn.options import AUGMENT_LEVELS
 from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
 from metadata.images import ImageBytesReader, exif_orientation, is_hdf5_source
+from metadata.schema import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -64,9 +65,27 @@ def shades_of_gray(image: tf.Tensor, p: float = SHADES_OF_GRAY_P) -> tf.Tensor:
     True
     """
     image = tf.cast(image, tf.float32)
-    illuminant = tf.reduce_mean(tf.pow(tf.maximum(image, 0.0), p), axis=[0, 1]) ** (1.0 / p)
-    illuminant = illuminant / tf.maximum(tf.norm(illuminant), 1e-6)
-    return tf.clip_by_value(image / (illuminant * tf.sqrt(3.0)), 0.0, 255.0)
+    return tf.clip_by_value(image / (estimate_illuminant(image, p) * tf.sqrt(3.0)), 0.0, 255.0)
+
+
+def estimate_illuminant(images: tf.Tensor, p: float = SHADES_OF_GRAY_P) -> tf.Tensor:
+    """The Shades of Gray illuminant of an image (H, W, 3) or a batch (N, H, W, 3): each channel's
+    Minkowski p-mean, as a unit vector ((1, 1, 1) / sqrt(3) for a neutral light)."""
+    images = tf.cast(images, tf.float32)
+    illuminant = tf.reduce_mean(tf.pow(tf.maximum(images, 0.0), p), axis=[-3, -2]) ** (1.0 / p)
+    return illuminant / tf.maximum(tf.norm(illuminant, axis=-1, keepdims=True), 1e-6)
+
+
+ILLUMINANT_SAMPLE = 512  # training images whose illuminants `--illuminant-augment` draws from
+
+
+def training_illuminants(sources: Sequence[str], image_size: int, seed: int) -> np.ndarray:
+    """Illuminants (K, 3) of a seeded sample of training images as decoded (before any colour
+    constancy): the lights and camera balances the training data was taken under."""
+    rng = np.random.default_rng(seed)
+    sample = [sources[i] for i in sorted(rng.choice(len(sources), min(ILLUMINANT_SAMPLE, len(sources)), replace=False))]
+    batches = image_dataset(sample, None, image_size, 64, cache="none")
+    return np.concatenate([estimate_illuminant(batch).numpy() for batch in batches])
 
 
 # --color-constancy: how each image's colours are normalised after decoding (training, predict, Grad-CAM alike).
@@ -256,6 +275,24 @@ class MicroscopeVignette(keras.layers.Layer):
         return images * (1.0 - strength * tf.clip_by_value(radius, 0.0, 1.0)[None, :, :, None] ** 2)
 
 
+class IlluminantShift(keras.layers.Layer):
+    """Re-light each image under an illuminant drawn from `illuminants` (unit vectors, e.g. estimated
+    on training images by Shades of Gray): the model sees each lesion under the lights and camera
+    balances of other images, so a new clinic's colour cast is nothing new to it."""
+
+    def __init__(self, illuminants: Sequence[Sequence[float]], seed: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.illuminants = [list(map(float, light)) for light in illuminants]
+        self.gains = tf.constant(np.asarray(self.illuminants) * np.sqrt(3.0), tf.float32)  # a neutral light: gain 1
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        drawn = keras.random.randint((tf.shape(images)[0],), 0, len(self.illuminants), seed=self.generator)
+        return tf.clip_by_value(images * tf.gather(self.gains, drawn)[:, None, None, :], 0.0, 255.0)
+
+
 class HairLines(keras.layers.Layer):
     """Draw up to `max_hairs` thin dark straight hairs per image, a common dermoscopy artefact."""
 
@@ -282,23 +319,26 @@ class HairLines(keras.layers.Layer):
         return images * (1.0 - hair) + 40.0 * hair
 
 
-def build_augmenter(seed: int, level: str = "light") -> keras.Sequential | None:
+def build_augmenter(seed: int, level: str = "light", illuminants: np.ndarray | None = None) -> keras.Sequential | None:
     """Augmentation run inside tf.data on float32 batches.
 
     light: dermoscopy is orientation-free, so flips and any rotation, plus mild brightness and
     contrast jitter. strong: also keras-cv RandAugment-style colour/shape jitter, random erasing
-    (cutout), a microscope vignette and hair-like lines.
+    (cutout), a microscope vignette and hair-like lines. `illuminants` (K, 3), at any level: each
+    image re-lit under one of them first (`IlluminantShift`).
     """
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"--augment {level!r}: choose one of {AUGMENT_LEVELS}.")
-    if level == "none":
+    layers = [] if illuminants is None else [IlluminantShift(illuminants, seed=seed)]
+    if level != "none":
+        layers += [
+            keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
+            keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
+            keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
+        ]
+    if not layers:
         return None
-    layers = [
-        keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-        keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
-        keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
-        keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
-    ]
     if level == "strong":
         layers += [
             keras_cv.layers.RandomHue(0.05, value_range=(0, 255), seed=seed),
@@ -410,6 +450,24 @@ def image_dataset(
     if mix != "none" and labels is not None:
         ds = ds.map(mix_batches(mix, seed), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def named_image_batches(sources: list[str], image_size: int, batch_size: int, color_constancy: str = "none") -> Iterator[tf.Tensor]:
+    """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
+    batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none", color_constancy=color_constancy))
+    done = 0
+    while True:
+        try:
+            images = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.OpError as error:
+            unreadable = first_undecodable(sources[done:], image_size)
+            if unreadable is None:
+                raise
+            raise DataError(f"{unreadable}: cannot be read or decoded as an image; replace the file or leave it out.") from error
+        done += len(images)
+        yield images
 
 
 def predict_tta(model: keras.Model, images: tf.data.Dataset, views: Sequence[str] = ("none", "hflip", "vflip")) -> np.ndarray:

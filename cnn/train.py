@@ -35,7 +35,7 @@ import pandas as pd
 import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cnn.backbones import build_classifier, parse_model_specs
+from cnn.backbones import build_classifier, member_backbone, parse_model_specs
 from cnn.pairs import (
     assemble_model_outputs,
     heartbeat,
@@ -48,7 +48,7 @@ from cnn.pairs import (
     write_plan,
 )
 from cnn.options import DEFAULT_CACHE_BUDGET_GB
-from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta
+from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta, training_illuminants
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source, shard_sources
 from metadata.dataset import record_skipped
@@ -93,6 +93,7 @@ class CnnConfig:
     mixed_precision: bool = False  # float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU
     jit: bool | None = None  # XLA: None leaves it to Keras (on for one GPU); a no-op on a CPU
     color_constancy: str = "none"  # a key of cnn.pipeline.COLOR_CONSTANCY, applied the same at scoring (bundle)
+    illuminant_augment: bool = False  # re-light training images under illuminants of other training images
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> CnnConfig:
@@ -107,6 +108,8 @@ class CnnConfig:
             values["tta"] = tuple(view.strip() for view in values["tta"].split(",") if view.strip())
         return cls(**values)
 
+
+MEMBER_SEED_STRIDE = 1000  # seed of member `<backbone>_s<k>`: --seed + 1000 k (fold k' adds k'), so no two pairs share one
 
 # Options an attempt may change when it resumes another's checkpoint: none alters the trained state.
 RESUMABLE_CHANGES = frozenset({"tta", "cache", "cache_budget_gb", "strategy", "jit", "deterministic"})
@@ -393,7 +396,8 @@ def fold_inputs(
         for split in ("val", "test")
     )
     train_rows, y_train = rows["train"], target.labels(rows["train"])
-    augmenter = build_augmenter(config.seed + fold, config.augment)
+    illuminants = training_illuminants(train_rows["image_path"].astype(str).tolist(), config.image_size, config.seed + fold) if config.illuminant_augment else None
+    augmenter = build_augmenter(config.seed + fold, config.augment, illuminants)
     sampler = EpochSampler(
         len(train_rows), config.seed + fold, patient=train_rows["patient_id"].fillna(train_rows["image_id"]).to_numpy(),
         positive=train_rows["target"].to_numpy() == 1, negatives_per_patient=config.negatives_per_patient,
@@ -411,7 +415,7 @@ def compiled_model(
 ) -> tuple[keras.Model, list[tf.Variable], Resumed]:
     """The pair's model, compiled (AdamW, warm-up + cosine), with its last epoch checkpoint restored if any."""
     with strategy.scope():
-        model = build_classifier(model_name, config.image_size, config.weights, n_outputs=target.n_outputs)
+        model = build_classifier(member_backbone(model_name)[0], config.image_size, config.weights, n_outputs=target.n_outputs)
         schedule = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=config.learning_rate * 0.1,
             decay_steps=max(1, inputs.steps * (config.epochs - 1)),
@@ -625,7 +629,8 @@ def train_cnns(
     keras.config.set_dtype_policy(dtype_policy(config.mixed_precision))
     try:
         for model_name, fold_id in pairs:
-            model_config = replace(config, image_size=models[model_name])
+            # a member `<backbone>_s<k>` draws its weights, batches and augmentations from its own seeds
+            model_config = replace(config, image_size=models[model_name], seed=config.seed + MEMBER_SEED_STRIDE * member_backbone(model_name)[1])
             train_pair(model_name, fold_id, train, test, model_config, target, run_dir, progress, strategy)
     finally:
         keras.config.set_dtype_policy(previous_policy)

@@ -2,7 +2,7 @@
 
     BUNDLE/manifest.json              format, library versions, SHA-256 of every other file
     BUNDLE/config.json                CNNs (image size, TTA views, classes, fold-model scales),
-                                      stack features, category vocabularies, the calibration and
+                                      stack features (and the dermoscopy features' recipe), category vocabularies, the calibration and
                                       operating point of each missingness pattern, the scoring
                                       reference for shift warnings
     BUNDLE/cnn/<model>/fold<k>.keras  inference-only Keras models (native format, no Lambda layers)
@@ -29,6 +29,7 @@ import pandas as pd
 from cnn.targets import TargetSpec
 from ensemble.operating_point import OperatingPoint, choose_operating_point
 from fusion.cnn_scores import fold_model_scales
+from fusion.image_features.stage import FeatureRecipe
 from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
 from metadata.run.completion import require_complete
@@ -74,6 +75,7 @@ class Bundle:
     operating_points: dict[str, OperatingPoint]  # by pattern source (see fusion.missingness)
     calibration: PatternCalibration  # pattern -> source, and the source's calibration
     reference: dict  # what the run's OOF rows and training images looked like (fusion.shift)
+    image_features: FeatureRecipe | None = None  # the dermoscopy features the stack takes, computed as `features` did
 
 
 def file_sha256(path: Path) -> str:
@@ -158,6 +160,23 @@ def pattern_operating_points(
     return points
 
 
+def _bundle_config(
+    run_dir: Path, stack_info: dict, folds: list[int], calibration: PatternCalibration, points: dict[str, OperatingPoint], building: Path
+) -> dict:
+    """BUNDLE/config.json (the CNNs' fold models are written into `building` on the way)."""
+    return {
+        "cnns": [_export_cnn(run_dir, name, folds, building) for name in stack_info["cnns"]],
+        "stack": {
+            "folds": folds, "features": stack_info["features"], "num_boost_round": stack_info["num_boost_round"],
+            "image_features": stack_info.get("image_features"),  # the features stage's recipe, None without one
+        },
+        "vocabularies": VOCABULARIES,
+        "calibration": calibration.to_json(),
+        "operating_points": {source: point.to_json() for source, point in points.items()},
+        "scoring_reference": _required_json(RunLayout(run_dir).stack / SCORING_REFERENCE_FILE, "re-run `python cli.py stack`"),
+    }
+
+
 def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0) -> dict:
     """Write the bundle of a finished run (CNNs + stack) to `out`; return its config.
 
@@ -185,15 +204,7 @@ def export_bundle(run_dir: Path, out: Path, sensitivity: float = 0.95, n_boot: i
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        folds = sorted(boosters)
-        config = {
-            "cnns": [_export_cnn(run_dir, name, folds, building) for name in stack_info["cnns"]],
-            "stack": {"folds": folds, "features": stack_info["features"], "num_boost_round": stack_info["num_boost_round"]},
-            "vocabularies": VOCABULARIES,
-            "calibration": calibration.to_json(),
-            "operating_points": {source: point.to_json() for source, point in points.items()},
-            "scoring_reference": _required_json(stack_dir / SCORING_REFERENCE_FILE, "re-run `python cli.py stack`"),
-        }
+        config = _bundle_config(run_dir, stack_info, sorted(boosters), calibration, points, building)
         (building / "stack").mkdir()
         for path in boosters.values():
             shutil.copyfile(path, building / "stack" / path.name)
@@ -262,6 +273,7 @@ def load_bundle(path: Path) -> Bundle:
         )
         for c in config["cnns"]
     ]
+    recipe = config["stack"].get("image_features")
     stackers = [
         LightGBMStacker(booster=lgb.Booster(model_file=str(path / "stack" / f"model_fold{f}.txt")))
         for f in config["stack"]["folds"]
@@ -275,4 +287,5 @@ def load_bundle(path: Path) -> Bundle:
         operating_points={source: OperatingPoint.from_json(p) for source, p in config["operating_points"].items()},
         calibration=PatternCalibration.from_json(config["calibration"]),
         reference=config["scoring_reference"],
+        image_features=None if recipe is None else FeatureRecipe.from_json(recipe),
     )

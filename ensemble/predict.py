@@ -1,6 +1,6 @@
 """Score new patients with an exported bundle: every fold's CNNs, the stacker's features, the alert.
 
-The CNN scores, patient-context features and stack are computed exactly as `stack` computed them
+The CNN scores, dermoscopy features, patient-context features and stack are computed exactly as `stack` computed them
 for the run's test set, so a bundle reproduces the run's test predictions. Images are streamed in
 batches (memory bounded by the batch size, not the number of images), each decoded once per CNN
 and passed through every fold model and test-time view of that CNN.
@@ -8,17 +8,17 @@ and passed through every fold model and test-time view of that CNN.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from cnn.pipeline import TTA_VIEWS, first_undecodable, image_dataset
+from cnn.pipeline import TTA_VIEWS, named_image_batches
 from ensemble.bundle import Bundle, CnnMember
 from fusion.cnn_scores import standardized_test_scores
+from fusion.image_features.stage import compute_image_features
 from fusion.missingness import METADATA_FIELDS, missingness_pattern
 from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
 from fusion.stacker import build_stack_features
@@ -131,24 +131,6 @@ def scoring_rows(
     return rows.reset_index(drop=True)
 
 
-def _image_batches(sources: list[str], image_size: int, batch_size: int, color_constancy: str = "none") -> Iterator[tf.Tensor]:
-    """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
-    batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none", color_constancy=color_constancy))
-    done = 0
-    while True:
-        try:
-            images = next(batches)
-        except StopIteration:
-            return
-        except tf.errors.OpError as error:
-            unreadable = first_undecodable(sources[done:], image_size)
-            if unreadable is None:
-                raise
-            raise DataError(f"{unreadable}: cannot be read or decoded as an image; replace the file or leave it out.") from error
-        done += len(images)
-        yield images
-
-
 def cnn_fold_probabilities(
     member: CnnMember, sources: list[str], batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
 ) -> pd.DataFrame:
@@ -157,7 +139,7 @@ def cnn_fold_probabilities(
     `seen(images)`, when given, receives each decoded batch (for the image statistics of shift warnings).
     """
     parts: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
-    for images in _image_batches(sources, member.image_size, batch_size, member.color_constancy):
+    for images in named_image_batches(sources, member.image_size, batch_size, member.color_constancy):
         if seen is not None:
             seen(images.numpy())
         for fold, model in member.models.items():
@@ -186,6 +168,28 @@ class Scored:
     absent_features: list[str]  # stack features the data has no column for (scored as missing)
     shift_warnings: list[str] = field(default_factory=list)  # where the batch looks unlike the training data
     cnn_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: each CNN's standardised log-odds
+    image_features: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: the dermoscopy features, if the stack takes them
+
+
+def stack_inputs(
+    bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None]
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Each CNN's standardised score of `rows` and their dermoscopy features (None when the stack takes
+    none), computed as the run computed them; `seen` gets the batches of the CNN the scoring
+    reference describes."""
+    sources = rows["image_path"].astype(str).tolist()
+    cnn_scores = pd.DataFrame(
+        {
+            f"cnn_{member.name}": standardized_test_scores(
+                cnn_fold_probabilities(member, sources, batch_size, advance, seen if i == 0 and member.image_size == bundle.reference["image_size"] else None),
+                member.scales,
+            )
+            for i, member in enumerate(bundle.cnns)
+        },
+        index=rows.index,
+    )
+    recipe = bundle.image_features
+    return cnn_scores, None if recipe is None else compute_image_features(sources, recipe)
 
 
 def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance) -> Scored:
@@ -195,22 +199,9 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance:
     pattern, recorded in the `operating_point` column.
     """
     rows = rows.reset_index(drop=True)
-    sources = rows["image_path"].astype(str).tolist()
     image_stats: list[dict[str, np.ndarray]] = []
-    collect = lambda images: image_stats.append(image_statistics(images))  # noqa: E731
-    cnn_scores = pd.DataFrame(
-        {
-            f"cnn_{member.name}": standardized_test_scores(
-                cnn_fold_probabilities(
-                    member, sources, batch_size, advance, collect if i == 0 and member.image_size == bundle.reference["image_size"] else None
-                ),
-                member.scales,
-            )
-            for i, member in enumerate(bundle.cnns)
-        },
-        index=rows.index,
-    )
-    built = build_stack_features(rows, cnn_scores)
+    cnn_scores, image_features = stack_inputs(bundle, rows, batch_size, advance, lambda images: image_stats.append(image_statistics(images)))
+    built = build_stack_features(rows, cnn_scores, image_features)
     absent = [f for f in bundle.features if f not in built.columns]
     features = built.reindex(columns=bundle.features)
     stack_score = np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0)
@@ -246,7 +237,8 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance:
         *alert_rate_warning(alert.to_numpy(), source.map({name: p.oof_alert_rate for name, p in points.items()}).to_numpy()),
     ]
     return Scored(
-        predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent, shift, cnn_scores.set_axis(rows["image_id"])
+        predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent, shift, cnn_scores.set_axis(rows["image_id"]),
+        pd.DataFrame() if image_features is None else image_features.set_axis(rows["image_id"]),
     )
 
 

@@ -36,10 +36,11 @@ from metadata.metrics import (
 )
 from ensemble.provenance import run_provenance
 from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from fusion.family_gain import ALL_INPUTS, FEATURES_ONLY
 from fusion.missingness import PATTERNS
 from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_text
-from metadata.run.layout import FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
+from metadata.run.layout import FAMILY_GAIN_FILE, FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 from metadata.schema import SEXES, SITES
 
 CI_LEVEL = 0.95
@@ -236,6 +237,29 @@ def missingness_entries(run_dir: Path, predictions: RunPredictions, entries: lis
     return found
 
 
+def family_gain_section(run_dir: Path, boot: Bootstrap) -> dict[str, object] | None:
+    """Each dermoscopy feature family's gain (`RUN/stack/family_gain.parquet`, see `fusion.family_gain`):
+    the plain stack's OOF AUC with every input minus without the family, paired patient bootstrap;
+    and the stack on the features alone."""
+    gain_file = RunLayout(run_dir).stack / FAMILY_GAIN_FILE
+    if not gain_file.exists():
+        return None
+    scores = read_table(gain_file, "stack")
+    y, patients = scores["target"].to_numpy(int), scores["patient_id"].to_numpy()
+    with_all = scores[f"prob_{ALL_INPUTS}"].to_numpy()
+    removed = [c.removeprefix("prob_without_") for c in scores.columns if c.startswith("prob_without_")]
+    families = []
+    for name in removed:
+        without = scores[f"prob_without_{name}"].to_numpy()
+        compared = paired_bootstrap(roc_auc, y, with_all, without, patients, boot.n_boot, boot.seed, CI_LEVEL)
+        families.append({"family": name, "auc_with": roc_auc(y, with_all), "auc_without": roc_auc(y, without), **asdict(compared)})
+    alone = scores[f"prob_{FEATURES_ONLY}"].to_numpy()
+    return {
+        "families": families,
+        "features_only_stack": {"auc": roc_auc(y, alone), "auc_ci": list(bootstrap_ci(roc_auc, y, alone, patients, boot.n_boot, boot.seed, CI_LEVEL))},
+    }
+
+
 def missingness_warnings(patterns: list[dict[str, object]]) -> list[str]:
     """A pattern on whose rows the stack ranks below the best CNN alone."""
     return [
@@ -277,6 +301,7 @@ def build_report(
         "subgroups": subgroup_entries(predictions, oof_rows, headline, boot) if oof_rows is not None else [],
         "missingness": patterns,
         "stack_features": stack_features,
+        "image_feature_gain": family_gain_section(run_dir, boot),
         "with_data": table is not None,
         "provenance": run_provenance(run_dir),
     }
@@ -436,6 +461,24 @@ def _stack_features_table(report: dict[str, object]) -> Table | None:
     )
 
 
+def _family_gain_table(report: dict[str, object]) -> Table | None:
+    """What each dermoscopy feature family adds to the stack."""
+    gain = report.get("image_feature_gain")
+    if not gain:
+        return None
+    alone = gain["features_only_stack"]
+    return Table(
+        "Dermoscopy feature families: the stack with and without each (OOF, paired patient bootstrap)",
+        ["family", "stack AUC with", "stack AUC without", "gain [95% CI]", "p (two-sided)"],
+        [
+            [g["family"], _num(g["auc_with"]), _num(g["auc_without"]), _with_ci(g["difference"], g["ci"], 4), _num(g["p_value"], 4)]
+            for g in gain["families"]
+        ],
+        f"Plain LightGBM stacks (rows as given, no masked copies, no calibration) on the run's folds. "
+        f"The features and their patient context alone (no CNN, no metadata): AUC {_with_ci(alone['auc'], alone['auc_ci'])}.",
+    )
+
+
 def report_tables(report: dict[str, object]) -> list[Table]:
     """Every table of the report, in reading order; sections without data are left out."""
     tables = summary_tables(report)
@@ -473,7 +516,7 @@ def report_tables(report: dict[str, object]) -> list[Table]:
                 ],
             )
         )
-    tables += [table for table in (_missingness_table(report), _stack_features_table(report)) if table is not None]
+    tables += [table for table in (_missingness_table(report), _stack_features_table(report), _family_gain_table(report)) if table is not None]
     return tables
 
 

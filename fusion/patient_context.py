@@ -48,26 +48,36 @@ def patient_metadata_context(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def patient_context_features(patient_id: pd.Series, scores: pd.DataFrame) -> pd.DataFrame:
+CONTEXT_STATISTICS = ("rank", "z", "diff")
+
+
+def patient_context_features(
+    patient_id: pd.Series, scores: pd.DataFrame, statistics: tuple[str, ...] = CONTEXT_STATISTICS, count: bool = True
+) -> pd.DataFrame:
     """Per patient: lesion count, and each score's within-patient rank, z-score and gap from the mean.
 
-    `scores` holds one column per model (e.g. `cnn_small`). The rank is a percentile in (0, 1];
-    the z-score is missing for patients with a single lesion or identical scores (no spread to
-    compare against) rather than an invented 0.
+    `scores` holds one column per model (e.g. `cnn_small`) or per image feature; `statistics` picks
+    among rank, z and diff, `count` whether to add `patient_n_lesions`. The rank is a percentile in
+    (0, 1]; the z-score is missing for patients with a single lesion or identical scores (no spread
+    to compare against) rather than an invented 0.
 
     >>> context = patient_context_features(pd.Series(["p1", "p1", "p1", "p2"]), pd.DataFrame({"cnn_small": [0.1, 0.2, 0.9, 0.5]}))
     >>> context["cnn_small_patient_rank"].round(2).tolist(), context["cnn_small_patient_z"].round(2).tolist()
     ([0.33, 0.67, 1.0, 1.0], [-0.69, -0.46, 1.15, nan])
     """
     grouped = scores.groupby(patient_id.to_numpy(), sort=False)
-    columns = {"patient_n_lesions": patient_id.map(patient_id.value_counts()).astype(float)}
+    columns = {"patient_n_lesions": patient_id.map(patient_id.value_counts()).astype(float)} if count else {}
     means = grouped.transform("mean")
     stds = grouped.transform("std")
     ranks = grouped.rank(pct=True)
+    computed = {
+        "rank": lambda name: ranks[name],
+        "z": lambda name: (scores[name] - means[name]) / stds[name].where(stds[name] > 0),
+        "diff": lambda name: scores[name] - means[name],
+    }
     for name in scores.columns:
-        columns[f"{name}_patient_rank"] = ranks[name]
-        columns[f"{name}_patient_z"] = (scores[name] - means[name]) / stds[name].where(stds[name] > 0)
-        columns[f"{name}_patient_diff"] = scores[name] - means[name]
+        for statistic in statistics:
+            columns[f"{name}_patient_{statistic}"] = computed[statistic](name)
     return pd.DataFrame(columns, index=scores.index)
 
 

@@ -77,24 +77,35 @@ class LightGBMStacker:
         self.booster.save_model(str(path))
 
 
-def build_stack_features(rows: pd.DataFrame, cnn_scores: pd.DataFrame) -> pd.DataFrame:
-    """Stacker features for `rows` (one split): CNN probabilities, metadata, extras, patient context.
+IMAGE_FEATURE_CONTEXT = ("rank", "z")  # the ugly-duckling sign on colour and shape: rank and z within the patient
 
-    `cnn_scores` has one column per CNN score (possibly none), aligned with `rows`. Read from `rows`:
-    `image_id`, `patient_id`, `age`, `sex`, `site` and the layout's further numeric columns,
-    never a label.
+
+def build_stack_features(rows: pd.DataFrame, cnn_scores: pd.DataFrame, image_features: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Stacker features for `rows` (one split): CNN probabilities, metadata, extras, patient context,
+    and the dermoscopy features (`fusion.image_features`) with their rank and z-score within the patient.
+
+    `cnn_scores` has one column per CNN score (possibly none) and `image_features` one per feature,
+    both aligned with `rows`. Read from `rows`: `image_id`, `patient_id`, `age`, `sex`, `site` and
+    the layout's further numeric columns, never a label.
     """
     cnn_scores = cnn_scores.set_axis(rows.index)
-    return pd.concat(
-        [
-            cnn_scores,
-            metadata_features(rows),
-            extra_numeric_features(rows),
-            patient_metadata_context(rows),
-            patient_context_features(rows["patient_id"], cnn_scores),
-        ],
-        axis=1,
-    )
+    parts = [
+        cnn_scores,
+        metadata_features(rows),
+        extra_numeric_features(rows),
+        patient_metadata_context(rows),
+        patient_context_features(rows["patient_id"], cnn_scores),
+    ]
+    if image_features is not None:
+        parts.append(image_feature_block(rows, image_features))
+    return pd.concat(parts, axis=1)
+
+
+def image_feature_block(rows: pd.DataFrame, image_features: pd.DataFrame) -> pd.DataFrame:
+    """The dermoscopy features of `rows` and their rank and z-score among the same patient's lesions."""
+    image_features = image_features.set_axis(rows.index)
+    context = patient_context_features(rows["patient_id"], image_features, IMAGE_FEATURE_CONTEXT, count=False)
+    return pd.concat([image_features, context], axis=1)
 
 
 @dataclass

@@ -5,7 +5,10 @@ Writes `RUN/stack/oof.parquet`, `RUN/stack/test.parquet`, `RUN/stack/model_fold<
 every masked copy (`RUN/stack/masked_oof.parquet`: one row per image and missingness pattern) and
 the scoring reference `predict` compares new batches with (`RUN/stack/scoring_reference.json`); the logistic-regression
 baseline on the same features and folds as `RUN/stack/logreg_{oof,test}.parquet`; and the
-features themselves (`RUN/stack/oof_features.parquet`) so the report can score each one alone.
+features themselves (`RUN/stack/oof_features.parquet`) so the report can score each one alone. With
+the run's dermoscopy features (`features` stage) they are a third input family, with their
+patient context, and `RUN/stack/family_gain.parquet` holds the OOF scores of the stack without
+each family (`fusion.family_gain`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pandas as pd
 
 from cnn.pairs import require_finished_cnns
 from fusion.cnn_scores import cnn_names, cnn_score_table
+from fusion.family_gain import family_gain_scores
+from fusion.image_features.stage import finished_recipe, read_run_features
 from fusion.logreg_stack import cross_val_logreg
 from fusion.missingness import METADATA_FIELDS, MaskedCopy, PatternCalibration, masked_copies, missingness_pattern
 from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, moments
@@ -28,7 +33,7 @@ from metadata.folds import attach_folds
 from metadata.metrics import roc_auc
 from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_table
-from metadata.run.layout import MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
+from metadata.run.layout import FAMILY_GAIN_FILE, MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
 
 
 def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[MaskedCopy], masked_scores: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -96,13 +101,15 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
     train_scores = cnn_score_table(run_dir, "train", train["image_id"])
-    train_features = build_stack_features(train, train_scores)
-    test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]))
+    feature_recipe = finished_recipe(run_dir)
+    train_images, test_images = (read_run_features(run_dir, rows["image_id"]) for rows in (train, test))
+    train_features = build_stack_features(train, train_scores, train_images)
+    test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]), test_images)
     copies = [c for c in masked_copies(train, seed) if c.design != "complete"]
     target, folds = train["target"].to_numpy(dtype=int), train["fold"].to_numpy()
     result = cross_val_stack(
         train_features, target, folds, test_features, num_boost_round=num_boost_round, seed=seed,
-        masked_features={c.design: build_stack_features(c.rows, train_scores) for c in copies},
+        masked_features={c.design: build_stack_features(c.rows, train_scores, train_images) for c in copies},
         increasing=tuple(train_scores.columns),
     )
     masked = masked_oof_table(train, result.oof_probs, copies, result.masked_oof)
@@ -131,10 +138,13 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
         MASKED_OOF_FILE: masked,
         STACK_FEATURES_FILE: train_features.assign(image_id=train["image_id"].to_numpy()),
     }
+    if feature_recipe is not None:
+        tables[FAMILY_GAIN_FILE] = family_gain_scores(train, train_scores, train_images, feature_recipe, num_boost_round, seed)
     auc = roc_auc(target, stack_oof["prob"])
     recipe = {
         "cnns": cnn_names(run_dir), "features": list(train_features.columns), "num_boost_round": num_boost_round, "seed": seed,
         "oof_auc": auc, "masked_copies": [c.design for c in copies], "calibration": calibration.to_json(),
+        "image_features": None if feature_recipe is None else feature_recipe.to_json(),
     }
     boosters = dict(zip(sorted(train["fold"].unique()), result.models))
     return StackFit(boosters, tables, scoring_reference(train, train_scores, *_first_cnn_input(run_dir), seed=seed), recipe, auc)
@@ -148,6 +158,8 @@ def write_stack(run_dir: Path, fit: StackFit) -> None:
         atomic_write(layout.stack_booster(fold), booster.save)
     for name, frame in fit.tables.items():
         write_table(frame, layout.stack / name)
+    if FAMILY_GAIN_FILE not in fit.tables:  # a stack refitted without features keeps no gains of an earlier one
+        (layout.stack / FAMILY_GAIN_FILE).unlink(missing_ok=True)
     write_json(fit.scoring_reference, layout.stack / SCORING_REFERENCE_FILE)
     write_json(fit.recipe, layout.stack_recipe)
 

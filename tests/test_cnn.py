@@ -107,6 +107,12 @@ def test_parse_model_specs() -> None:
         parse_model_specs("nope:32", 64)
     with pytest.raises(ValueError):
         parse_model_specs("small:big", 64)
+    # members of one backbone: a seed each, the first keeps the backbone's name
+    assert parse_model_specs("small:64,small:96@1,small@2", 48) == {"small": 64, "small_s1": 96, "small_s2": 48}
+    with pytest.raises(ValueError, match="twice"):
+        parse_model_specs("small:64,small:96", 64)
+    with pytest.raises(ValueError, match="seed"):
+        parse_model_specs("small@x", 64)
 
 
 def test_strong_augmentation_and_dermoscopy_layers(tmp_path: Path) -> None:

@@ -53,8 +53,39 @@ def test_the_bundle_scores_with_the_colour_constancy_it_was_trained_with(tiny_co
     sources = pd.read_csv(tiny_cohort / "test.csv")["image_name"].map(lambda i: str(tiny_cohort / "jpeg" / "test" / f"{i}.jpg")).tolist()[:8]
     corrected = next(iter(image_dataset(sources, None, 16, 8, cache="none", color_constancy="shades-of-gray"))).numpy()
     raw = next(iter(image_dataset(sources, None, 16, 8, cache="none"))).numpy()
-    from ensemble.predict import _image_batches
+    from cnn.pipeline import named_image_batches
 
-    fed = next(_image_batches(sources, 16, 8, loaded.cnns[0].color_constancy)).numpy()
+    fed = next(named_image_batches(sources, 16, 8, loaded.cnns[0].color_constancy)).numpy()
     np.testing.assert_allclose(fed, corrected)
     assert np.abs(fed - raw).mean() > 1.0
+
+
+def test_illuminant_shift_relights_each_image_under_a_drawn_illuminant() -> None:
+    import tensorflow as tf
+
+    from cnn.pipeline import IlluminantShift, build_augmenter, estimate_illuminant
+
+    lights = np.array([[0.7, 0.55, 0.45], [0.45, 0.6, 0.66]])
+    lights /= np.linalg.norm(lights, axis=1, keepdims=True)
+    grey = tf.fill([16, 8, 8, 3], 100.0)
+    relit = IlluminantShift(lights, seed=3)(grey, training=True)
+    found = estimate_illuminant(relit).numpy()
+    nearest = np.abs(found[:, None, :] - lights[None]).sum(axis=2).min(axis=1)
+    assert nearest.max() < 1e-4  # every image is lit by one of the drawn lights
+    assert len({tuple(np.round(f, 3)) for f in found}) == 2  # and both lights are drawn
+    np.testing.assert_allclose(IlluminantShift(lights)(grey, training=False), grey)  # scoring is untouched
+    assert isinstance(build_augmenter(0, "none", lights).layers[0], IlluminantShift)
+    assert build_augmenter(0, "none") is None
+
+
+def test_members_of_one_backbone_train_from_their_own_seeds_with_illuminant_augmentation(tiny_cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["--data", str(tiny_cohort), "--run", str(run)]
+    assert runner.invoke(app, ["folds", *common, "--k", "2", "--no-dedup"]).exit_code == 0
+    result = runner.invoke(app, ["train-cnns", *common, "--models", "small:16,small:16@1", "--epochs", "1", "--illuminant-augment"])
+    assert result.exit_code == 0, result.output
+    configs = {m: json.loads((run / "cnn" / m / "fold0" / "history.json").read_text())["config"] for m in ("small", "small_s1")}
+    assert configs["small"]["illuminant_augment"] and configs["small_s1"]["illuminant_augment"]
+    assert configs["small_s1"]["seed"] == configs["small"]["seed"] + 1000
+    oof = {m: pd.read_parquet(run / "cnn" / m / "oof.parquet").set_index("image_id")["prob"] for m in configs}
+    assert not np.allclose(oof["small"], oof["small_s1"].reindex(oof["small"].index))

@@ -10,6 +10,8 @@
       cnn/<model>/{oof,test}.parquet
       cnn/<model>/fold<k>/          model.keras, history.json, oof.parquet, test.parquet (finished pair);
                                     done.json, failed.json, heartbeat.json, checkpoint/, cache/ (pair state)
+      features/<family>.parquet     features: dermoscopy features by image_id; recipe.json (written last);
+                                    partial/ (chunks of an unfinished call, resumed by the next)
       stack/                        stack: STACK_OUTPUTS, features, masked OOF, scoring reference, boosters
       submission.csv                stack: the primary stack's submission in the data's format
       report.{json,html,md}, figures/   report
@@ -45,6 +47,9 @@ STACK_OUTPUTS: dict[str, tuple[str, str]] = {
     "logreg_stack": ("logreg_oof.parquet", "logreg_test.parquet"),
     "lightgbm_stack": (OOF_FILE, TEST_FILE),
 }
+FEATURES_DIR = "features"  # RUN/features: one table per dermoscopy feature family (fusion.image_features)
+FEATURE_RECIPE_FILE = "recipe.json"  # RUN/features: families, image size, colour constancy, columns
+FAMILY_GAIN_FILE = "family_gain.parquet"  # RUN/stack: OOF scores of the stack without each feature family
 STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
 MASKED_OOF_FILE = "masked_oof.parquet"  # RUN/stack: OOF scores per image and missingness pattern (fusion.missingness)
 SCORING_REFERENCE_FILE = "scoring_reference.json"  # RUN/stack: what predict compares a batch with (fusion.shift)
@@ -116,6 +121,21 @@ class RunLayout:
     def cnn_outputs(self, model: str) -> tuple[Path, Path]:
         """A CNN's assembled (OOF, test) tables."""
         return self.model_dir(model) / OOF_FILE, self.model_dir(model) / TEST_FILE
+
+    @property
+    def features(self) -> Path:
+        return self.root / FEATURES_DIR
+
+    def feature_table(self, family: str) -> Path:
+        return self.features / f"{family}.parquet"
+
+    @property
+    def feature_recipe(self) -> Path:
+        return self.features / FEATURE_RECIPE_FILE
+
+    @property
+    def feature_chunks(self) -> Path:
+        return self.features / "partial"
 
     @property
     def stack(self) -> Path:
