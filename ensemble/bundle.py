@@ -61,6 +61,7 @@ class CnnMember:
     scales: pd.DataFrame  # fold -> mean, std of that fold model's OOF log-odds (see ensemble.blend)
     models: dict[int, keras.Model]
     color_constancy: str = "none"  # as in training (cnn.pipeline.COLOR_CONSTANCY)
+    priors: dict[int, list[float]] | None = None  # fold -> the class prior its diagnosis head was fitted to
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,14 @@ def _export_cnn(run_dir: Path, name: str, folds: list[int], out: Path) -> dict:
         "color_constancy": history["config"].get("color_constancy", "none"),
         "classes": list(history.get("classes", ["MEL"])),  # runs from before diagnosis heads had melanoma heads only
         "scales": {str(f): {"mean": float(r["mean"]), "std": float(r["std"])} for f, r in scales.iterrows()},
+        "training_priors": _training_priors(layout, name, folds),
     }
+
+
+def _training_priors(layout: RunLayout, name: str, folds: list[int]) -> dict[str, list[float]] | None:
+    """Each fold model's training class prior (diagnosis heads; None for a melanoma head or an older run)."""
+    priors = {str(f): read_json(layout.history(name, f)).get("training_prior") for f in folds}
+    return None if any(p is None for p in priors.values()) else priors
 
 
 def pattern_operating_points(
@@ -270,6 +278,7 @@ def load_bundle(path: Path) -> Bundle:
             scales=pd.DataFrame.from_dict(c["scales"], orient="index").set_axis([int(f) for f in c["scales"]]),
             models={int(f): _load_keras(path / "cnn" / c["name"] / f"fold{f}.keras") for f in c["scales"]},
             color_constancy=c.get("color_constancy", "none"),
+            priors=None if c.get("training_priors") is None else {int(f): p for f, p in c["training_priors"].items()},
         )
         for c in config["cnns"]
     ]

@@ -24,6 +24,7 @@ from fusion.shift import alert_rate_warning, concat_statistics, image_statistics
 from fusion.stacker import build_stack_features
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
+from metadata.metrics import prior_adjusted_probabilities
 from metadata.run.io import atomic_write, write_json
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataError, clean_text, map_vocabulary, parse_age, read_csv
 
@@ -131,22 +132,53 @@ def scoring_rows(
     return rows.reset_index(drop=True)
 
 
+@dataclass(frozen=True)
+class CnnOutputs:
+    """What one CNN says about a batch of images: each fold model's melanoma probability and, for a
+    diagnosis head, the class probabilities averaged over fold models (prior-adjusted as the report does)."""
+
+    melanoma: pd.DataFrame  # prob_fold<k>
+    diagnosis: pd.DataFrame | None  # one column per class, rows sum to 1
+
+
 def cnn_fold_probabilities(
     member: CnnMember, sources: list[str], batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
-) -> pd.DataFrame:
-    """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views.
+) -> CnnOutputs:
+    """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views,
+    and the diagnosis head's class probabilities.
 
-    `seen(images)`, when given, receives each decoded batch (for the image statistics of shift warnings).
+    A fold model's class probabilities are divided by the class prior it was fitted to and
+    renormalised (`metadata.metrics.prior_adjusted_probabilities`: the balanced-accuracy decision,
+    as in the report), then averaged over folds. `seen(images)`, when given, receives each decoded
+    batch (for the image statistics of shift warnings).
     """
-    parts: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
+    melanoma: dict[int, list[np.ndarray]] = {fold: [] for fold in member.models}
+    classes: list[np.ndarray] = []
     for images in named_image_batches(sources, member.image_size, batch_size, member.color_constancy):
         if seen is not None:
             seen(images.numpy())
+        per_fold = []
         for fold, model in member.models.items():
             outputs = np.mean([model.predict_on_batch(TTA_VIEWS[view](images)) for view in member.tta], axis=0)
-            parts[fold].append(member.target.melanoma_prob(outputs))
+            melanoma[fold].append(member.target.melanoma_prob(outputs))
+            if member.target.multiclass:
+                per_fold.append(outputs if member.priors is None else prior_adjusted_probabilities(outputs, member.priors[fold]))
+        if per_fold:
+            classes.append(np.mean(per_fold, axis=0))
         advance(len(images))
-    return pd.DataFrame({f"prob_fold{fold}": np.concatenate(chunks) for fold, chunks in parts.items()})
+    diagnosis = pd.DataFrame(np.concatenate(classes), columns=list(member.target.classes)) if classes else None
+    return CnnOutputs(pd.DataFrame({f"prob_fold{fold}": np.concatenate(chunks) for fold, chunks in melanoma.items()}), diagnosis)
+
+
+def differential_diagnosis(diagnoses: list[pd.DataFrame], index: pd.Index) -> pd.DataFrame:
+    """`prob_<CLASS>` (mean over the CNNs with a diagnosis head of the same classes as the first) and
+    `top_diagnosis`; no columns when no CNN has a diagnosis head."""
+    if not diagnoses:
+        return pd.DataFrame(index=index)
+    classes = list(diagnoses[0].columns)
+    mean = sum(d.to_numpy() for d in diagnoses if list(d.columns) == classes) / sum(list(d.columns) == classes for d in diagnoses)
+    table = pd.DataFrame(mean, columns=[f"prob_{c}" for c in classes], index=index)
+    return table.assign(top_diagnosis=np.array(classes)[mean.argmax(axis=1)])
 
 
 def rank_within_patient(patient_id: pd.Series, probability: pd.Series) -> pd.Series:
@@ -173,23 +205,21 @@ class Scored:
 
 def stack_inputs(
     bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None]
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Each CNN's standardised score of `rows` and their dermoscopy features (None when the stack takes
-    none), computed as the run computed them; `seen` gets the batches of the CNN the scoring
-    reference describes."""
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
+    """Each CNN's standardised score of `rows`, their dermoscopy features (None when the stack takes
+    none), computed as the run computed them, and the differential diagnosis; `seen` gets the
+    batches of the CNN the scoring reference describes."""
     sources = rows["image_path"].astype(str).tolist()
+    outputs = {
+        member.name: cnn_fold_probabilities(member, sources, batch_size, advance, seen if i == 0 and member.image_size == bundle.reference["image_size"] else None)
+        for i, member in enumerate(bundle.cnns)
+    }
     cnn_scores = pd.DataFrame(
-        {
-            f"cnn_{member.name}": standardized_test_scores(
-                cnn_fold_probabilities(member, sources, batch_size, advance, seen if i == 0 and member.image_size == bundle.reference["image_size"] else None),
-                member.scales,
-            )
-            for i, member in enumerate(bundle.cnns)
-        },
-        index=rows.index,
+        {f"cnn_{member.name}": standardized_test_scores(outputs[member.name].melanoma, member.scales) for member in bundle.cnns}, index=rows.index
     )
     recipe = bundle.image_features
-    return cnn_scores, None if recipe is None else compute_image_features(sources, recipe)
+    diagnosis = differential_diagnosis([o.diagnosis for o in outputs.values() if o.diagnosis is not None], rows.index)
+    return cnn_scores, None if recipe is None else compute_image_features(sources, recipe), diagnosis
 
 
 def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance) -> Scored:
@@ -200,7 +230,7 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance:
     """
     rows = rows.reset_index(drop=True)
     image_stats: list[dict[str, np.ndarray]] = []
-    cnn_scores, image_features = stack_inputs(bundle, rows, batch_size, advance, lambda images: image_stats.append(image_statistics(images)))
+    cnn_scores, image_features, diagnosis = stack_inputs(bundle, rows, batch_size, advance, lambda images: image_stats.append(image_statistics(images)))
     built = build_stack_features(rows, cnn_scores, image_features)
     absent = [f for f in bundle.features if f not in built.columns]
     features = built.reindex(columns=bundle.features)
@@ -225,7 +255,7 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance:
             "operating_point": source,
             "alert_threshold": threshold,
         }
-    )
+    ).join(diagnosis)
     reference = bundle.reference
     shift = [
         *shift_warnings(reference["images"], concat_statistics(image_stats)),
