@@ -576,6 +576,38 @@ def predict(
 
 
 @app.command()
+def serve(
+    bundle: Annotated[Path, typer.Option("--bundle", help="An exported bundle (`export`); loaded once, checksums verified.")],
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on; 127.0.0.1 keeps the service on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    database: Annotated[str, typer.Option("--database", help="SQLAlchemy URL: sqlite:///FILE (default) or postgresql+psycopg://... for several instances.")] = "sqlite:///triage/triage.db",
+    store: Annotated[Optional[Path], typer.Option("--store", help="Folder of the uploaded images (default: beside the SQLite file; required for other databases).")] = None,  # noqa: UP007
+    token: Annotated[Optional[str], typer.Option("--token", envvar="MELANOMA_TRIAGE_TOKEN", help="Access tokens, label=secret comma-separated (or one bare secret); every call and page then needs one.")] = None,  # noqa: UP007
+) -> None:
+    """The triage service: upload a patient's lesions, see them ranked with alerts and differential diagnoses, review the worklist.
+
+    JSON API under /api/v1 (schema /openapi.json, docs /docs), pages at /, /patients/ID and /worklist.
+    """
+    import uvicorn
+
+    from ensemble.serve.app import create_app, parse_tokens
+    from ensemble.serve.triage import TriageService
+
+    if store is None:
+        if not database.startswith("sqlite:///"):
+            raise ValueError(f"--database {database.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
+        store = Path(database.removeprefix("sqlite:///")).parent / "images"
+    if database.startswith("sqlite:///"):
+        Path(database.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    tokens = parse_tokens(token)
+    if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
+        console.print(f"[yellow]warning:[/yellow] listening on {host} without --token: anyone who can reach it can read and upload")
+    service = TriageService(bundle, database, store)
+    console.print(f"serving {bundle} on http://{host}:{port} (database {database.split('@')[-1]}, images {store})")
+    uvicorn.run(create_app(service, tokens), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def validate(
     bundle: Annotated[Path, typer.Option("--bundle", help="Bundle folder written by `export`.")],
     data: Annotated[Path, typer.Option("--data", help="A labelled data folder in any supported layout, not seen by the run.")],

@@ -55,6 +55,24 @@ def ensemble_heatmaps(gradcams: list[tuple[tuple[int, str], GradCam]], encoded: 
     return [(image, total / len(gradcams)) for image, total in zip(images, totals)]
 
 
+def bundle_gradcams(bundle: Bundle) -> list[tuple[tuple[int, str], GradCam]]:
+    """A Grad-CAM of the melanoma output of every fold model of every CNN, with the input view (size,
+    colour constancy) that CNN sees."""
+    return [
+        ((member.image_size, member.color_constancy), GradCam(model, member.target.classes.index("MEL")))
+        for member in bundle.cnns
+        for model in member.models.values()
+    ]
+
+
+def overlay_png(gradcams: list[tuple[tuple[int, str], GradCam]], encoded: bytes) -> bytes:
+    """One image's Grad-CAM overlay (the mean over `gradcams`) as PNG bytes, at the image's own size."""
+    image, heat = ensemble_heatmaps(gradcams, [encoded])[0]
+    buffer = io.BytesIO()
+    Image.fromarray(overlay(image, heat)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _operating_point_text(points: dict[str, OperatingPoint]) -> str:
     """The alert rule of each operating point the lesions on a page were judged by."""
     rules = "; ".join(
@@ -129,11 +147,7 @@ def write_explanations(
     """Overlay PNGs of the alerted images (`batch_size` at a time) and the patient pages; returns the index page."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gradcams = [
-        ((member.image_size, member.color_constancy), GradCam(model, member.target.classes.index("MEL")))
-        for member in bundle.cnns
-        for model in member.models.values()
-    ]
+    gradcams = bundle_gradcams(bundle)
     sources = rows.set_index("image_id")["image_path"]
     alerted = predictions.loc[predictions["alert"] == 1, "image_id"].tolist()
     with ImageBytesReader() as reader:

@@ -1,0 +1,194 @@
+"""The triage service over HTTP: a versioned JSON API, server-rendered pages, token access.
+
+    create_app(service, tokens={"secret": "dr-lee"}) -> a FastAPI app (run it with uvicorn)
+
+API under /api/v1 (OpenAPI schema at /openapi.json, readable offline at /docs); pages at /,
+/patients/{id} and /worklist, plain HTML with no script, CDN or build step. With tokens, every API
+call needs `Authorization: Bearer TOKEN` and every page the cookie `/login` sets; a wrong or missing
+token gets 401. Each token has a label, recorded with every upload, score and review it causes.
+Scoring runs in FastAPI's thread pool (the handlers are plain functions), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from ensemble.serve.triage import REVIEW_OUTCOMES, TriageService, UploadError
+from metadata.schema import SEXES, SITES
+
+API = "/api/v1"
+TOKEN_COOKIE = "triage_token"
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+
+
+class ReviewIn(BaseModel):
+    outcome: str
+    note: str = ""
+
+
+def parse_tokens(text: str | None) -> dict[str, str]:
+    """`label=secret,other=secret2` (or a bare secret, labelled `default`) -> {secret: label}.
+
+    >>> parse_tokens("dr-lee=abc,xyz")
+    {'abc': 'dr-lee', 'xyz': 'default'}
+    """
+    tokens = {}
+    for item in (part.strip() for part in (text or "").split(",")):
+        if item:
+            label, _, secret = item.rpartition("=")
+            tokens[secret] = label or "default"
+    return tokens
+
+
+def _presented_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.cookies.get(TOKEN_COOKIE)
+
+
+def request_actor(request: Request) -> str:
+    """The label of the request's token (401 without a valid one, when the app has tokens)."""
+    tokens: dict[str, str] = request.app.state.tokens
+    if not tokens:
+        return "anonymous"
+    presented = _presented_token(request)
+    label = next((label for secret, label in tokens.items() if presented and secrets.compare_digest(presented, secret)), None)
+    if label is None:
+        raise HTTPException(401, "a valid token is required: Authorization: Bearer TOKEN (pages: /login).")
+    return label
+
+
+Actor = Annotated[str, Depends(request_actor)]
+
+
+def create_app(service: TriageService, tokens: dict[str, str] | None = None, max_request_bytes: int = 200 * 1024 * 1024) -> FastAPI:
+    """The FastAPI app of a triage service; `tokens` ({secret: label}) turns access control on."""
+    tokens = dict(tokens or {})
+    app = FastAPI(title="Melanoma triage", version="1", docs_url=None, redoc_url=None)
+
+    app.state.tokens = tokens
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):  # noqa: ANN001, ANN202
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_request_bytes:
+            return JSONResponse({"detail": f"request of {length} bytes; at most {max_request_bytes}."}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, error: UploadError) -> Response:
+        if request.url.path.startswith(API):
+            return JSONResponse({"detail": str(error), **({"allowed": error.allowed} if error.allowed else {})}, status_code=error.status)
+        return _page(request, "error.html", {"message": str(error)}, error.status)
+
+    @app.exception_handler(LookupError)
+    async def not_found(request: Request, error: LookupError) -> Response:
+        return JSONResponse({"detail": str(error)}, status_code=404)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        if error.status_code == 401 and not request.url.path.startswith(API):
+            return _page(request, "login.html", {"message": error.detail}, 401)
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code)
+
+    def _page(request: Request, template: str, context: dict, status: int = 200) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, template, {"sexes": SEXES, "sites": SITES, "outcomes": REVIEW_OUTCOMES, **context}, status_code=status)
+
+    def _uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+        return [(f.filename or "image", f.file.read(service.limits.max_bytes + 1)) for f in files]
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            ready = service.ready()
+        except Exception as error:  # the database is down or unreachable
+            return JSONResponse({"status": "unavailable", "detail": str(error)}, status_code=503)
+        return JSONResponse({"status": "ready" if ready else "unavailable", "bundle_sha256": service.bundle_sha256}, status_code=200 if ready else 503)
+
+    @app.post(f"{API}/patients/{{patient_id}}/lesions")
+    def upload_lesions(
+        patient_id: str, who: Actor, files: Annotated[list[UploadFile], File()],
+        age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
+    ) -> dict:
+        """Store one or more images as lesions of the patient, then re-score all the patient's lesions."""
+        return service.add_lesions(patient_id, _uploads(files), age, sex, site, who)
+
+    @app.get(f"{API}/patients/{{patient_id}}")
+    def get_patient(patient_id: str, who: Actor) -> dict:
+        found = service.patient(patient_id)
+        if found is None:
+            raise HTTPException(404, f"no patient {patient_id!r}.")
+        return found
+
+    @app.get(f"{API}/worklist")
+    def get_worklist(who: Actor, status: str = "open") -> dict:
+        return {"status": status, "lesions": service.worklist(status)}
+
+    @app.post(f"{API}/lesions/{{lesion_id}}/review")
+    def post_review(lesion_id: int, review: ReviewIn, who: Actor) -> dict:
+        return service.review(lesion_id, review.outcome, review.note, who)
+
+    @app.get(f"{API}/lesions/{{lesion_id}}/gradcam.png", response_class=Response)
+    def gradcam(lesion_id: int, who: Actor) -> Response:
+        return Response(service.gradcam_png(lesion_id), media_type="image/png")
+
+    @app.get(f"{API}/lesions/{{lesion_id}}/image", response_class=Response)
+    def lesion_image(lesion_id: int, who: Actor) -> Response:
+        path, media_type = service.image_file(lesion_id)
+        return Response(path.read_bytes(), media_type=media_type)
+
+    @app.get("/docs", response_class=HTMLResponse)
+    def docs(request: Request) -> HTMLResponse:
+        return _page(request, "docs.html", {"schema": app.openapi()})
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> HTMLResponse:
+        return _page(request, "login.html", {"message": ""})
+
+    @app.post("/login")
+    def login(token: Annotated[str, Form()]) -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def upload_page(request: Request, who: Actor) -> HTMLResponse:
+        return _page(request, "upload.html", {"who": who})
+
+    @app.post("/upload")
+    def upload_form(
+        who: Actor, patient_id: Annotated[str, Form()], files: Annotated[list[UploadFile], File()],
+        age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
+    ) -> Response:
+        service.add_lesions(patient_id, _uploads(files), age, sex, site, who)
+        return RedirectResponse(f"/patients/{patient_id}", status_code=303)
+
+    @app.get("/patients/{patient_id}", response_class=HTMLResponse)
+    def patient_page(request: Request, patient_id: str, who: Actor) -> HTMLResponse:
+        found = service.patient(patient_id)
+        if found is None:
+            return _page(request, "error.html", {"message": f"No patient {patient_id!r}."}, 404)
+        return _page(request, "patient.html", {"patient": found, "who": who})
+
+    @app.get("/worklist", response_class=HTMLResponse)
+    def worklist_page(request: Request, who: Actor, status: str = "open") -> HTMLResponse:
+        return _page(request, "worklist.html", {"lesions": service.worklist(status), "status": status, "who": who})
+
+    @app.post("/lesions/{lesion_id}/review")
+    def review_form(lesion_id: int, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "") -> Response:
+        service.review(lesion_id, outcome, note, who)
+        return RedirectResponse("/worklist", status_code=303)
+
+    return app

@@ -1,0 +1,283 @@
+"""The triage service's logic, without HTTP: store a patient's lesions, re-score all of them with the
+bundle, keep every score and review, list the alerts a dermatologist must see.
+
+A patient's lesions are always scored together: the stack's patient-context features (how a lesion
+stands out from the same patient's others) change when a lesion is added, so an upload re-scores
+the patient and every lesion gets a new score row. The upload, its images and its scores are one
+transaction: a failed upload stores nothing. Uploads for one patient are serialised (a lock in the
+process and, on PostgreSQL, the patient's row locked for update), so two at once lose no lesion
+and leave ranks that agree with each other.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ensemble.bundle import MANIFEST, file_sha256, load_bundle
+from ensemble.explain import bundle_gradcams, overlay_png
+from ensemble.predict import score_patients
+from ensemble.serve.store import ImageStore, Lesion, Patient, Review, Score, database_engine, utc_now
+from metadata.formats import SEX_ALIASES
+from metadata.run.io import atomic_write
+from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES
+
+REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
+IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}  # what the CNN pipeline decodes, by the content's own signature
+
+
+class UploadError(ValueError):
+    """An upload refused before anything is stored; `status` is the HTTP answer (413 too large, 422 invalid)."""
+
+    def __init__(self, status: int, message: str, allowed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.allowed = status, allowed
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Per-file bytes and pixels (a decompression bomb has few bytes and very many pixels), files per request."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_files: int = 32
+
+
+def checked_image(name: str, content: bytes, limits: UploadLimits) -> str:
+    """The stored suffix of an uploaded image whose content is a decodable JPEG or PNG within the limits."""
+    if len(content) > limits.max_bytes:
+        raise UploadError(413, f"{name}: {len(content)} bytes, more than the {limits.max_bytes} allowed per image.")
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            kind, (width, height) = image.format, image.size
+            if width * height > limits.max_pixels:
+                raise UploadError(413, f"{name}: {width} x {height} pixels, more than the {limits.max_pixels} allowed (a decompression bomb?).")
+            if kind not in IMAGE_FORMATS:
+                raise UploadError(422, f"{name}: a {kind} image; upload JPEG or PNG.")
+            image.load()  # a truncated or corrupt file fails here, not later inside the CNNs
+    except UploadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UploadError(422, f"{name}: not a readable JPEG or PNG image ({error}).") from error
+    return IMAGE_FORMATS[kind]
+
+
+def _vocabulary_value(field: str, value: str | None, aliases: dict[str, str], allowed: tuple[str, ...]) -> str | None:
+    if value is None or not value.strip():
+        return None
+    found = aliases.get(value.strip().lower(), aliases.get(value.strip()))
+    if found is None:
+        raise UploadError(422, f"{field}={value!r} is not a known value; allowed: {list(allowed)} (or leave it empty).", list(allowed))
+    return found
+
+
+def checked_metadata(age: str | float | None, sex: str | None, site: str | None) -> dict[str, object]:
+    """Age in years (0-120), sex and site in the bundle's vocabularies; empty means missing."""
+    years = None
+    if age is not None and str(age).strip():
+        try:
+            years = float(age)
+        except ValueError as error:
+            raise UploadError(422, f"age={age!r} is not a number of years.") from error
+        if not 0 <= years <= MAX_AGE:
+            raise UploadError(422, f"age={age!r} is outside 0-{MAX_AGE} years.")
+    return {
+        "age": years,
+        "sex": _vocabulary_value("sex", sex, SEX_ALIASES, SEXES),
+        "site": _vocabulary_value("site", site, SITE_ALIASES, SITES),
+    }
+
+
+def _latest_scores(session: Session) -> object:
+    """Subquery: each lesion's newest score id."""
+    return select(Score.lesion_id, func.max(Score.score_id).label("score_id")).group_by(Score.lesion_id).subquery()
+
+
+def lesion_json(lesion: Lesion, score: Score | None) -> dict[str, object]:
+    return {
+        "lesion_id": lesion.lesion_id,
+        "patient_id": lesion.patient_id,
+        "image_sha256": lesion.image_sha256,
+        "file_name": lesion.file_name,
+        "age": lesion.age, "sex": lesion.sex, "site": lesion.site,
+        "uploaded_at": lesion.uploaded_at.isoformat(),
+        "melanoma_probability": None if score is None else score.melanoma_probability,
+        "alert": None if score is None else bool(score.alert),
+        "rank_in_patient": None if score is None else score.rank_in_patient,
+        "diagnosis": {} if score is None else score.diagnosis,
+        "missing_metadata": [] if score is None else score.missing_metadata,
+        "scored_at": None if score is None else score.scored_at.isoformat(),
+        "reviews": [
+            {"outcome": r.outcome, "note": r.note, "reviewed_at": r.reviewed_at.isoformat(), "reviewed_by": r.reviewed_by} for r in lesion.reviews
+        ],
+    }
+
+
+class TriageService:
+    """One loaded bundle, one database, one image store."""
+
+    def __init__(self, bundle_path: Path, database_url: str, store_dir: Path, limits: UploadLimits = UploadLimits(), batch_size: int = 32) -> None:
+        self.bundle = load_bundle(Path(bundle_path))  # checksums verified
+        self.bundle_sha256 = file_sha256(Path(bundle_path) / MANIFEST)
+        self.bundle_version = f"{self.bundle.manifest['created']} (format {self.bundle.manifest['format_version']})"
+        self.engine = database_engine(database_url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.images = ImageStore(store_dir)
+        self.limits, self.batch_size = limits, batch_size
+        self._patient_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+        self._scoring = threading.Lock()  # one scoring at a time: the models are shared
+        self._gradcams: list | None = None
+
+    def ready(self) -> bool:
+        """The database answers (the bundle loaded when the service was made)."""
+        with self.engine.connect() as connection:
+            return connection.execute(text("SELECT 1")).scalar() == 1
+
+    def _patient_lock(self, patient_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._patient_locks[patient_id]
+
+    def add_lesions(
+        self, patient_id: str, uploads: list[tuple[str, bytes]], age: str | None = None, sex: str | None = None,
+        site: str | None = None, actor: str = "anonymous",
+    ) -> dict[str, object]:
+        """Store the uploaded images as lesions of `patient_id` (with this request's metadata), re-score
+        all the patient's lesions, and return the patient with the new scores."""
+        if not uploads:
+            raise UploadError(422, "no image in the field `files`.")
+        if len(uploads) > self.limits.max_files:
+            raise UploadError(413, f"{len(uploads)} images in one request; at most {self.limits.max_files}.")
+        if not patient_id.strip() or len(patient_id) > 128:
+            raise UploadError(422, "the patient id must be 1-128 characters.")
+        suffixes = [checked_image(name, content, self.limits) for name, content in uploads]
+        metadata = checked_metadata(age, sex, site)
+        created: list[Path] = []
+        try:
+            with self._patient_lock(patient_id):
+                self._store_and_score(patient_id, uploads, suffixes, metadata, actor, created)
+        except BaseException:
+            for path in created:  # images no committed lesion refers to
+                path.unlink(missing_ok=True)
+            raise
+        return self.patient(patient_id)
+
+    def _store_and_score(
+        self, patient_id: str, uploads: list[tuple[str, bytes]], suffixes: list[str], metadata: dict, actor: str, created: list[Path]
+    ) -> None:
+        with self.sessions.begin() as session:
+            if session.get(Patient, patient_id, with_for_update=True) is None:
+                try:
+                    with session.begin_nested():
+                        session.add(Patient(patient_id=patient_id))
+                except IntegrityError:  # another instance created it just now
+                    pass
+                session.get(Patient, patient_id, with_for_update=True)
+            for (name, content), suffix in zip(uploads, suffixes):
+                sha256, is_new = self.images.put(content, suffix)
+                if is_new:
+                    created.append(self.images.path(sha256, suffix))
+                session.add(Lesion(patient_id=patient_id, image_sha256=sha256, image_suffix=suffix, file_name=name[:255], uploaded_by=actor, **metadata))
+            session.flush()
+            lesions = session.scalars(select(Lesion).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
+            scored_at = utc_now()  # one time for the whole scoring: the patient's latest scores belong together
+            for lesion, row in zip(lesions, self._score(lesions).itertuples()):
+                session.add(self._score_row(lesion, row, actor, scored_at))
+
+    def _score(self, lesions: list[Lesion]) -> pd.DataFrame:
+        """The bundle's predictions for one patient's lesions, in the lesions' order."""
+        rows = pd.DataFrame({c: pd.Series([np.nan] * len(lesions), dtype=object) for c in CANONICAL_COLUMNS})
+        rows = rows.assign(
+            image_id=[str(lesion.lesion_id) for lesion in lesions],
+            patient_id=[lesion.patient_id for lesion in lesions],
+            image_path=[str(self.images.path(lesion.image_sha256, lesion.image_suffix)) for lesion in lesions],
+            age=pd.Series([lesion.age for lesion in lesions], dtype=float),
+            sex=pd.Series([lesion.sex for lesion in lesions], dtype="string"),
+            site=pd.Series([lesion.site for lesion in lesions], dtype="string"),
+            split="test",
+        )
+        with self._scoring:
+            predictions = score_patients(self.bundle, rows, self.batch_size, lambda n: None).predictions
+        return predictions.set_index("image_id").loc[rows["image_id"]]
+
+    def _score_row(self, lesion: Lesion, row: object, actor: str, scored_at: datetime) -> Score:
+        classes = {name.removeprefix("prob_"): float(getattr(row, name)) for name in row._fields if name.startswith("prob_")}
+        return Score(
+            lesion_id=lesion.lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
+            melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
+            rank_in_patient=int(row.rank_in_patient), diagnosis=classes, missing_metadata=str(row.missing_metadata).split(), scored_by=actor, scored_at=scored_at,
+        )
+
+    def patient(self, patient_id: str) -> dict[str, object] | None:
+        """A patient's lesions with their latest scores, riskiest first; None for an unknown patient."""
+        with self.sessions() as session:
+            if session.get(Patient, patient_id) is None:
+                return None
+            latest = _latest_scores(session)
+            found = session.execute(
+                select(Lesion, Score).where(Lesion.patient_id == patient_id)
+                .outerjoin(latest, latest.c.lesion_id == Lesion.lesion_id).outerjoin(Score, Score.score_id == latest.c.score_id)
+            ).all()
+            lesions = [lesion_json(lesion, score) for lesion, score in found]
+        lesions.sort(key=lambda lesion: (lesion["rank_in_patient"] or 10**9, lesion["lesion_id"]))
+        return {"patient_id": patient_id, "lesions": lesions}
+
+    def worklist(self, status: str = "open") -> list[dict[str, object]]:
+        """Alerted lesions (latest score) across patients, highest risk first: without a review (`open`) or with one (`reviewed`)."""
+        if status not in ("open", "reviewed"):
+            raise UploadError(422, f"status={status!r}: choose open or reviewed.")
+        with self.sessions() as session:
+            latest = _latest_scores(session)
+            reviewed = select(Review.lesion_id).distinct()
+            query = (
+                select(Lesion, Score).join(latest, latest.c.lesion_id == Lesion.lesion_id).join(Score, Score.score_id == latest.c.score_id)
+                .where(Score.alert.is_(True))
+                .where(Lesion.lesion_id.in_(reviewed) if status == "reviewed" else Lesion.lesion_id.not_in(reviewed))
+                .order_by(Score.melanoma_probability.desc(), Lesion.lesion_id)
+            )
+            return [lesion_json(lesion, score) for lesion, score in session.execute(query).all()]
+
+    def review(self, lesion_id: int, outcome: str, note: str = "", actor: str = "anonymous") -> dict[str, object]:
+        """Record a dermatologist's outcome for a lesion (added to its history, never overwritten)."""
+        if outcome not in REVIEW_OUTCOMES:
+            raise UploadError(422, f"outcome={outcome!r}: choose one of {list(REVIEW_OUTCOMES)}.")
+        with self.sessions.begin() as session:
+            lesion = session.get(Lesion, lesion_id)
+            if lesion is None:
+                raise LookupError(f"no lesion {lesion_id}.")
+            session.add(Review(lesion_id=lesion_id, outcome=outcome, note=note[:4000], reviewed_by=actor))
+        return {"lesion_id": lesion_id, "outcome": outcome, "note": note, "reviewed_by": actor}
+
+    def image_file(self, lesion_id: int) -> tuple[Path, str]:
+        """The stored image of a lesion and its media type."""
+        with self.sessions() as session:
+            lesion = session.get(Lesion, lesion_id)
+            if lesion is None:
+                raise LookupError(f"no lesion {lesion_id}.")
+        return self.images.path(lesion.image_sha256, lesion.image_suffix), "image/png" if lesion.image_suffix == ".png" else "image/jpeg"
+
+    def gradcam_png(self, lesion_id: int) -> bytes:
+        """The lesion's Grad-CAM overlay (mean over every fold model), computed once per image and bundle."""
+        with self.sessions() as session:
+            lesion = session.get(Lesion, lesion_id)
+            if lesion is None:
+                raise LookupError(f"no lesion {lesion_id}.")
+        cached = self.images.root / "gradcam" / f"{lesion.image_sha256}-{self.bundle_sha256[:16]}.png"
+        if not cached.exists():
+            with self._scoring:
+                if self._gradcams is None:
+                    self._gradcams = bundle_gradcams(self.bundle)
+                png = overlay_png(self._gradcams, self.images.path(lesion.image_sha256, lesion.image_suffix).read_bytes())
+            atomic_write(cached, lambda temporary: temporary.write_bytes(png))
+        return cached.read_bytes()
