@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -71,10 +72,8 @@ Actor = Annotated[str, Depends(request_actor)]
 
 def create_app(service: TriageService, tokens: dict[str, str] | None = None, max_request_bytes: int = 200 * 1024 * 1024) -> FastAPI:
     """The FastAPI app of a triage service; `tokens` ({secret: label}) turns access control on."""
-    tokens = dict(tokens or {})
     app = FastAPI(title="Melanoma triage", version="1", docs_url=None, redoc_url=None)
-
-    app.state.tokens = tokens
+    app.state.tokens = dict(tokens or {})
 
     @app.middleware("http")
     async def limit_request_size(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -82,6 +81,24 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
         if length and length.isdigit() and int(length) > max_request_bytes:
             return JSONResponse({"detail": f"request of {length} bytes; at most {max_request_bytes}."}, status_code=413)
         return await call_next(request)
+
+    _add_error_handlers(app)
+    _add_api_routes(app, service)
+    _add_pages(app, service)
+    return app
+
+
+def _page(request: Request, template: str, context: dict, status: int = 200) -> HTMLResponse:
+    return TEMPLATES.TemplateResponse(request, template, {"sexes": SEXES, "sites": SITES, "outcomes": REVIEW_OUTCOMES, **context}, status_code=status)
+
+
+def _uploads(service: TriageService, files: list[UploadFile]) -> list[tuple[str, bytes]]:
+    """(name, content) of each uploaded file, read up to one byte past the limit (so an oversized one is refused, not truncated)."""
+    return [(f.filename or "image", f.file.read(service.limits.max_bytes + 1)) for f in files]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Refused uploads: their status with the reason (and allowed values); 401 on a page: the sign-in form."""
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, error: UploadError) -> Response:
@@ -99,11 +116,9 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
             return _page(request, "login.html", {"message": error.detail}, 401)
         return JSONResponse({"detail": error.detail}, status_code=error.status_code)
 
-    def _page(request: Request, template: str, context: dict, status: int = 200) -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(request, template, {"sexes": SEXES, "sites": SITES, "outcomes": REVIEW_OUTCOMES, **context}, status_code=status)
 
-    def _uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
-        return [(f.filename or "image", f.file.read(service.limits.max_bytes + 1)) for f in files]
+def _add_api_routes(app: FastAPI, service: TriageService) -> None:
+    """The JSON API under /api/v1, and the health probes."""
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -123,10 +138,11 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
         age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
     ) -> dict:
         """Store one or more images as lesions of the patient, then re-score all the patient's lesions."""
-        return service.add_lesions(patient_id, _uploads(files), age, sex, site, who)
+        return service.add_lesions(patient_id, _uploads(service, files), age, sex, site, who)
 
     @app.get(f"{API}/patients/{{patient_id}}")
     def get_patient(patient_id: str, who: Actor) -> dict:
+        """The patient's lesions with their latest scores, riskiest first."""
         found = service.patient(patient_id)
         if found is None:
             raise HTTPException(404, f"no patient {patient_id!r}.")
@@ -134,20 +150,28 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
 
     @app.get(f"{API}/worklist")
     def get_worklist(who: Actor, status: str = "open") -> dict:
+        """Alerted lesions across patients, highest risk first: open (not reviewed) or reviewed."""
         return {"status": status, "lesions": service.worklist(status)}
 
     @app.post(f"{API}/lesions/{{lesion_id}}/review")
     def post_review(lesion_id: int, review: ReviewIn, who: Actor) -> dict:
+        """Record an outcome: biopsy, benign or follow-up, with a note."""
         return service.review(lesion_id, review.outcome, review.note, who)
 
     @app.get(f"{API}/lesions/{{lesion_id}}/gradcam.png", response_class=Response)
     def gradcam(lesion_id: int, who: Actor) -> Response:
+        """Where the CNNs found melanoma evidence (computed on demand, cached)."""
         return Response(service.gradcam_png(lesion_id), media_type="image/png")
 
     @app.get(f"{API}/lesions/{{lesion_id}}/image", response_class=Response)
     def lesion_image(lesion_id: int, who: Actor) -> Response:
+        """The uploaded image."""
         path, media_type = service.image_file(lesion_id)
         return Response(path.read_bytes(), media_type=media_type)
+
+
+def _add_pages(app: FastAPI, service: TriageService) -> None:
+    """The server-rendered pages: upload form, patient, worklist with reviews, sign-in, API docs."""
 
     @app.get("/docs", response_class=HTMLResponse)
     def docs(request: Request) -> HTMLResponse:
@@ -172,8 +196,8 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
         who: Actor, patient_id: Annotated[str, Form()], files: Annotated[list[UploadFile], File()],
         age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
     ) -> Response:
-        service.add_lesions(patient_id, _uploads(files), age, sex, site, who)
-        return RedirectResponse(f"/patients/{patient_id}", status_code=303)
+        service.add_lesions(patient_id, _uploads(service, files), age, sex, site, who)
+        return RedirectResponse(f"/patients/{quote(patient_id, safe='')}", status_code=303)
 
     @app.get("/patients/{patient_id}", response_class=HTMLResponse)
     def patient_page(request: Request, patient_id: str, who: Actor) -> HTMLResponse:
@@ -190,5 +214,3 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
     def review_form(lesion_id: int, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "") -> Response:
         service.review(lesion_id, outcome, note, who)
         return RedirectResponse("/worklist", status_code=303)
-
-    return app
