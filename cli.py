@@ -597,8 +597,6 @@ def serve(
         if not database.startswith("sqlite:///"):
             raise ValueError(f"--database {database.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
         store = Path(database.removeprefix("sqlite:///")).parent / "images"
-    if database.startswith("sqlite:///"):
-        Path(database.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     tokens = parse_tokens(token)
     if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
         console.print(f"[yellow]warning:[/yellow] listening on {host} without --token: anyone who can reach it can read and upload")

@@ -277,8 +277,9 @@ class MicroscopeVignette(keras.layers.Layer):
 
 class IlluminantShift(keras.layers.Layer):
     """Re-light each image under an illuminant drawn from `illuminants` (unit vectors, e.g. estimated
-    on training images by Shades of Gray): the model sees each lesion under the lights and camera
-    balances of other images, so a new clinic's colour cast is nothing new to it."""
+    on training images by Shades of Gray), its own (Shades of Gray) divided out first: the model sees
+    each lesion under the lights and camera balances of other images, so a new clinic's colour cast
+    is nothing new to it."""
 
     def __init__(self, illuminants: Sequence[Sequence[float]], seed: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -290,7 +291,8 @@ class IlluminantShift(keras.layers.Layer):
         if not training:
             return images
         drawn = keras.random.randint((tf.shape(images)[0],), 0, len(self.illuminants), seed=self.generator)
-        return tf.clip_by_value(images * tf.gather(self.gains, drawn)[:, None, None, :], 0.0, 255.0)
+        own = estimate_illuminant(images) * np.sqrt(3.0)  # divided out first, so casts replace each other instead of piling up
+        return tf.clip_by_value(images * (tf.gather(self.gains, drawn) / tf.maximum(own, 1e-3))[:, None, None, :], 0.0, 255.0)
 
 
 class HairLines(keras.layers.Layer):

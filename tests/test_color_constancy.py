@@ -74,6 +74,10 @@ def test_illuminant_shift_relights_each_image_under_a_drawn_illuminant() -> None
     assert nearest.max() < 1e-4  # every image is lit by one of the drawn lights
     assert len({tuple(np.round(f, 3)) for f in found}) == 2  # and both lights are drawn
     np.testing.assert_allclose(IlluminantShift(lights)(grey, training=False), grey)  # scoring is untouched
+    # an image already under a cast takes the drawn light instead (casts do not pile up)
+    cast = grey * tf.constant([1.3, 1.0, 0.7])
+    replaced = estimate_illuminant(IlluminantShift(lights, seed=3)(cast, training=True)).numpy()
+    assert np.abs(replaced[:, None, :] - lights[None]).sum(axis=2).min(axis=1).max() < 1e-3
     assert isinstance(build_augmenter(0, "none", lights).layers[0], IlluminantShift)
     assert build_augmenter(0, "none") is None
 

@@ -115,6 +115,7 @@ def test_tokens_guard_every_call_and_page(client: TestClient, images: list) -> N
         assert client.get(path).status_code == 401
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/api/v1/patients/P2/lesions", files=[("files", images[0])]).status_code == 401
+    assert client.get("/api/v1/worklist", headers={"Authorization": "Bearer café".encode()}).status_code == 401  # not a crash
     assert client.get("/worklist").status_code == 401 and "Sign in" in client.get("/worklist").text
     client.post("/login", data={"token": "s3cret"})  # the page's cookie
     assert client.get("/worklist").status_code == 200
@@ -150,6 +151,19 @@ def test_a_request_over_the_size_limit_is_refused(bundle_dir: Path, tmp_path: Pa
     too_big_file = _upload(small, "P4", [("big.png", _png(64, 64) + b"\0" * 2000)])
     assert too_big_file.status_code == 413
     assert _upload(small, "P4", [("huge.jpg", b"\xff" * (2 * 10**6))]).status_code == 413
+    chunked = small.post("/api/v1/patients/P4/lesions", headers={**AUTH, "content-type": "multipart/form-data; boundary=x"},
+                         content=(b"x" * 100_000 for _ in range(20)))  # no Content-Length: counted as it arrives
+    assert chunked.status_code == 413
+    assert _upload(small, "bad/id", [("a.png", _png(8, 8))]).status_code in (404, 422)
+    assert _upload(small, "bad id", [("a.png", _png(8, 8))]).status_code == 422
+
+
+def test_tokens_are_label_secret_pairs() -> None:
+    from ensemble.serve.app import parse_tokens
+
+    assert parse_tokens("dr-lee=abc==,xyz") == {"abc==": "dr-lee", "xyz": "default"}
+    with pytest.raises(ValueError, match="empty"):
+        parse_tokens("dr-lee=")
 
 
 def test_concurrent_uploads_for_one_patient_lose_no_lesion(client: TestClient, images: list) -> None:
@@ -168,6 +182,41 @@ def test_concurrent_uploads_for_one_patient_lose_no_lesion(client: TestClient, i
     assert len(lesions) == 8
     assert sorted(l["rank_in_patient"] for l in lesions) == list(range(1, 9))  # the latest scores come from one scoring
     assert len({l["scored_at"] for l in lesions}) == 1
+
+
+def test_two_instances_uploading_for_one_new_patient_lose_no_lesion(bundle_dir: Path, database: str, tmp_path: Path, images: list) -> None:
+    store = tmp_path / "shared-store"
+    instances = [TestClient(create_app(_service(bundle_dir, database, store), TOKEN)) for _ in range(2)]
+    answers: list[int] = []
+    threads = [
+        threading.Thread(target=lambda c=c, chunk=images[i * 3 : i * 3 + 3]: answers.append(_upload(c, "NEW", chunk).status_code))
+        for i, c in enumerate(instances * 2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200] * 4
+    lesions = instances[0].get("/api/v1/patients/NEW", headers=AUTH).json()["lesions"]
+    assert len(lesions) == 12
+    assert sorted(l["rank_in_patient"] for l in lesions) == list(range(1, 13)) and len({l["scored_at"] for l in lesions}) == 1
+    assert instances[1].get("/api/v1/patients/NEW", headers=AUTH).json() == instances[0].get("/api/v1/patients/NEW", headers=AUTH).json()
+
+
+def test_an_upload_that_fails_while_scoring_stores_no_row(bundle_dir: Path, database: str, tmp_path: Path, images: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = _service(bundle_dir, database, tmp_path / "store")
+    client = TestClient(create_app(service, TOKEN), raise_server_exceptions=False)
+
+    def broken(lesions: list) -> None:
+        raise RuntimeError("the models are gone")
+
+    monkeypatch.setattr(service, "_score", broken)
+    assert _upload(client, "FAIL", images[:2]).status_code == 500
+    assert client.get("/api/v1/patients/FAIL", headers=AUTH).status_code == 404  # not even the patient
+    with database_engine(database).connect() as connection:
+        assert pd.read_sql_table("lesions", connection).empty and pd.read_sql_table("scores", connection).empty
+    assert service.sweep_orphans(older_than_seconds=0) == 2  # the images nothing refers to
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 def test_gradcam_and_offline_docs(client: TestClient, images: list) -> None:
@@ -229,3 +278,14 @@ def test_a_browser_uploads_two_images_and_finds_the_alert(bundle_dir: Path, tmp_
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_serve_refuses_a_shared_database_without_a_shared_image_folder(bundle_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle_dir), "--database", "postgresql+psycopg://u@db/triage"])
+    assert result.exit_code == 2 and "--store" in result.output
+    result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle_dir / "nowhere")])
+    assert result.exit_code == 2 and "not a bundle" in result.output

@@ -11,6 +11,7 @@ Scoring runs in FastAPI's thread pool (the handlers are plain functions), never 
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +21,14 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ensemble.serve.triage import REVIEW_OUTCOMES, TriageService, UploadError
 from metadata.schema import SEXES, SITES
 
 API = "/api/v1"
 TOKEN_COOKIE = "triage_token"
+LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
 
@@ -42,9 +45,14 @@ def parse_tokens(text: str | None) -> dict[str, str]:
     """
     tokens = {}
     for item in (part.strip() for part in (text or "").split(",")):
-        if item:
-            label, _, secret = item.rpartition("=")
-            tokens[secret] = label or "default"
+        if not item:
+            continue
+        label, equals, secret = item.partition("=")
+        if not equals or not LABEL.match(label):  # a bare secret (which may itself contain '=')
+            label, secret = "default", item
+        if not secret:
+            raise ValueError(f"--token {label}=: the secret is empty.")
+        tokens[secret] = label
     return tokens
 
 
@@ -55,13 +63,40 @@ def _presented_token(request: Request) -> str | None:
     return request.cookies.get(TOKEN_COOKIE)
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, whether it says its length or is chunked."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": f"request of {int(declared)} bytes; at most {self.max_bytes}."}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"request body over {self.max_bytes} bytes.")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def request_actor(request: Request) -> str:
     """The label of the request's token (401 without a valid one, when the app has tokens)."""
     tokens: dict[str, str] = request.app.state.tokens
     if not tokens:
         return "anonymous"
     presented = _presented_token(request)
-    label = next((label for secret, label in tokens.items() if presented and secrets.compare_digest(presented, secret)), None)
+    label = next((label for secret, label in tokens.items() if presented and secrets.compare_digest(presented.encode(), secret.encode())), None)
     if label is None:
         raise HTTPException(401, "a valid token is required: Authorization: Bearer TOKEN (pages: /login).")
     return label
@@ -75,12 +110,7 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
     app = FastAPI(title="Melanoma triage", version="1", docs_url=None, redoc_url=None)
     app.state.tokens = dict(tokens or {})
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):  # noqa: ANN001, ANN202
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_request_bytes:
-            return JSONResponse({"detail": f"request of {length} bytes; at most {max_request_bytes}."}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     _add_error_handlers(app)
     _add_api_routes(app, service)
@@ -94,6 +124,8 @@ def _page(request: Request, template: str, context: dict, status: int = 200) -> 
 
 def _uploads(service: TriageService, files: list[UploadFile]) -> list[tuple[str, bytes]]:
     """(name, content) of each uploaded file, read up to one byte past the limit (so an oversized one is refused, not truncated)."""
+    if len(files) > service.limits.max_files:
+        raise UploadError(413, f"{len(files)} images in one request; at most {service.limits.max_files}.")
     return [(f.filename or "image", f.file.read(service.limits.max_bytes + 1)) for f in files]
 
 
@@ -129,7 +161,7 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
         try:
             ready = service.ready()
         except Exception as error:  # the database is down or unreachable
-            return JSONResponse({"status": "unavailable", "detail": str(error)}, status_code=503)
+            return JSONResponse({"status": "unavailable", "detail": type(error).__name__}, status_code=503)
         return JSONResponse({"status": "ready" if ready else "unavailable", "bundle_sha256": service.bundle_sha256}, status_code=200 if ready else 503)
 
     @app.post(f"{API}/patients/{{patient_id}}/lesions")
@@ -182,9 +214,9 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
         return _page(request, "login.html", {"message": ""})
 
     @app.post("/login")
-    def login(token: Annotated[str, Form()]) -> Response:
+    def login(request: Request, token: Annotated[str, Form()]) -> Response:
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
         return response
 
     @app.get("/", response_class=HTMLResponse)

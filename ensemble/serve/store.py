@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -87,6 +87,9 @@ class Review(Base):
 def database_engine(url: str) -> Engine:
     """An engine with the tables created; SQLite gets WAL mode, foreign keys and a busy timeout."""
     is_sqlite = url.startswith("sqlite")
+    database = make_url(url).database
+    if is_sqlite and database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False} if is_sqlite else {}, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         @event.listens_for(engine, "connect")

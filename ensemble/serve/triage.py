@@ -3,16 +3,19 @@ bundle, keep every score and review, list the alerts a dermatologist must see.
 
 A patient's lesions are always scored together: the stack's patient-context features (how a lesion
 stands out from the same patient's others) change when a lesion is added, so an upload re-scores
-the patient and every lesion gets a new score row. The upload, its images and its scores are one
-transaction: a failed upload stores nothing. Uploads for one patient are serialised (a lock in the
-process and, on PostgreSQL, the patient's row locked for update), so two at once lose no lesion
-and leave ranks that agree with each other.
+the patient and every lesion gets a new score row. The new lesions and all the scores are one
+transaction: a failed upload stores no row (its image file, content-addressed, is swept later if
+nothing refers to it). Uploads for one patient are serialised in the process; across instances the
+write transaction locks the patient's row and checks that the lesions it scored are still all the
+patient has (else it scores again), so two uploads at once lose no lesion and leave ranks that agree.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,7 +25,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from ensemble.bundle import MANIFEST, file_sha256, load_bundle
@@ -31,10 +35,16 @@ from ensemble.predict import score_patients
 from ensemble.serve.store import ImageStore, Lesion, Patient, Review, Score, database_engine, utc_now
 from metadata.formats import SEX_ALIASES
 from metadata.run.io import atomic_write
-from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES
+from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES, DataError
 
 REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
+PATIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # safe in a URL path and a file name
+WRITE_ATTEMPTS = 5  # scorings of one upload when other instances keep adding lesions to the patient
 IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}  # what the CNN pipeline decodes, by the content's own signature
+
+
+class _LesionsChanged(Exception):
+    """Another instance added a lesion to the patient between scoring and writing."""
 
 
 class UploadError(ValueError):
@@ -68,9 +78,17 @@ def checked_image(name: str, content: bytes, limits: UploadLimits) -> str:
             image.load()  # a truncated or corrupt file fails here, not later inside the CNNs
     except UploadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own guard, far above ours
+        raise UploadError(413, f"{name}: {error}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UploadError(422, f"{name}: not a readable JPEG or PNG image ({error}).") from error
     return IMAGE_FORMATS[kind]
+
+
+def checked_patient_id(patient_id: str) -> str:
+    if not PATIENT_ID.match(patient_id):
+        raise UploadError(422, f"patient id {patient_id[:140]!r}: use 1-128 letters, digits, '.', '_' or '-'.")
+    return patient_id
 
 
 def _vocabulary_value(field: str, value: str | None, aliases: dict[str, str], allowed: tuple[str, ...]) -> str | None:
@@ -139,6 +157,7 @@ class TriageService:
         self._locks_guard = threading.Lock()
         self._scoring = threading.Lock()  # one scoring at a time: the models are shared
         self._gradcams: list | None = None
+        self.sweep_orphans()
 
     def ready(self) -> bool:
         """The database answers (the bundle loaded when the service was made)."""
@@ -154,52 +173,83 @@ class TriageService:
         site: str | None = None, actor: str = "anonymous",
     ) -> dict[str, object]:
         """Store the uploaded images as lesions of `patient_id` (with this request's metadata), re-score
-        all the patient's lesions, and return the patient with the new scores."""
+        all the patient's lesions, and return the patient with the new scores.
+
+        The patient's lesions are scored outside any database transaction (the models take a while),
+        then the new lesions and every score are written in one short transaction, which first checks
+        that no other instance added a lesion meanwhile (it scores again if one did).
+        """
+        checked_patient_id(patient_id)
         if not uploads:
             raise UploadError(422, "no image in the field `files`.")
         if len(uploads) > self.limits.max_files:
             raise UploadError(413, f"{len(uploads)} images in one request; at most {self.limits.max_files}.")
-        if not patient_id.strip() or len(patient_id) > 128:
-            raise UploadError(422, "the patient id must be 1-128 characters.")
         suffixes = [checked_image(name, content, self.limits) for name, content in uploads]
         metadata = checked_metadata(age, sex, site)
-        created: list[Path] = []
-        try:
-            with self._patient_lock(patient_id):
-                self._store_and_score(patient_id, uploads, suffixes, metadata, actor, created)
-        except BaseException:
-            for path in created:  # images no committed lesion refers to
-                path.unlink(missing_ok=True)
-            raise
-        return self.patient(patient_id)
+        # content-addressed and never deleted here: another upload may share the file (unreferenced ones: `sweep_orphans`)
+        new = [
+            Lesion(patient_id=patient_id, image_sha256=self.images.put(content, suffix)[0], image_suffix=suffix, file_name=name[:255],
+                   uploaded_by=actor, **metadata)
+            for (name, content), suffix in zip(uploads, suffixes)
+        ]
+        with self._patient_lock(patient_id):
+            for _ in range(WRITE_ATTEMPTS):
+                with self.sessions() as session:
+                    known = session.scalars(select(Lesion).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
+                predictions = self._score([*known, *new])
+                if self._write_scored(patient_id, [lesion.lesion_id for lesion in known], new, predictions, actor):
+                    return self.patient(patient_id)
+        raise UploadError(503, f"patient {patient_id!r} is being updated by other uploads; try again.")
 
-    def _store_and_score(
-        self, patient_id: str, uploads: list[tuple[str, bytes]], suffixes: list[str], metadata: dict, actor: str, created: list[Path]
-    ) -> None:
-        with self.sessions.begin() as session:
-            if session.get(Patient, patient_id, with_for_update=True) is None:
-                try:
-                    with session.begin_nested():
-                        session.add(Patient(patient_id=patient_id))
-                except IntegrityError:  # another instance created it just now
-                    pass
-                session.get(Patient, patient_id, with_for_update=True)
-            for (name, content), suffix in zip(uploads, suffixes):
-                sha256, is_new = self.images.put(content, suffix)
-                if is_new:
-                    created.append(self.images.path(sha256, suffix))
-                session.add(Lesion(patient_id=patient_id, image_sha256=sha256, image_suffix=suffix, file_name=name[:255], uploaded_by=actor, **metadata))
+    def _ensure_patient(self, session: Session, patient_id: str) -> None:
+        """Insert the patient if it is new (a no-op when another instance just did), then lock its row for update."""
+        dialect = self.engine.dialect.name
+        insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}.get(dialect)
+        if insert is not None:
+            session.execute(insert(Patient).values(patient_id=patient_id, created_at=utc_now()).on_conflict_do_nothing())
+        elif session.get(Patient, patient_id) is None:
+            session.add(Patient(patient_id=patient_id))
             session.flush()
-            lesions = session.scalars(select(Lesion).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
-            scored_at = utc_now()  # one time for the whole scoring: the patient's latest scores belong together
-            for lesion, row in zip(lesions, self._score(lesions).itertuples()):
-                session.add(self._score_row(lesion, row, actor, scored_at))
+        session.get(Patient, patient_id, with_for_update=True)
+
+    def _write_scored(self, patient_id: str, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, actor: str) -> bool:
+        """Write the new lesions and every lesion's score in one transaction; False (nothing written)
+        when the patient's lesions changed since they were scored."""
+        try:
+            with self.sessions.begin() as session:
+                self._ensure_patient(session, patient_id)
+                current = session.scalars(select(Lesion.lesion_id).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
+                if list(current) != known_ids:
+                    raise _LesionsChanged
+                self._add_scored(session, known_ids, new, predictions, actor)
+        except _LesionsChanged:
+            return False
+        return True
+
+    def _add_scored(self, session: Session, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, actor: str) -> None:
+        session.add_all(new)
+        session.flush()
+        scored_at = utc_now()  # one time for the whole scoring: the patient's latest scores belong together
+        lesion_ids = [*known_ids, *(lesion.lesion_id for lesion in new)]
+        for lesion_id, row in zip(lesion_ids, predictions.itertuples()):
+            session.add(self._score_row(lesion_id, row, actor, scored_at))
+
+    def sweep_orphans(self, older_than_seconds: float = 3600) -> int:
+        """Delete stored images no lesion refers to (left by failed uploads), if older than the given age."""
+        with self.sessions() as session:
+            referenced = {f"{sha}{suffix}" for sha, suffix in session.execute(select(Lesion.image_sha256, Lesion.image_suffix)).all()}
+        cutoff = time.time() - older_than_seconds
+        orphans = [p for p in self.images.root.glob("??/*") if p.is_file() and p.name not in referenced and p.stat().st_mtime < cutoff]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
 
     def _score(self, lesions: list[Lesion]) -> pd.DataFrame:
-        """The bundle's predictions for one patient's lesions, in the lesions' order."""
+        """The bundle's predictions for one patient's lesions (stored and new), in the lesions' order."""
+        keys = [f"lesion{i}" for i in range(len(lesions))]
         rows = pd.DataFrame({c: pd.Series([np.nan] * len(lesions), dtype=object) for c in CANONICAL_COLUMNS})
         rows = rows.assign(
-            image_id=[str(lesion.lesion_id) for lesion in lesions],
+            image_id=keys,
             patient_id=[lesion.patient_id for lesion in lesions],
             image_path=[str(self.images.path(lesion.image_sha256, lesion.image_suffix)) for lesion in lesions],
             age=pd.Series([lesion.age for lesion in lesions], dtype=float),
@@ -207,14 +257,17 @@ class TriageService:
             site=pd.Series([lesion.site for lesion in lesions], dtype="string"),
             split="test",
         )
-        with self._scoring:
-            predictions = score_patients(self.bundle, rows, self.batch_size, lambda n: None).predictions
-        return predictions.set_index("image_id").loc[rows["image_id"]]
+        try:
+            with self._scoring:
+                predictions = score_patients(self.bundle, rows, self.batch_size, lambda n: None).predictions
+        except DataError as error:  # an image Pillow opened but the CNN pipeline cannot decode
+            raise UploadError(422, str(error)) from error
+        return predictions.set_index("image_id").loc[keys]
 
-    def _score_row(self, lesion: Lesion, row: object, actor: str, scored_at: datetime) -> Score:
+    def _score_row(self, lesion_id: int, row: object, actor: str, scored_at: datetime) -> Score:
         classes = {name.removeprefix("prob_"): float(getattr(row, name)) for name in row._fields if name.startswith("prob_")}
         return Score(
-            lesion_id=lesion.lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
+            lesion_id=lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
             melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
             rank_in_patient=int(row.rank_in_patient), diagnosis=classes, missing_metadata=str(row.missing_metadata).split(), scored_by=actor, scored_at=scored_at,
         )
