@@ -124,6 +124,11 @@ def test_features_resume_from_saved_chunks_and_equal_a_fresh_run(cohort_dir: Pat
     ids = table["image_id"]
     pd.testing.assert_frame_equal(read_run_features(fresh, ids), read_run_features(resumed, ids))
     assert not RunLayout(resumed).feature_chunks.exists()
+    calls.clear()
+    run_features(table, resumed, recipe, n_jobs=1)  # finished for this recipe and these images: nothing recomputed
+    assert calls == []
+    run_features(table, resumed, FeatureRecipe(("shape",), 32), n_jobs=1)  # another recipe is computed afresh
+    assert len(calls) == n_chunks and FeatureRecipe.from_json(__import__("json").loads(RunLayout(resumed).feature_recipe.read_text())["recipe"]).families == ("shape",)
 
 
 def test_hdf5_layout_images_get_features(tmp_path: Path) -> None:

@@ -107,12 +107,18 @@ def finished_recipe(run_dir: Path) -> FeatureRecipe | None:
 def run_features(
     table: pd.DataFrame, run_dir: Path, recipe: FeatureRecipe, n_jobs: int | None = None, advance: Callable[[int], None] | None = None
 ) -> dict[str, int]:
-    """Compute (or resume) the recipe's features for every image of `table` and write them under RUN/features.
+    """Compute (or resume) the recipe's features for every image of `table` and write them under RUN/features;
+    nothing is recomputed when the run already has them for the same recipe and images.
 
     Returns the number of images and of images without a usable lesion mask (all-NaN rows).
     """
     layout = RunLayout(run_dir)
     rows = image_rows(table)
+    finished = read_json(layout.feature_recipe) if finished_recipe(run_dir) == recipe else None
+    if finished is not None and read_table(layout.feature_table(recipe.families[0]), "features")["image_id"].astype(str).equals(rows["image_id"].astype(str)):
+        if advance is not None:
+            advance(len(rows))
+        return {"images": finished["images"], "no_lesion_found": finished["no_lesion_found"]}  # already computed for these images
     chunks = layout.feature_chunks / recipe.digest()
     chunks.mkdir(parents=True, exist_ok=True)
     parts = []
