@@ -455,7 +455,19 @@ def image_dataset(
 
 
 def named_image_batches(sources: list[str], image_size: int, batch_size: int, color_constancy: str = "none") -> Iterator[tf.Tensor]:
-    """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace."""
+    """Decoded, resized image batches; an image that cannot be read is named instead of a TensorFlow trace.
+
+    A handful of images (one batch or less, as a triage service scores one patient) is decoded
+    eagerly with the same `decode_image`: building a tf.data pipeline costs more than they do.
+    """
+    if 0 < len(sources) <= batch_size and not any(is_shard_source(s) for s in sources):
+        with ImageBytesReader() as reader:
+            try:
+                yield tf.stack([decode_image(reader.read(source), image_size, color_constancy) for source in sources])
+            except (OSError, tf.errors.OpError) as error:
+                unreadable = first_undecodable(sources, image_size) or sources[0]
+                raise DataError(f"{unreadable}: cannot be read or decoded as an image; replace the file or leave it out.") from error
+        return
     batches = iter(image_dataset(sources, None, image_size, batch_size, cache="none", color_constancy=color_constancy))
     done = 0
     while True:
