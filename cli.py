@@ -321,7 +321,7 @@ def train_cnns(
     strategy: Annotated[Literal[STRATEGY_CHOICES], typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none.")] = "auto",
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
-    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation after decoding (kept in the bundle): none or shades-of-gray (p=6).")] = "none",
+    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation after decoding (kept in the bundle): none, shades-of-gray (p=6), or shades-of-gray-cropped (the dark dermoscope border cropped first).")] = "none",
     illuminant_augment: Annotated[bool, typer.Option("--illuminant-augment", help="Re-light training images under the illuminants (Shades of Gray) of other training images.")] = False,
     on_bad_image: BadImageOption = "raise",
     fmt: FormatOption = None,

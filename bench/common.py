@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 from typer.testing import CliRunner
+
+from cnn.options import COLOR_CONSTANCY_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +32,17 @@ def provenance() -> dict[str, object]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "git_commit": commit,
     }
+
+
+TRAINED_WITH_KEYS = ("image_size", "epochs", "learning_rate", "weight_decay", "class_weight", "augment", "mix", "tta", "seed",
+                     "color_constancy", "illuminant_augment")
+
+
+def trained_with(model_dir: Path) -> dict[str, object]:
+    """A CNN member's own recipe, from its first fold's history: a run may add a member in a later
+    call with other options than the bench's command line says."""
+    history = json.loads(sorted(model_dir.glob("fold*/history.json"))[0].read_text())
+    return {key: history["config"].get(key) for key in TRAINED_WITH_KEYS}
 
 
 def run_cli_steps(steps: list[list[str]]) -> dict[str, float]:
@@ -53,6 +67,6 @@ def cnn_bench_parser(description: str, dataset: str) -> argparse.ArgumentParser:
     parser.add_argument("--models", default="small:64", help="backbones with sizes, as for train-cnns")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--color-constancy", default="none", choices=("none", "shades-of-gray"), help="as for train-cnns")
+    parser.add_argument("--color-constancy", default="none", choices=COLOR_CONSTANCY_CHOICES, help="as for train-cnns")
     parser.add_argument("--illuminant-augment", action="store_true", help="as for train-cnns")
     return parser

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import pandas as pd  # noqa: E402
 
-from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
+from common import cnn_bench_parser, provenance, run_cli_steps, trained_with  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.duplicates import fingerprint_images, find_duplicate_pairs  # noqa: E402
 from metadata.metrics import expected_calibration_error  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
         joined = ["--metadata-csv", str(args.isic2019_metadata)] if data == external else []
         seconds.update(run_cli_steps([["validate", "--bundle", str(bundle), "--data", str(data), *joined, "--metadata", metadata, "--out", str(out)]]))
         report = json.loads((out / "validation.json").read_text())
-        conditions[key] = {**{k: report[k] for k in KEYS}, "mel_auc_ci": report["mel_auc_ci"],
+        conditions[key] = {**{k: report[k] for k in KEYS}, "mel_auc_ci": report["mel_auc_ci"], "mel_auc_per_cnn": report["mel_auc_per_cnn"],
                            "sensitivity_at_alert_ci": report["sensitivity_at_alert_ci"], "alert_rate": report["alert_rate"],
                            "operating_points": report["operating_points"], "warnings": report["warnings"],
                            "shift_warnings": report["shift_warnings"]}
@@ -132,6 +132,8 @@ def main() -> None:
         "recipe": {"train": str(args.data), "models": args.models, "epochs": args.epochs, "k": args.k, "target": "diagnosis",
                    "class_weight": "none", "color_constancy": args.color_constancy, "illuminant_augment": args.illuminant_augment, "sensitivity": args.sensitivity, "validate_on": str(args.isic9),
                    "metadata": str(args.isic2019_metadata)},
+        "cnns_trained_with": {name: trained_with(args.run / "cnn" / name) for name in json.loads((args.run / "cnn" / "plan.json").read_text())["models"]},
+        "features": sorted(p.stem for p in (args.run / "features").glob("*.parquet")),
         "external_set": exclusions,
         "cv_oof_auc": cv_auc,
         **conditions,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from metadata.run.io import write_json  # noqa: E402
-from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
+from common import cnn_bench_parser, provenance, run_cli_steps, trained_with  # noqa: E402
 
 
 def main() -> None:
@@ -59,9 +59,7 @@ def main() -> None:
         if entry["kind"] == "cnn":
             histories = [json.loads(h.read_text()) for h in sorted((args.run / "cnn" / entry["name"]).glob("fold*/history.json"))]
             heads = multiclass[entry["name"]]
-            # each model's own recipe: a run may add a model in a later call, with other options
-            trained_with = {k: histories[0]["config"].get(k) for k in ("image_size", "epochs", "learning_rate", "weight_decay", "class_weight", "augment", "mix", "tta", "seed", "color_constancy", "illuminant_augment")}
-            cnns[entry["name"]] = {"trained_with": trained_with, "mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
+            cnns[entry["name"]] = {"trained_with": trained_with(args.run / "cnn" / entry["name"]), "mel_auc": entry["auc"], "auc_ci": entry["auc_ci"], "fold_auc": entry["fold_auc"],
                                    # argmax of probability / training prior (plain argmax when no prior was recorded)
                                    "balanced_accuracy_7class": heads["balanced_accuracy"],
                                    "balanced_accuracy_7class_decision": heads["decision"],

@@ -13,5 +13,5 @@ AUGMENT_LEVELS = ("none", "light", "strong")
 MIX_CHOICES = ("none", "mixup", "cutmix")
 CACHE_CHOICES = ("auto", "memory", "disk", "none")
 STRATEGY_CHOICES = ("auto", "mirrored", "multiworker", "tpu", "none")
-COLOR_CONSTANCY_CHOICES = ("none", "shades-of-gray")  # see cnn.pipeline.COLOR_CONSTANCY
+COLOR_CONSTANCY_CHOICES = ("none", "shades-of-gray", "shades-of-gray-cropped")  # see cnn.pipeline.COLOR_CONSTANCY
 DEFAULT_CACHE_BUDGET_GB = 1.0  # decoded uint8 images `--cache auto` keeps in memory (200,000 at 64 px need 2.5 GB)

@@ -88,18 +88,69 @@ def training_illuminants(sources: Sequence[str], image_size: int, seed: int) -> 
     return np.concatenate([estimate_illuminant(batch).numpy() for batch in batches])
 
 
+DARK_BORDER_LEVEL = 40.0  # a pixel whose mean RGB is below this belongs to the dermoscope's dark surround
+DARK_BORDER_SHARE = 0.3  # a row/column lit less than (1 - this) x the best-lit one is border (a circle's inscribed square)
+
+
+def dark_border_box(image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, bottom, left, right) of an image (H, W, 3) without the dark vignette a dermoscope's round
+    field of view leaves: from the first to the last row (column) lit at least (1 - DARK_BORDER_SHARE)
+    as much as the best-lit one, so a round field is cut to about its inscribed square. A dark lesion
+    inside does not shrink it (only the outermost such rows count); a box under half the image in
+    either direction (a dark photograph, not a border) is the whole image.
+
+    >>> field = np.zeros((40, 40, 3), np.uint8)
+    >>> field[5:35, 8:30] = 180  # the lit field inside a black surround
+    >>> field[15:25, 12:20] = 10  # a black lesion in it
+    >>> [int(x) for x in dark_border_box(field)]
+    [5, 35, 8, 30]
+    """
+    lit = tf.cast(tf.reduce_mean(tf.cast(image, tf.float32), axis=-1) >= DARK_BORDER_LEVEL, tf.float32)
+
+    def span(lit_share: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        size = tf.size(lit_share)
+        kept = tf.cast(tf.where(lit_share >= (1 - DARK_BORDER_SHARE) * tf.reduce_max(lit_share))[:, 0], tf.int32)
+        start, stop = tf.reduce_min(kept), tf.reduce_max(kept) + 1
+        usable = (tf.reduce_max(lit_share) > 0) & ((stop - start) * 2 >= size)
+        return tf.where(usable, start, 0), tf.where(usable, stop, size)
+
+    top, bottom = span(tf.reduce_mean(lit, axis=1))
+    left, right = span(tf.reduce_mean(lit, axis=0))
+    return top, bottom, left, right
+
+
+def crop_dark_border(image: tf.Tensor) -> tf.Tensor:
+    """The image inside its dark dermoscope border (`dark_border_box`), so that neither colour
+    constancy nor the CNN sees the black surround, whose size varies between devices."""
+    top, bottom, left, right = dark_border_box(image)
+    return image[top:bottom, left:right]
+
+
+@dataclass(frozen=True)
+class ColorConstancy:
+    """One --color-constancy method: `normalise` on the resized image, after an optional border crop
+    at the decoded resolution."""
+
+    normalise: Callable[[tf.Tensor], tf.Tensor]
+    crop_border: bool = False
+
+
 # --color-constancy: how each image's colours are normalised after decoding (training, predict, Grad-CAM alike).
-COLOR_CONSTANCY: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
-    "none": lambda image: image,
-    "shades-of-gray": shades_of_gray,
+COLOR_CONSTANCY: dict[str, ColorConstancy] = {
+    "none": ColorConstancy(lambda image: image),
+    "shades-of-gray": ColorConstancy(shades_of_gray),
+    "shades-of-gray-cropped": ColorConstancy(shades_of_gray, crop_border=True),
 }
 
 
 def decode_image(encoded: tf.Tensor, image_size: int, color_constancy: str = "none") -> tf.Tensor:
     """Decode one JPEG/PNG byte string, upright (EXIF orientation), to float32 [0, 255] at `image_size`
     square, its colours normalised by `color_constancy` (a key of COLOR_CONSTANCY)."""
+    method = COLOR_CONSTANCY[color_constancy]
     image = upright(tf.io.decode_image(encoded, channels=3, expand_animations=False), encoded)
-    image = COLOR_CONSTANCY[color_constancy](tf.image.resize(image, (image_size, image_size), antialias=True))
+    if method.crop_border:
+        image = crop_dark_border(image)
+    image = method.normalise(tf.image.resize(image, (image_size, image_size), antialias=True))
     return tf.ensure_shape(image, (image_size, image_size, 3))
 
 

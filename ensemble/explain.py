@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from cnn.gradcam import GradCam, overlay, resize_map
-from cnn.pipeline import decode_image
+from cnn.pipeline import COLOR_CONSTANCY, dark_border_box, decode_image
 from ensemble.bundle import Bundle
 from ensemble.operating_point import OperatingPoint
 from ensemble.predict import Advance
@@ -49,10 +49,20 @@ def ensemble_heatmaps(gradcams: list[tuple[tuple[int, str], GradCam]], encoded: 
     images = [np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(e))).convert("RGB")) for e in encoded]  # upright, as the CNNs saw them
     inputs = {view: np.stack([decode_image(e, *view).numpy() for e in encoded]) for view in {v for v, _ in gradcams}}
     totals = [np.zeros(image.shape[:2]) for image in images]
-    for size, gradcam in gradcams:
-        for total, image, heat in zip(totals, images, gradcam(inputs[size])):
-            total += resize_map(heat, *image.shape[:2])
+    for view, gradcam in gradcams:
+        for total, image, heat in zip(totals, images, gradcam(inputs[view])):
+            total += heat_on_image(heat, image, COLOR_CONSTANCY[view[1]].crop_border)
     return [(image, total / len(gradcams)) for image, total in zip(images, totals)]
+
+
+def heat_on_image(heat: np.ndarray, image: np.ndarray, cropped: bool) -> np.ndarray:
+    """A view's Grad-CAM at the image's own size; a view cropped to the dark-border box covers that box only."""
+    if not cropped:
+        return resize_map(heat, *image.shape[:2])
+    top, bottom, left, right = (int(edge) for edge in dark_border_box(image))
+    placed = np.zeros(image.shape[:2])
+    placed[top:bottom, left:right] = resize_map(heat, bottom - top, right - left)
+    return placed
 
 
 def bundle_gradcams(bundle: Bundle) -> list[tuple[tuple[int, str], GradCam]]:

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from cnn.pipeline import TTA_VIEWS, named_image_batches
 from ensemble.bundle import Bundle, CnnMember
-from fusion.cnn_scores import standardized_test_scores
+from fusion.cnn_scores import cnn_score_column, standardized_test_scores
 from fusion.image_features.stage import compute_image_features
 from fusion.missingness import METADATA_FIELDS, missingness_pattern
 from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
@@ -226,7 +226,7 @@ def stack_inputs(
         for i, member in enumerate(bundle.cnns)
     }
     cnn_scores = pd.DataFrame(
-        {f"cnn_{member.name}": standardized_test_scores(outputs[member.name].melanoma, member.scales) for member in bundle.cnns}, index=rows.index
+        {cnn_score_column(member.name): standardized_test_scores(outputs[member.name].melanoma, member.scales) for member in bundle.cnns}, index=rows.index
     )
     recipe = bundle.image_features
     diagnosis = differential_diagnosis([o.diagnosis for o in outputs.values() if o.diagnosis is not None], rows.index)

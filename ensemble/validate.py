@@ -20,6 +20,7 @@ import pandas as pd
 from ensemble.bundle import Bundle
 from ensemble.operating_point import sensitivity_at, specificity_at
 from ensemble.predict import Advance, score_patients
+from fusion.cnn_scores import cnn_score_column
 from fusion.missingness import each_lesion_alone, without_metadata
 from metadata.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
 from metadata.run.io import write_json, write_text
@@ -111,7 +112,8 @@ def validate_bundle(
     patients, alert = scored["patient_id"].to_numpy(), scored["alert"].to_numpy(float)
     if not 0 < y.sum() < len(y):
         raise DataError(f"the labelled rows hold {int(y.sum())} melanoma(s) in {len(y)} images; an AUC needs both classes.")
-    cnn_only = scored_patients.cnn_scores.mean(axis=1).reindex(scored["image_id"]).to_numpy()
+    cnn_scores = scored_patients.cnn_scores.reindex(scored["image_id"])
+    cnn_only = cnn_scores.mean(axis=1).to_numpy()
     auc = _estimate(roc_auc, y, probability, patients, n_boot, seed)
     points = operating_point_rows(bundle, scored, n_boot, seed)
     sensitivity = _estimate(partial(sensitivity_at, threshold=0.5), y, alert, patients, n_boot, seed)
@@ -124,6 +126,7 @@ def validate_bundle(
         "mel_auc": auc.value,
         "mel_auc_ci": list(auc.ci),
         "mel_auc_cnn_only": roc_auc(y, cnn_only),
+        "mel_auc_per_cnn": {m.name: roc_auc(y, cnn_scores[cnn_score_column(m.name)].to_numpy()) for m in bundle.cnns},  # which member travels
         "bundle_oof_auc": bundle.manifest.get("stack_oof_auc"),
         "ece": expected_calibration_error(y, probability),
         "alert_rate": float(alert.mean()),
@@ -155,6 +158,7 @@ def render_validation(report: dict[str, object]) -> str:
         "| --- | --- |",
         f"| melanoma AUC (stack) | {num(report['mel_auc'])} {ci(report['mel_auc_ci'])} |",
         f"| melanoma AUC (the CNNs alone) | {num(report['mel_auc_cnn_only'])} |",
+        *(f"| melanoma AUC (CNN `{name}`) | {num(auc)} |" for name, auc in report["mel_auc_per_cnn"].items()),
         f"| the bundle's own OOF AUC | {num(report['bundle_oof_auc'])} |",
         f"| sensitivity at the alert | {num(report['sensitivity_at_alert'])} {ci(report['sensitivity_at_alert_ci'])} (promised {num(report['promised_sensitivity'])}) |",
         f"| specificity at the alert | {num(report['specificity_at_alert'])} |",

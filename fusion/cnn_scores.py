@@ -49,6 +49,11 @@ def standardized_test_scores(test: pd.DataFrame, scales: pd.DataFrame) -> np.nda
     return np.mean(per_model, axis=0)
 
 
+def cnn_score_column(name: str) -> str:
+    """The stack's input column of CNN `name`'s standardised score."""
+    return f"cnn_{name}"
+
+
 def cnn_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataFrame:
     """One `cnn_<name>` column per CNN (fold-model-standardised log-odds), aligned with `image_ids`."""
     columns = {}
@@ -65,5 +70,5 @@ def cnn_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataF
                 f"{oof_file.parent}: no {split} prediction for image {missing!r}; "
                 "the CNN outputs are from other data or folds: re-run `train-cnns`."
             )
-        columns[f"cnn_{name}"] = aligned.to_numpy()
+        columns[cnn_score_column(name)] = aligned.to_numpy()
     return pd.DataFrame(columns, index=image_ids.index)

@@ -118,3 +118,20 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/triage"
     finally:
         subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+
+
+SYSTEM_CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser():  # noqa: ANN201
+    """Debian's Chromium driven by Playwright (whose own browser download is not reachable here)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e '.[dev]')")
+    if not SYSTEM_CHROMIUM.exists():
+        pytest.skip(f"no {SYSTEM_CHROMIUM} (apt-get install chromium; .ci/run does)")
+    with sync_api.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=str(SYSTEM_CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()

@@ -30,6 +30,50 @@ def test_shades_of_gray_removes_a_known_colour_cast_and_leaves_grey_alone() -> N
     np.testing.assert_allclose(shades_of_gray(tf.constant(grey)).numpy(), grey, atol=1e-3)
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_dark_dermoscope_border_is_cropped_before_colour_constancy() -> None:
+    import tensorflow as tf
+
+    from cnn.options import COLOR_CONSTANCY_CHOICES
+    from cnn.pipeline import COLOR_CONSTANCY, dark_border_box, decode_image
+
+    assert tuple(COLOR_CONSTANCY) == COLOR_CONSTANCY_CHOICES  # the CLI offers exactly what the pipeline can do
+    rng = np.random.default_rng(0)
+    lesion = np.clip(rng.normal([190, 140, 120], 15, (48, 48, 3)), 0, 255).astype(np.uint8)
+    lesion[16:32, 14:34] = (60, 35, 30)  # a dark lesion on skin
+    framed = np.zeros((64, 64, 3), np.uint8)
+    framed[6:54, 10:58] = lesion  # the same field inside another device's black surround
+    cropped = decode_image(tf.constant(_png(framed)), 32, "shades-of-gray-cropped").numpy()
+    np.testing.assert_allclose(cropped, decode_image(tf.constant(_png(lesion)), 32, "shades-of-gray").numpy(), atol=1e-3)
+    assert np.abs(decode_image(tf.constant(_png(framed)), 32, "shades-of-gray").numpy() - cropped).mean() > 20
+    # a round field of view is cut to about its inscribed square; an image without a border is left whole
+    yy, xx = np.mgrid[:100, :100]
+    round_field = np.where(((yy - 49.5) ** 2 + (xx - 49.5) ** 2 < 50**2)[..., None], 170, 0).astype(np.uint8).repeat(3, axis=2)
+    top, bottom, left, right = (int(edge) for edge in dark_border_box(round_field))
+    assert abs(top - 15) <= 2 and abs(bottom - 85) <= 2 and (top, bottom) == (left, right)
+    assert [int(edge) for edge in dark_border_box(lesion)] == [0, 48, 0, 48]
+    assert [int(edge) for edge in dark_border_box(np.zeros((20, 30, 3), np.uint8))] == [0, 20, 0, 30]  # all dark: kept whole
+
+
+def test_a_cropped_views_grad_cam_lies_inside_the_crop_on_the_whole_image() -> None:
+    from ensemble.explain import heat_on_image
+
+    framed = np.zeros((64, 64, 3), np.uint8)
+    framed[6:54, 10:58] = 180
+    heat = heat_on_image(np.ones((4, 4), np.float32), framed, cropped=True)
+    assert heat.shape == (64, 64) and heat[6:54, 10:58].min() > 0.99 and heat.sum() == heat[6:54, 10:58].sum()
+    assert heat_on_image(np.ones((4, 4), np.float32), framed, cropped=False).min() > 0.99
+
+
 def test_the_bundle_scores_with_the_colour_constancy_it_was_trained_with(tiny_cohort: Path, tmp_path: Path) -> None:
     from cnn.pipeline import image_dataset
 

@@ -116,10 +116,16 @@ def test_tokens_guard_every_call_and_page(client: TestClient, images: list) -> N
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.post("/api/v1/patients/P2/lesions", files=[("files", images[0])]).status_code == 401
     assert client.get("/api/v1/worklist", headers={"Authorization": "Bearer café".encode()}).status_code == 401  # not a crash
+    for path in ("/docs", "/openapi.json"):  # the API's description too
+        assert client.get(path).status_code == 401
     assert client.get("/worklist").status_code == 401 and "Sign in" in client.get("/worklist").text
+    assert client.post("/login", data={"token": "wrong"}).status_code == 401 and not client.cookies
     client.post("/login", data={"token": "s3cret"})  # the page's cookie
     assert client.get("/worklist").status_code == 200
     assert client.get("/patients/P2").status_code == 200
+    cookie = client.cookies["triage_token"]
+    assert "s3cret" not in cookie  # a stolen cookie does not give away the API token
+    assert client.get("/api/v1/worklist", headers={"Authorization": f"Bearer {cookie}"}).status_code == 401
 
 
 def _png(width: int, height: int) -> bytes:
@@ -225,18 +231,12 @@ def test_gradcam_and_offline_docs(client: TestClient, images: list) -> None:
     assert first.status_code == 200 and first.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(first.content)).size == Image.open(io.BytesIO(images[0][1])).size
     assert client.get(f"/api/v1/lesions/{lesion}/gradcam.png", headers=AUTH).content == first.content  # cached
-    docs = client.get("/docs")
+    docs = client.get("/docs", headers=AUTH)
     assert docs.status_code == 200 and "/api/v1/patients/{patient_id}/lesions" in docs.text and "http" not in docs.text.split("<main>")[1].split("openapi.json")[0]
-    assert "/api/v1/worklist" in client.get("/openapi.json").json()["paths"]
+    assert "/api/v1/worklist" in client.get("/openapi.json", headers=AUTH).json()["paths"]
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-def test_a_browser_uploads_two_images_and_finds_the_alert(bundle_dir: Path, tmp_path: Path, images: list) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM} (Debian's chromium package; .ci/run installs it)")
+def test_a_browser_uploads_two_images_and_finds_the_alert(browser, bundle_dir: Path, tmp_path: Path, images: list) -> None:  # noqa: ANN001
     import uvicorn
 
     app = create_app(_service(bundle_dir, f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "store"))
@@ -252,30 +252,28 @@ def test_a_browser_uploads_two_images_and_finds_the_alert(bundle_dir: Path, tmp_
     for name, content in images[:2]:
         files.append(tmp_path / name)
         files[-1].write_bytes(content)
+    page = browser.new_page()
     try:
-        with playwright.sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.fill("#patient_id", "WEB1")
-            page.set_input_files("#files", [str(f) for f in files])
-            page.fill("#age", "64")
-            page.select_option("#sex", "female")
-            page.select_option("#site", "torso")
-            page.click("button[type=submit]")
-            page.wait_for_url("**/patients/WEB1")
-            assert page.locator("tr[data-lesion]").count() == 2
-            alerted = page.locator(".badge.alert").count()
-            assert alerted >= 1, page.content()
-            page.locator("details summary").first.click()  # the Grad-CAM toggle
-            page.wait_for_function("() => { const i = document.querySelector('details[open] img'); return i && i.complete && i.naturalWidth > 0; }")
-            page.goto(f"http://127.0.0.1:{port}/worklist")
-            assert page.locator("tr[data-lesion]").count() == alerted
-            page.click("button:has-text('Save review')")
-            page.wait_for_url("**/worklist")
-            assert page.locator("tr[data-lesion]").count() == alerted - 1
-            browser.close()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.fill("#patient_id", "WEB1")
+        page.set_input_files("#files", [str(f) for f in files])
+        page.fill("#age", "64")
+        page.select_option("#sex", "female")
+        page.select_option("#site", "torso")
+        page.click("button[type=submit]")
+        page.wait_for_url("**/patients/WEB1")
+        assert page.locator("tr[data-lesion]").count() == 2
+        alerted = page.locator(".badge.alert").count()
+        assert alerted >= 1, page.content()
+        page.locator("details summary").first.click()  # the Grad-CAM toggle
+        page.wait_for_function("() => { const i = document.querySelector('details[open] img'); return i && i.complete && i.naturalWidth > 0; }")
+        page.goto(f"http://127.0.0.1:{port}/worklist")
+        assert page.locator("tr[data-lesion]").count() == alerted
+        page.click("button:has-text('Save review')")
+        page.wait_for_url("**/worklist")
+        assert page.locator("tr[data-lesion]").count() == alerted - 1
     finally:
+        page.close()
         server.should_exit = True
         thread.join(timeout=10)
 

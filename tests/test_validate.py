@@ -46,11 +46,16 @@ def _validate(bundle_dir: Path, data: Path, out: Path, *extra: str) -> dict:
 def test_validation_figures_equal_a_by_hand_computation(bundle_dir: Path, bundle: Bundle, unseen_cohort: Path, tmp_path: Path) -> None:
     report = _validate(bundle_dir, unseen_cohort, tmp_path / "val")
     rows = scoring_rows(unseen_cohort, None, split="train")
-    scored = score_patients(bundle, rows, 32, _no_op).predictions.merge(rows[["image_id", "target"]], on="image_id")
+    patients = score_patients(bundle, rows, 32, _no_op)
+    scored = patients.predictions.merge(rows[["image_id", "target"]], on="image_id")
     y, p, alert = scored["target"].to_numpy(int), scored["melanoma_probability"].to_numpy(), scored["alert"].to_numpy()
     assert report["n_images"] == len(rows) and report["n_melanoma"] == y.sum()
     assert report["mel_auc"] == pytest.approx(roc_auc_score(y, p))
     assert report["alert_rate"] == pytest.approx(alert.mean())
+    member_scores = patients.cnn_scores.reindex(scored["image_id"])
+    assert report["mel_auc_per_cnn"] == pytest.approx({m.name: roc_auc_score(y, member_scores[f"cnn_{m.name}"]) for m in bundle.cnns})
+    assert len(report["mel_auc_per_cnn"]) == len(bundle.cnns) >= 1
+    assert report["mel_auc_cnn_only"] == pytest.approx(roc_auc_score(y, member_scores.mean(axis=1)))
     assert report["sensitivity_at_alert"] == pytest.approx(alert[y == 1].mean())
     assert report["specificity_at_alert"] == pytest.approx(1 - alert[y == 0].mean())
     bins = np.minimum((p * 10).astype(int), 9)

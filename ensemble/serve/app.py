@@ -4,17 +4,19 @@
 
 API under /api/v1 (OpenAPI schema at /openapi.json, readable offline at /docs); pages at /,
 /patients/{id} and /worklist, plain HTML with no script, CDN or build step. With tokens, every API
-call needs `Authorization: Bearer TOKEN` and every page the cookie `/login` sets; a wrong or missing
-token gets 401. Each token has a label, recorded with every upload, score and review it causes.
+call needs `Authorization: Bearer TOKEN` and every page (the API docs too) the cookie `/login` sets,
+an HMAC of the token rather than the token itself; a wrong or missing token gets 401. /healthz and
+/readyz stay open for load balancers' probes. Each token has a label, recorded with every upload, score and review it causes.
 Scoring runs in FastAPI's thread pool (the handlers are plain functions), never on the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
-import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -56,11 +58,33 @@ def parse_tokens(text: str | None) -> dict[str, str]:
     return tokens
 
 
-def _presented_token(request: Request) -> str | None:
+def page_session(secret: str) -> str:
+    """The sign-in cookie's value for a token: an HMAC of it, so a leaked cookie does not reveal the API token.
+
+    Derived, not stored: every instance behind a proxy accepts it, a restart keeps it, and
+    removing the token from --token ends its sessions.
+
+    >>> page_session("abc") == page_session("abc") != page_session("abd")
+    True
+    """
+    return hmac.new(secret.encode(), b"melanoma-triage page session v1", hashlib.sha256).hexdigest()
+
+
+def _token_label(request: Request, tokens: dict[str, str]) -> str | None:
+    """The label of the token the request presents (a bearer header, or the sign-in cookie), if valid."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.cookies.get(TOKEN_COOKIE)
+        presented, expected = header[7:].strip(), lambda secret: secret
+    elif TOKEN_COOKIE in request.cookies:
+        presented, expected = request.cookies[TOKEN_COOKIE], page_session
+    else:
+        return None
+    return _matching_label(presented, tokens, expected)
+
+
+def _matching_label(presented: str, tokens: dict[str, str], expected: Callable[[str], str]) -> str | None:
+    """Constant-time comparison of what was presented with each token's expected form."""
+    return next((label for secret, label in tokens.items() if hmac.compare_digest(presented.encode(), expected(secret).encode())), None)
 
 
 class BodyLimit:
@@ -95,8 +119,7 @@ def request_actor(request: Request) -> str:
     tokens: dict[str, str] = request.app.state.tokens
     if not tokens:
         return "anonymous"
-    presented = _presented_token(request)
-    label = next((label for secret, label in tokens.items() if presented and secrets.compare_digest(presented.encode(), secret.encode())), None)
+    label = _token_label(request, tokens)
     if label is None:
         raise HTTPException(401, "a valid token is required: Authorization: Bearer TOKEN (pages: /login).")
     return label
@@ -107,7 +130,7 @@ Actor = Annotated[str, Depends(request_actor)]
 
 def create_app(service: TriageService, tokens: dict[str, str] | None = None, max_request_bytes: int = 200 * 1024 * 1024) -> FastAPI:
     """The FastAPI app of a triage service; `tokens` ({secret: label}) turns access control on."""
-    app = FastAPI(title="Melanoma triage", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Melanoma triage", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokens = dict(tokens or {})
 
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -205,8 +228,12 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
 def _add_pages(app: FastAPI, service: TriageService) -> None:
     """The server-rendered pages: upload form, patient, worklist with reviews, sign-in, API docs."""
 
-    @app.get("/docs", response_class=HTMLResponse)
-    def docs(request: Request) -> HTMLResponse:
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_schema(who: Actor) -> dict:
+        return app.openapi()
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs(request: Request, who: Actor) -> HTMLResponse:
         return _page(request, "docs.html", {"schema": app.openapi()})
 
     @app.get("/login", response_class=HTMLResponse)
@@ -215,8 +242,10 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
 
     @app.post("/login")
     def login(request: Request, token: Annotated[str, Form()]) -> Response:
+        if app.state.tokens and _matching_label(token, app.state.tokens, lambda secret: secret) is None:
+            return _page(request, "login.html", {"message": "That token is not valid here."}, 401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        response.set_cookie(TOKEN_COOKIE, page_session(token), httponly=True, samesite="strict", secure=request.url.scheme == "https")
         return response
 
     @app.get("/", response_class=HTMLResponse)
