@@ -591,12 +591,10 @@ def serve(
     import uvicorn
 
     from ensemble.serve.app import create_app, parse_tokens
+    from ensemble.serve.store import default_image_store
     from ensemble.serve.triage import TriageService
 
-    if store is None:
-        if not database.startswith("sqlite:///"):
-            raise ValueError(f"--database {database.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
-        store = Path(database.removeprefix("sqlite:///")).parent / "images"
+    store = store or default_image_store(database)
     tokens = parse_tokens(token)
     if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
         console.print(f"[yellow]warning:[/yellow] listening on {host} without --token: anyone who can reach it can read and upload")

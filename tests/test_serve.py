@@ -170,6 +170,49 @@ def test_tokens_are_label_secret_pairs() -> None:
     assert parse_tokens("dr-lee=abc==,xyz") == {"abc==": "dr-lee", "xyz": "default"}
     with pytest.raises(ValueError, match="empty"):
         parse_tokens("dr-lee=")
+    with pytest.raises(ValueError, match="at most 64"):  # the audit columns hold 64 characters
+        parse_tokens("a" * 65 + "=secret")
+
+
+def test_no_token_is_refused_before_the_body_is_read(bundle_dir: Path, tmp_path: Path, images: list) -> None:
+    small = TestClient(create_app(_service(bundle_dir, f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "store"), TOKEN, max_request_bytes=10**5))
+    anonymous = small.post("/api/v1/patients/P7/lesions", files=[("files", ("big.jpg", b"\xff" * 10**6, "image/jpeg"))])
+    assert anonymous.status_code == 401  # not 413: the gate answers before the body counts
+    assert _upload(small, "P7", [("big.jpg", b"\xff" * 10**6)]).status_code == 413
+
+
+def test_odd_ids_notes_and_images_get_answers_not_server_errors(client: TestClient, database: str, images: list) -> None:
+    lesion = _upload(client, "P8", images[:1]).json()["lesions"][0]
+    for path in ("/api/v1/lesions/99999999999999999999/image", "/api/v1/lesions/0/gradcam.png"):
+        assert client.get(path, headers=AUTH).status_code == 422
+    assert client.get("/api/v1/lesions/424242/image", headers=AUTH).status_code == 404
+    assert client.get("/api/v1/patients/P%00X", headers=AUTH).status_code == 404
+    page = client.post("/lesions/424242/review", headers=AUTH, data={"outcome": "benign"})
+    assert page.status_code == 404 and "<html" in page.text.lower()  # a page, not JSON
+    review = f"/api/v1/lesions/{lesion['lesion_id']}/review"
+    assert client.post(review, headers=AUTH, json={"outcome": "benign", "note": "a\x00b"}).status_code == 422
+    assert client.post(review, headers=AUTH, json={"outcome": "benign", "note": "x" * 4001}).status_code == 422
+    kept = client.post(review, headers=AUTH, json={"outcome": "benign", "note": "seen"}).json()
+    with database_engine(database).connect() as connection:
+        scores = pd.read_sql_table(Score.__tablename__, connection)
+    assert kept["score_id"] == scores["score_id"].max()  # the review names the score (and so the bundle) it answered
+    camera = io.BytesIO()  # a camera JPEG with a multi-picture marker: Pillow calls it MPO
+    first = Image.open(io.BytesIO(images[1][1])).convert("RGB")
+    first.save(camera, format="MPO", save_all=True, append_images=[first])
+    assert Image.open(io.BytesIO(camera.getvalue())).format == "MPO"
+    assert _upload(client, "P8", [("camera.jpg", camera.getvalue())]).status_code == 200
+
+
+def test_a_reused_image_file_is_not_swept_as_an_orphan(tmp_path: Path) -> None:
+    import os
+
+    from ensemble.serve.store import ImageStore
+
+    store = ImageStore(tmp_path)
+    sha, created = store.put(b"jpeg bytes", ".jpg")
+    os.utime(store.path(sha, ".jpg"), (0, 0))  # left by an upload long ago
+    assert store.put(b"jpeg bytes", ".jpg") == (sha, False)
+    assert store.path(sha, ".jpg").stat().st_mtime > 10**9  # fresh again: a starting instance's sweep passes it over
 
 
 def test_concurrent_uploads_for_one_patient_lose_no_lesion(client: TestClient, images: list) -> None:

@@ -20,17 +20,21 @@ from typing import Annotated, Callable
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import Path as PathParameter
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ensemble.serve.triage import REVIEW_OUTCOMES, TriageService, UploadError
+from ensemble.serve.triage import REVIEW_OUTCOMES, NotFound, TriageService, UploadError
 from metadata.schema import SEXES, SITES
 
 API = "/api/v1"
 TOKEN_COOKIE = "triage_token"
-LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
+LABEL = re.compile(r"[A-Za-z0-9._-]+")
+MAX_LABEL = 64  # characters: the audit columns' width
+OPEN_PATHS = ("/healthz", "/readyz", "/login")  # probes for the proxy, and the sign-in form
+LesionId = Annotated[int, PathParameter(ge=1, le=2**31 - 1)]  # a database integer key
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
 
@@ -50,10 +54,12 @@ def parse_tokens(text: str | None) -> dict[str, str]:
         if not item:
             continue
         label, equals, secret = item.partition("=")
-        if not equals or not LABEL.match(label):  # a bare secret (which may itself contain '=')
+        if not equals or not LABEL.fullmatch(label):  # a bare secret (which may itself contain '=')
             label, secret = "default", item
         if not secret:
             raise ValueError(f"--token {label}=: the secret is empty.")
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"--token {label[:20]}...=: a label has at most {MAX_LABEL} characters.")
         tokens[secret] = label
     return tokens
 
@@ -114,14 +120,37 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+UNAUTHORIZED = "a valid token is required: Authorization: Bearer TOKEN (pages: /login)."
+
+
+class TokenGate:
+    """ASGI middleware: with tokens, a request without a valid one gets 401 before its body is read
+    (an anonymous client cannot make the service take in a 200 MB upload); /healthz, /readyz and /login stay open."""
+
+    def __init__(self, app: ASGIApp, tokens: dict[str, str]) -> None:
+        self.app, self.tokens = app, tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.tokens or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        label = _token_label(request, self.tokens)
+        if label is None:
+            response = JSONResponse({"detail": UNAUTHORIZED}, status_code=401) if scope["path"].startswith(API) else _page(request, "login.html", {"message": UNAUTHORIZED}, 401)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["actor"] = label
+        await self.app(scope, receive, send)
+
+
 def request_actor(request: Request) -> str:
-    """The label of the request's token (401 without a valid one, when the app has tokens)."""
-    tokens: dict[str, str] = request.app.state.tokens
-    if not tokens:
+    """The label of the request's token, as `TokenGate` found it ("anonymous" when the app has no tokens)."""
+    if not request.app.state.tokens:
         return "anonymous"
-    label = _token_label(request, tokens)
-    if label is None:
-        raise HTTPException(401, "a valid token is required: Authorization: Bearer TOKEN (pages: /login).")
+    label = getattr(request.state, "actor", None)
+    if label is None:  # not through the gate: refuse rather than serve unguarded
+        raise HTTPException(401, UNAUTHORIZED)
     return label
 
 
@@ -134,6 +163,7 @@ def create_app(service: TriageService, tokens: dict[str, str] | None = None, max
     app.state.tokens = dict(tokens or {})
 
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(TokenGate, tokens=app.state.tokens)  # added last, so it runs first
 
     _add_error_handlers(app)
     _add_api_routes(app, service)
@@ -161,9 +191,11 @@ def _add_error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": str(error), **({"allowed": error.allowed} if error.allowed else {})}, status_code=error.status)
         return _page(request, "error.html", {"message": str(error)}, error.status)
 
-    @app.exception_handler(LookupError)
-    async def not_found(request: Request, error: LookupError) -> Response:
-        return JSONResponse({"detail": str(error)}, status_code=404)
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, error: NotFound) -> Response:
+        if request.url.path.startswith(API):
+            return JSONResponse({"detail": str(error)}, status_code=404)
+        return _page(request, "error.html", {"message": str(error)}, 404)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
@@ -176,7 +208,7 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
     """The JSON API under /api/v1, and the health probes."""
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:  # on the event loop: answers while every worker thread waits to score
         return {"status": "ok"}
 
     @app.get("/readyz")
@@ -200,7 +232,7 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
         """The patient's lesions with their latest scores, riskiest first."""
         found = service.patient(patient_id)
         if found is None:
-            raise HTTPException(404, f"no patient {patient_id!r}.")
+            raise NotFound(f"no patient {patient_id[:140]!r}.")
         return found
 
     @app.get(f"{API}/worklist")
@@ -209,17 +241,17 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
         return {"status": status, "lesions": service.worklist(status)}
 
     @app.post(f"{API}/lesions/{{lesion_id}}/review")
-    def post_review(lesion_id: int, review: ReviewIn, who: Actor) -> dict:
+    def post_review(lesion_id: LesionId, review: ReviewIn, who: Actor) -> dict:
         """Record an outcome: biopsy, benign or follow-up, with a note."""
         return service.review(lesion_id, review.outcome, review.note, who)
 
     @app.get(f"{API}/lesions/{{lesion_id}}/gradcam.png", response_class=Response)
-    def gradcam(lesion_id: int, who: Actor) -> Response:
+    def gradcam(lesion_id: LesionId, who: Actor) -> Response:
         """Where the CNNs found melanoma evidence (computed on demand, cached)."""
         return Response(service.gradcam_png(lesion_id), media_type="image/png")
 
     @app.get(f"{API}/lesions/{{lesion_id}}/image", response_class=Response)
-    def lesion_image(lesion_id: int, who: Actor) -> Response:
+    def lesion_image(lesion_id: LesionId, who: Actor) -> Response:
         """The uploaded image."""
         path, media_type = service.image_file(lesion_id)
         return Response(path.read_bytes(), media_type=media_type)
@@ -272,6 +304,6 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
         return _page(request, "worklist.html", {"lesions": service.worklist(status), "status": status, "who": who})
 
     @app.post("/lesions/{lesion_id}/review")
-    def review_form(lesion_id: int, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "") -> Response:
+    def review_form(lesion_id: LesionId, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "") -> Response:
         service.review(lesion_id, outcome, note, who)
         return RedirectResponse("/worklist", status_code=303)

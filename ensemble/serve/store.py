@@ -2,7 +2,7 @@
 
 Tables: `patients`, `lesions` (one uploaded image with its metadata), `scores` (one row per scoring
 of a lesion: bundle hash and version, probabilities, alert, rank, time, who) and `reviews` (a
-dermatologist's outcome). Scores and reviews are only ever added, never updated: together they are
+dermatologist's outcome, with the score it answered). Scores and reviews are only ever added, never updated: together they are
 the audit trail. SQLite (a file, WAL mode) is the default; any SQLAlchemy URL works, PostgreSQL
 for several instances behind one proxy.
 """
@@ -77,6 +77,7 @@ class Review(Base):
 
     review_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     lesion_id: Mapped[int] = mapped_column(ForeignKey("lesions.lesion_id"), index=True)
+    score_id: Mapped[int | None] = mapped_column(ForeignKey("scores.score_id"), nullable=True)  # the latest score when reviewed
     outcome: Mapped[str] = mapped_column(String(16))
     note: Mapped[str] = mapped_column(Text, default="")
     reviewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
@@ -102,6 +103,18 @@ def database_engine(url: str) -> Engine:
     return engine
 
 
+def default_image_store(url: str) -> Path:
+    """The image folder beside a SQLite database file; other databases need one named (every instance shares it).
+
+    >>> default_image_store("sqlite:///triage/triage.db").as_posix()
+    'triage/images'
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        raise ValueError(f"--database {url.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
+    return Path(parsed.database).parent / "images"
+
+
 class ImageStore:
     """Uploaded images under ROOT/<first two hex digits>/<sha256><suffix>: one file per content, written atomically."""
 
@@ -117,7 +130,11 @@ class ImageStore:
         sha256 = hashlib.sha256(content).hexdigest()
         target = self.path(sha256, suffix)
         if target.exists():
-            return sha256, False
+            try:  # touched, so a starting instance's sweep of old unreferenced files leaves it to this upload
+                os.utime(target)
+                return sha256, False
+            except FileNotFoundError:  # swept meanwhile: write it again
+                pass
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".upload.")
         with os.fdopen(handle, "wb") as file:

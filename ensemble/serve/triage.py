@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import threading
 import time
-from collections import defaultdict
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,11 +41,17 @@ from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SIT
 REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
 PATIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # safe in a URL path and a file name
 WRITE_ATTEMPTS = 5  # scorings of one upload when other instances keep adding lesions to the patient
-IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png"}  # what the CNN pipeline decodes, by the content's own signature
+# what the CNN pipeline decodes, by the content's own signature (MPO: a camera's JPEG with a multi-picture marker)
+IMAGE_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png"}
+MAX_NOTE = 4000  # characters of a review note
 
 
 class _LesionsChanged(Exception):
     """Another instance added a lesion to the patient between scoring and writing."""
+
+
+class NotFound(LookupError):
+    """No such patient or lesion (HTTP 404)."""
 
 
 class UploadError(ValueError):
@@ -80,13 +87,13 @@ def checked_image(name: str, content: bytes, limits: UploadLimits) -> str:
         raise
     except Image.DecompressionBombError as error:  # PIL's own guard, far above ours
         raise UploadError(413, f"{name}: {error}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise UploadError(422, f"{name}: not a readable JPEG or PNG image ({error}).") from error
     return IMAGE_FORMATS[kind]
 
 
 def checked_patient_id(patient_id: str) -> str:
-    if not PATIENT_ID.match(patient_id):
+    if not PATIENT_ID.fullmatch(patient_id):
         raise UploadError(422, f"patient id {patient_id[:140]!r}: use 1-128 letters, digits, '.', '_' or '-'.")
     return patient_id
 
@@ -137,7 +144,8 @@ def lesion_json(lesion: Lesion, score: Score | None) -> dict[str, object]:
         "missing_metadata": [] if score is None else score.missing_metadata,
         "scored_at": None if score is None else score.scored_at.isoformat(),
         "reviews": [
-            {"outcome": r.outcome, "note": r.note, "reviewed_at": r.reviewed_at.isoformat(), "reviewed_by": r.reviewed_by} for r in lesion.reviews
+            {"outcome": r.outcome, "note": r.note, "reviewed_at": r.reviewed_at.isoformat(), "reviewed_by": r.reviewed_by, "score_id": r.score_id}
+            for r in lesion.reviews
         ],
     }
 
@@ -153,7 +161,8 @@ class TriageService:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.images = ImageStore(store_dir)
         self.limits, self.batch_size = limits, batch_size
-        self._patient_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # one lock per patient with an upload in flight (weakly held: the table does not grow with the patients served)
+        self._patient_locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
         self._scoring = threading.Lock()  # one scoring at a time: the models are shared
         self._gradcams: list | None = None
@@ -166,7 +175,7 @@ class TriageService:
 
     def _patient_lock(self, patient_id: str) -> threading.Lock:
         with self._locks_guard:
-            return self._patient_locks[patient_id]
+            return self._patient_locks.setdefault(patient_id, threading.Lock())
 
     def add_lesions(
         self, patient_id: str, uploads: list[tuple[str, bytes]], age: str | None = None, sex: str | None = None,
@@ -188,7 +197,7 @@ class TriageService:
         metadata = checked_metadata(age, sex, site)
         # content-addressed and never deleted here: another upload may share the file (unreferenced ones: `sweep_orphans`)
         new = [
-            Lesion(patient_id=patient_id, image_sha256=self.images.put(content, suffix)[0], image_suffix=suffix, file_name=name[:255],
+            Lesion(patient_id=patient_id, image_sha256=self.images.put(content, suffix)[0], image_suffix=suffix, file_name=name.replace("\x00", "")[:255],
                    uploaded_by=actor, **metadata)
             for (name, content), suffix in zip(uploads, suffixes)
         ]
@@ -274,6 +283,8 @@ class TriageService:
 
     def patient(self, patient_id: str) -> dict[str, object] | None:
         """A patient's lesions with their latest scores, riskiest first; None for an unknown patient."""
+        if not PATIENT_ID.fullmatch(patient_id):  # no such id can have been stored
+            return None
         with self.sessions() as session:
             if session.get(Patient, patient_id) is None:
                 return None
@@ -305,32 +316,43 @@ class TriageService:
         """Record a dermatologist's outcome for a lesion (added to its history, never overwritten)."""
         if outcome not in REVIEW_OUTCOMES:
             raise UploadError(422, f"outcome={outcome!r}: choose one of {list(REVIEW_OUTCOMES)}.")
+        if len(note) > MAX_NOTE or "\x00" in note:
+            raise UploadError(422, f"note: at most {MAX_NOTE} characters, and no NUL character.")
         with self.sessions.begin() as session:
-            lesion = session.get(Lesion, lesion_id)
-            if lesion is None:
-                raise LookupError(f"no lesion {lesion_id}.")
-            session.add(Review(lesion_id=lesion_id, outcome=outcome, note=note[:4000], reviewed_by=actor))
-        return {"lesion_id": lesion_id, "outcome": outcome, "note": note, "reviewed_by": actor}
+            self._lesion(session, lesion_id)
+            # the score the dermatologist saw: its row names the bundle (hash and version) behind the alert
+            score_id = session.scalar(select(func.max(Score.score_id)).where(Score.lesion_id == lesion_id))
+            session.add(Review(lesion_id=lesion_id, score_id=score_id, outcome=outcome, note=note, reviewed_by=actor))
+        return {"lesion_id": lesion_id, "score_id": score_id, "outcome": outcome, "note": note, "reviewed_by": actor}
+
+    @staticmethod
+    def _lesion(session: Session, lesion_id: int) -> Lesion:
+        lesion = session.get(Lesion, lesion_id)
+        if lesion is None:
+            raise NotFound(f"no lesion {lesion_id}.")
+        return lesion
+
+    def _stored_image(self, lesion: Lesion) -> Path:
+        path = self.images.path(lesion.image_sha256, lesion.image_suffix)
+        if not path.is_file():
+            raise NotFound(f"the image of lesion {lesion.lesion_id} ({path.name}) is not in the image store {self.images.root}.")
+        return path
 
     def image_file(self, lesion_id: int) -> tuple[Path, str]:
         """The stored image of a lesion and its media type."""
         with self.sessions() as session:
-            lesion = session.get(Lesion, lesion_id)
-            if lesion is None:
-                raise LookupError(f"no lesion {lesion_id}.")
-        return self.images.path(lesion.image_sha256, lesion.image_suffix), "image/png" if lesion.image_suffix == ".png" else "image/jpeg"
+            lesion = self._lesion(session, lesion_id)
+        return self._stored_image(lesion), "image/png" if lesion.image_suffix == ".png" else "image/jpeg"
 
     def gradcam_png(self, lesion_id: int) -> bytes:
         """The lesion's Grad-CAM overlay (mean over every fold model), computed once per image and bundle."""
         with self.sessions() as session:
-            lesion = session.get(Lesion, lesion_id)
-            if lesion is None:
-                raise LookupError(f"no lesion {lesion_id}.")
+            lesion = self._lesion(session, lesion_id)
         cached = self.images.root / "gradcam" / f"{lesion.image_sha256}-{self.bundle_sha256[:16]}.png"
         if not cached.exists():
             with self._scoring:
                 if self._gradcams is None:
                     self._gradcams = bundle_gradcams(self.bundle)
-                png = overlay_png(self._gradcams, self.images.path(lesion.image_sha256, lesion.image_suffix).read_bytes())
+                png = overlay_png(self._gradcams, self._stored_image(lesion).read_bytes())
             atomic_write(cached, lambda temporary: temporary.write_bytes(png))
         return cached.read_bytes()
