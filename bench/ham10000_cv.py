@@ -10,6 +10,8 @@ its fold model was trained to, the balanced-accuracy decision; the plain argmax 
 CNN >= 0.92 AUC, stack >= 0.93, balanced accuracy >= 0.65. With `--features` the dermoscopy features
 (same colour constancy as the CNNs) join the stack, and the result adds `features_only_stack.mel_auc`,
 each family's gain and the features stage's seconds (issue 17: stack >= 0.925, features < 5 min).
+The differential-diagnosis stack's figures go under `diagnosis_stack`; `balanced_accuracy_7class` is the
+best of the run's multi-class models, CNNs, blends and that stack.
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ def main() -> None:
         "wall_seconds": seconds,
         "targets": {"best_cnn_auc": 0.92, "stack_auc": 0.93, "balanced_accuracy": 0.65, "travel_stack_auc": 0.925, "features_seconds": 300},
     }
+    if "diagnosis_stack" in multiclass:  # the multi-class stack (CNN class scores, metadata, features)
+        result["diagnosis_stack"] = {"mel_auc": stacks["diagnosis_stack"]["auc"], "auc_ci": stacks["diagnosis_stack"]["auc_ci"],
+                                     "balanced_accuracy_7class": multiclass["diagnosis_stack"]["balanced_accuracy"],
+                                     "balanced_accuracy_7class_plain_argmax": multiclass["diagnosis_stack"]["balanced_accuracy_argmax"],
+                                     "class_auc": multiclass["diagnosis_stack"]["class_auc"]}
     gain = report.get("image_feature_gain")
     if gain:
         result["features_only_stack"] = {"mel_auc": gain["features_only_stack"]["auc"], "auc_ci": gain["features_only_stack"]["auc_ci"]}
@@ -95,7 +102,10 @@ def main() -> None:
     if gain:
         print(f"features-only stack: melanoma AUC {result['features_only_stack']['mel_auc']:.4f}; "
               + ", ".join(f"{f}: {g['difference']:+.4f}" for f, g in result["image_feature_gain"].items()))
-    print(f"stack: melanoma AUC {stack['auc']:.4f}; wall time {seconds}")
+    if "diagnosis_stack" in result:
+        print(f"diagnosis stack: melanoma AUC {result['diagnosis_stack']['mel_auc']:.4f}, 7-class balanced accuracy "
+              f"{result['diagnosis_stack']['balanced_accuracy_7class']:.4f}")
+    print(f"stack: melanoma AUC {stack['auc']:.4f}; best 7-class balanced accuracy {result['balanced_accuracy_7class']}; wall time {seconds}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ under `RUN/stack/`. Blends are computed here, not stored, so they always match t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from ensemble.blend import mean_blend, rank_blend
-from fusion.cnn_scores import cnn_names
+from fusion.cnn_scores import cnn_names, training_priors
 from metadata.run.completion import require_complete
 from metadata.run.io import read_table
-from metadata.run.layout import HISTORY_FILE, STACK_OUTPUTS, RunLayout
+from metadata.run.layout import STACK_OUTPUTS, RunLayout
 from metadata.schema import DIAGNOSES
 
 # Blend name -> (how the CNN columns are combined, whether the result is a probability).
@@ -80,6 +79,15 @@ def _predictions(path: Path, stage: str) -> pd.DataFrame:
     return table[[c for c in ("fold", *PROBABILITY_COLUMNS) if c in table.columns]]
 
 
+def written_priors(path: Path, image_ids: pd.Index) -> pd.DataFrame | None:
+    """The class mix a stack's fold models were fitted to, as its table records it (`prior_<CLASS>`), per row of `image_ids`."""
+    table = read_table(path, "stack").set_index("image_id")
+    columns = [c for c in table.columns if c.startswith("prior_")]
+    if not columns:
+        return None
+    return table[columns].rename(columns=lambda c: c.removeprefix("prior_")).reindex(image_ids)
+
+
 def rows_of(frame: pd.DataFrame, image_ids: pd.Index, source: str, fix: str) -> pd.DataFrame:
     """`frame`'s rows (indexed by image id) of these images, in this order; refuses an image it lacks."""
     missing = image_ids.difference(frame.index)
@@ -107,19 +115,6 @@ def _blends(cnns: list[ModelPredictions], folds: pd.Series) -> list[ModelPredict
     ]
 
 
-def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
-    """Each OOF row's training prior, from its fold's `history.json`; None for a binary head or an older run."""
-    histories = {int(f): model_dir / f"fold{int(f)}" / HISTORY_FILE for f in folds.unique()}
-    if not all(path.exists() for path in histories.values()):
-        return None
-    records = {fold: json.loads(path.read_text()) for fold, path in histories.items()}
-    if any(record.get("training_prior") is None for record in records.values()):
-        return None
-    classes = next(iter(records.values()))["classes"]
-    by_fold = pd.DataFrame({fold: record["training_prior"] for fold, record in records.items()}, index=classes).T
-    return by_fold.reindex(folds.to_numpy()).set_axis(folds.index)
-
-
 def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredictions:
     """Every CNN of the run, their blends (with two or more CNNs) and every stack that has been fitted.
 
@@ -143,7 +138,7 @@ def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredi
         oof = rows_of(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, str(oof_path),
                       "it comes from other data or folds than the rest of the run; re-run the stage that wrote it.")
         test = _predictions(test_path, WRITTEN_BY[kind]) if test_path.exists() else pd.DataFrame()
-        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else None
+        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else written_priors(oof_path, oof.index)
         models.append(ModelPredictions(name, kind, True, oof, test, prior))
     cnns = [m for m in models if m.kind == "cnn"]
     blends = _blends(cnns, rows["fold"]) if len(cnns) > 1 else []

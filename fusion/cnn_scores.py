@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 
 from metadata.run.completion import require_complete
 from metadata.run.io import read_table
-from metadata.run.layout import OOF_FILE, RunLayout
+from metadata.run.layout import HISTORY_FILE, OOF_FILE, RunLayout
 
 
 def cnn_names(run_dir: Path) -> list[str]:
@@ -54,21 +55,62 @@ def cnn_score_column(name: str) -> str:
     return f"cnn_{name}"
 
 
+def _aligned(scores: pd.DataFrame, image_ids: pd.Series, source: Path, split: str) -> pd.DataFrame:
+    """`scores` (indexed by image id) in the order of `image_ids`; refuses an image without a prediction."""
+    aligned = scores.reindex(image_ids.to_numpy())
+    if aligned.isna().any(axis=None):
+        missing = aligned.index[aligned.isna().any(axis=1)][0]
+        raise ValueError(
+            f"{source}: no {split} prediction for image {missing!r}; "
+            "the CNN outputs are from other data or folds: re-run `train-cnns`."
+        )
+    return aligned.set_axis(image_ids.index)
+
+
+def _cnn_split(run_dir: Path, name: str, split: str) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """A CNN's OOF table, the table of `split` (the OOF table itself for "train") and its folder."""
+    oof_file, test_file = RunLayout(run_dir).cnn_outputs(name)
+    oof = read_table(oof_file, "train-cnns")
+    return oof, oof if split == "train" else read_table(test_file, "train-cnns"), oof_file.parent
+
+
 def cnn_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataFrame:
     """One `cnn_<name>` column per CNN (fold-model-standardised log-odds), aligned with `image_ids`."""
-    columns = {}
+    columns = []
     for name in cnn_names(run_dir):
-        oof_file, test_file = RunLayout(run_dir).cnn_outputs(name)
-        oof = read_table(oof_file, "train-cnns")
+        oof, frame, source = _cnn_split(run_dir, name, split)
         scales = fold_model_scales(oof)
-        frame = oof if split == "train" else read_table(test_file, "train-cnns")
         scores = standardized_oof_scores(frame, scales) if split == "train" else standardized_test_scores(frame, scales)
-        aligned = pd.Series(scores, index=frame["image_id"].to_numpy()).reindex(image_ids.to_numpy())
-        if aligned.isna().any():
-            missing = aligned.index[aligned.isna()][0]
-            raise ValueError(
-                f"{oof_file.parent}: no {split} prediction for image {missing!r}; "
-                "the CNN outputs are from other data or folds: re-run `train-cnns`."
-            )
-        columns[cnn_score_column(name)] = aligned.to_numpy()
-    return pd.DataFrame(columns, index=image_ids.index)
+        columns.append(_aligned(pd.DataFrame({cnn_score_column(name): scores}, index=frame["image_id"].to_numpy()), image_ids, source, split))
+    return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
+
+
+def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataFrame:
+    """`cnn_<name>_<CLASS>` per CNN with a diagnosis head: the log of each class probability over the
+    class prior its fold model was fitted to (test rows: the fold models' mean probability over their
+    mean prior), so the stack sees evidence, not the training mix; aligned with `image_ids`."""
+    columns = []
+    for name in cnn_names(run_dir):
+        oof, frame, source = _cnn_split(run_dir, name, split)
+        classes = [c.removeprefix("prob_") for c in oof.columns if c.startswith("prob_") and not c.startswith("prob_fold")]
+        if not classes:
+            continue
+        priors = training_priors(source, oof["fold"])
+        prior = 1.0 if priors is None else priors[classes].to_numpy() if split == "train" else priors[classes].groupby(oof["fold"].to_numpy()).first().mean().to_numpy()
+        evidence = np.log(np.clip(frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=float), 1e-6, 1.0) / prior)
+        table = pd.DataFrame(evidence, columns=[f"{cnn_score_column(name)}_{c}" for c in classes], index=frame["image_id"].to_numpy())
+        columns.append(_aligned(table, image_ids, source, split))
+    return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
+
+
+def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
+    """Each OOF row's training prior, from its fold's `history.json`; None for a binary head or an older run."""
+    histories = {int(f): model_dir / f"fold{int(f)}" / HISTORY_FILE for f in folds.unique()}
+    if not all(path.exists() for path in histories.values()):
+        return None
+    records = {fold: json.loads(path.read_text()) for fold, path in histories.items()}
+    if any(record.get("training_prior") is None for record in records.values()):
+        return None
+    classes = next(iter(records.values()))["classes"]
+    by_fold = pd.DataFrame({fold: record["training_prior"] for fold, record in records.items()}, index=classes).T
+    return by_fold.reindex(folds.to_numpy()).set_axis(folds.index)

@@ -15,7 +15,8 @@ Model = TypeVar("Model")
 @dataclass
 class CrossFit(Generic[Model]):
     """Out-of-fold scores, fold-averaged test scores, the fold models (in fold order) and the OOF
-    scores of every extra frame scored alongside (name -> one score per row)."""
+    scores of every extra frame scored alongside (name -> one score per row). A model that scores a
+    row with a vector (class probabilities) gives one such row per row."""
 
     oof: np.ndarray
     test: np.ndarray
@@ -43,17 +44,21 @@ def cross_fit(
     """
     also_score = also_score or {}
     folds = np.asarray(folds)
-    oof = np.full(len(features), np.nan)
-    extra_oof = {name: np.full(len(features), np.nan) for name in also_score}
+    oof: np.ndarray | None = None
+    extra_oof: dict[str, np.ndarray] = {}
     test_scores, models = [], []
     for fold in np.unique(folds):
         held_out = folds == fold
         model = fit(~held_out, int(fold))
-        oof[held_out] = predict(model, features[held_out])
+        scores = np.asarray(predict(model, features[held_out]))
+        if oof is None:  # shaped by the first fold's scores: one value, or one vector, per row
+            oof = np.full((len(features), *scores.shape[1:]), np.nan)
+            extra_oof = {name: np.full_like(oof, np.nan) for name in also_score}
+        oof[held_out] = scores
         for name, frame in also_score.items():
             extra_oof[name][held_out] = predict(model, frame[held_out])
         if len(test_features):
             test_scores.append(predict(model, test_features))
         models.append(model)
-    test = np.mean(test_scores, axis=0) if test_scores else np.array([])
+    test = np.mean(test_scores, axis=0) if test_scores else np.empty((0, *oof.shape[1:]))
     return CrossFit(oof=oof, test=test, models=models, extra_oof=extra_oof)

@@ -8,7 +8,8 @@ baseline on the same features and folds as `RUN/stack/logreg_{oof,test}.parquet`
 features themselves (`RUN/stack/oof_features.parquet`) so the report can score each one alone. With
 the run's dermoscopy features (`features` stage) they are a third input family, with their
 patient context, and `RUN/stack/family_gain.parquet` holds the OOF scores of the stack without
-each family (`fusion.family_gain`).
+each family (`fusion.family_gain`). With diagnoses on every training row (3+ classes), the
+differential-diagnosis stack (`fusion.diagnosis_stack`) writes `RUN/stack/diagnosis_{oof,test}.parquet`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from cnn.pairs import require_finished_cnns
-from fusion.cnn_scores import cnn_names, cnn_score_table
+from fusion.cnn_scores import cnn_class_score_table, cnn_names, cnn_score_table
+from fusion.diagnosis_stack import cross_val_diagnosis_stack, diagnosis_classes, diagnosis_tables
 from fusion.family_gain import family_gain_scores
 from fusion.image_features.stage import finished_recipe, read_run_features
 from fusion.logreg_stack import cross_val_logreg
@@ -34,6 +36,10 @@ from metadata.metrics import roc_auc
 from metadata.run.completion import writing
 from metadata.run.io import atomic_write, read_table, write_json, write_table
 from metadata.run.layout import FAMILY_GAIN_FILE, MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
+
+DIAGNOSIS_STACK = "diagnosis_stack"
+# written only by some runs (with dermoscopy features; with diagnoses): a refit without them removes the old ones
+OPTIONAL_STACK_FILES = (FAMILY_GAIN_FILE, *STACK_OUTPUTS[DIAGNOSIS_STACK])
 
 
 def masked_oof_table(train: pd.DataFrame, oof_scores: np.ndarray, copies: list[MaskedCopy], masked_scores: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -81,6 +87,28 @@ def _first_cnn_input(run_dir: Path) -> tuple[int | None, str]:
     config = json.loads(histories[0].read_text()).get("config", {}) if histories else {}
     size = config.get("image_size")
     return (None if size is None else int(size)), config.get("color_constancy", "none")
+
+
+def diagnosis_stack_tables(
+    train: pd.DataFrame, test: pd.DataFrame, run_dir: Path, images: tuple[pd.DataFrame | None, pd.DataFrame | None],
+    num_boost_round: int = 300, seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """The diagnosis stack's OOF and test tables (`fusion.diagnosis_stack`), or none when the training
+    rows lack diagnoses: its inputs are every CNN's score and class scores, metadata, patient context
+    and the dermoscopy features of `images` (train, test)."""
+    classes = diagnosis_classes(train)
+    if classes is None:
+        return {}
+
+    def features(rows: pd.DataFrame, split: str, image_features: pd.DataFrame | None) -> pd.DataFrame:
+        scores = pd.concat([cnn_score_table(run_dir, split, rows["image_id"]), cnn_class_score_table(run_dir, split, rows["image_id"])], axis=1)
+        return build_stack_features(rows, scores, image_features)
+
+    stack = cross_val_diagnosis_stack(
+        features(train, "train", images[0]), train["diagnosis"], classes, train["fold"].to_numpy(), features(test, "test", images[1]), num_boost_round, seed
+    )
+    oof, test_table = diagnosis_tables(train[["image_id", "patient_id", "fold", "target"]], test[["image_id", "patient_id"]], stack)
+    return dict(zip(STACK_OUTPUTS[DIAGNOSIS_STACK], (oof, test_table)))
 
 
 @dataclass
@@ -140,6 +168,7 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     }
     if feature_recipe is not None:
         tables[FAMILY_GAIN_FILE] = family_gain_scores(train, train_scores, train_images, feature_recipe, num_boost_round, seed)
+    tables |= diagnosis_stack_tables(train, test, run_dir, (train_images, test_images), num_boost_round, seed)
     auc = roc_auc(target, stack_oof["prob"])
     recipe = {
         "cnns": cnn_names(run_dir), "features": list(train_features.columns), "num_boost_round": num_boost_round, "seed": seed,
@@ -158,8 +187,9 @@ def write_stack(run_dir: Path, fit: StackFit) -> None:
         atomic_write(layout.stack_booster(fold), booster.save)
     for name, frame in fit.tables.items():
         write_table(frame, layout.stack / name)
-    if FAMILY_GAIN_FILE not in fit.tables:  # a stack refitted without features keeps no gains of an earlier one
-        (layout.stack / FAMILY_GAIN_FILE).unlink(missing_ok=True)
+    for name in OPTIONAL_STACK_FILES:  # a stack refitted without features (or diagnoses) keeps none of an earlier fit's
+        if name not in fit.tables:
+            (layout.stack / name).unlink(missing_ok=True)
     write_json(fit.scoring_reference, layout.stack / SCORING_REFERENCE_FILE)
     write_json(fit.recipe, layout.stack_recipe)
 

@@ -28,6 +28,7 @@ def test_predict_writes_the_differential_diagnosis_of_the_diagnosis_heads(tiny_c
     result = runner.invoke(app, ["train-cnns", *common, "--models", "small:16", "--epochs", "1", "--target", "diagnosis", "--class-weight", "balanced"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["stack", *common, "--rounds", "20"]).exit_code == 0
+    _the_diagnosis_stack_is_reported(run)
     assert runner.invoke(app, ["export", "--run", str(run), "--out", str(bundle)]).exit_code == 0
     result = runner.invoke(app, ["predict", "--bundle", str(bundle), "--data", str(data), "--split", "test", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -55,3 +56,33 @@ def test_predict_writes_the_differential_diagnosis_of_the_diagnosis_heads(tiny_c
     ], axis=0)
     np.testing.assert_allclose(outputs.diagnosis.to_numpy(), expected, atol=1e-6)
     np.testing.assert_allclose(predictions.set_index("image_id").loc[predictions["image_id"][:5], columns].to_numpy(), expected, atol=1e-6)
+
+
+def _the_diagnosis_stack_is_reported(run: Path) -> None:
+    """The multi-class stack writes class probabilities with the class mix each fold model was fitted to, and the report judges it."""
+    oof = pd.read_parquet(run / "stack" / "diagnosis_oof.parquet")
+    probs, priors = oof[["prob_MEL", "prob_NV", "prob_BKL"]].to_numpy(), oof[["prior_MEL", "prior_NV", "prior_BKL"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(oof["prob"], oof["prob_MEL"])
+    assert oof.groupby("fold")[["prior_MEL", "prior_NV", "prior_BKL"]].nunique().eq(1).all(axis=None)  # one mix per fold model
+    np.testing.assert_allclose(priors.sum(axis=1), 1.0)
+    report = json.loads((run / "report.json").read_text())
+    entry = {e["name"]: e for e in report["multiclass"]}["diagnosis_stack"]
+    assert entry["decision"] == "prior_adjusted" and entry["classes"] == ["MEL", "NV", "BKL"]
+    assert "diagnosis_stack" in {e["name"] for e in report["entries"]}
+
+
+def test_the_diagnosis_stack_learns_from_other_folds_only() -> None:
+    """Relabelling a held-out fold's lesions changes nothing the stack says about them (no label leakage)."""
+    from fusion.diagnosis_stack import cross_val_diagnosis_stack
+
+    rng = np.random.default_rng(1)
+    labels = pd.Series(rng.choice(["MEL", "NV", "BKL"], 240))
+    features = pd.DataFrame({"cue": labels.map({"MEL": 0.0, "NV": 1.0, "BKL": 2.0}) + rng.normal(0, 0.5, 240), "noise": rng.normal(size=240)})
+    folds = np.arange(240) % 4
+    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "BKL"), folds, features.iloc[:0], num_boost_round=30)
+    relabelled = labels.copy()
+    relabelled[folds == 2] = rng.permutation(relabelled[folds == 2].to_numpy())
+    again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, features.iloc[:0], num_boost_round=30)
+    np.testing.assert_array_equal(stack.oof_probs[folds == 2], again.oof_probs[folds == 2])
+    assert not np.array_equal(stack.oof_probs[folds == 0], again.oof_probs[folds == 0])  # the other folds did learn from them

@@ -229,7 +229,7 @@ def test_html_images_load_in_headless_chromium(browser, leaky_run: Path) -> None
 
 
 def test_each_oof_row_gets_its_fold_models_training_prior(tmp_path: Path) -> None:
-    from ensemble.run_files import training_priors
+    from fusion.cnn_scores import training_priors
 
     for fold, prior in ((0, [0.1, 0.9]), (1, [0.2, 0.8])):
         (tmp_path / f"fold{fold}").mkdir()

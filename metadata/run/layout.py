@@ -46,6 +46,7 @@ INDEX_FILE = "index.parquet"  # RUN/tfrecords: image_id -> shard, position
 STACK_OUTPUTS: dict[str, tuple[str, str]] = {
     "logreg_stack": ("logreg_oof.parquet", "logreg_test.parquet"),
     "lightgbm_stack": (OOF_FILE, TEST_FILE),
+    "diagnosis_stack": ("diagnosis_oof.parquet", "diagnosis_test.parquet"),  # multi-class data only (fusion.diagnosis_stack)
 }
 FEATURES_DIR = "features"  # RUN/features: one table per dermoscopy feature family (fusion.image_features)
 FEATURE_RECIPE_FILE = "recipe.json"  # RUN/features: families, image size, colour constancy, columns

@@ -1,0 +1,87 @@
+"""The differential-diagnosis stack: one multi-class LightGBM per fold over the CNNs' class scores,
+metadata, patient context and the dermoscopy features.
+
+A diagnosis-head CNN sees only pixels; age, site and the lesion's measured colour, shape and texture
+tell the classes apart too (keratoses in the old, vascular lesions by their red), so the stack's
+balanced accuracy can pass the CNNs'. It is fitted when every training row has a diagnosis and 3 or
+more classes occur (the rule of `--target auto`), on the rows as given, on the same folds and with the
+same leakage rules as the melanoma stack. Its probabilities follow the training folds' class mix; the
+balanced-accuracy decision divides them by that mix (`prior_<CLASS>`, per fold model), as it does a
+diagnosis-head CNN's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cnn.targets import resolve_target
+from fusion.cross_fit import cross_fit
+from fusion.stacker import LightGBMStacker, default_lgb_params
+
+
+def diagnosis_classes(train: pd.DataFrame) -> tuple[str, ...] | None:
+    """The classes of the training rows' diagnoses when a diagnosis stack can be fitted, else None."""
+    spec = resolve_target("auto", train)
+    return spec.classes if spec.multiclass else None
+
+
+def diagnosis_stack_params(n_classes: int) -> dict[str, object]:
+    """The melanoma stack's shallow, regularised trees with a softmax over the classes."""
+    return {**default_lgb_params(), "objective": "multiclass", "num_class": n_classes}
+
+
+@dataclass
+class DiagnosisStack:
+    """OOF and fold-averaged test class probabilities (columns: `classes`), and each fold model's training class mix."""
+
+    classes: tuple[str, ...]
+    oof_probs: np.ndarray
+    test_probs: np.ndarray
+    fold_priors: dict[int, np.ndarray]
+
+
+def cross_val_diagnosis_stack(
+    features: pd.DataFrame, diagnosis: pd.Series, classes: tuple[str, ...], folds: np.ndarray, test_features: pd.DataFrame,
+    num_boost_round: int = 300, seed: int = 0,
+) -> DiagnosisStack:
+    """Fit one multi-class stacker per fold on the other folds' rows; score the held-out fold and the test rows.
+
+    >>> rng = np.random.default_rng(0)
+    >>> labels = pd.Series(rng.choice(["MEL", "NV", "BKL"], 300))
+    >>> X = pd.DataFrame({"cue": labels.map({"MEL": 0.0, "NV": 1.0, "BKL": 2.0}) + rng.normal(0, 0.3, 300)})
+    >>> stack = cross_val_diagnosis_stack(X, labels, ("MEL", "NV", "BKL"), np.arange(300) % 3, X.iloc[:0], num_boost_round=50)
+    >>> stack.oof_probs.shape, bool(np.allclose(stack.oof_probs.sum(axis=1), 1.0))
+    ((300, 3), True)
+    >>> float((np.array(["MEL", "NV", "BKL"])[stack.oof_probs.argmax(axis=1)] == labels).mean()) > 0.9
+    True
+    """
+    codes = pd.Categorical(diagnosis.astype("string"), categories=list(classes)).codes
+    if (codes < 0).any():
+        raise ValueError(f"the diagnosis stack needs one of {list(classes)} on every training row; found {diagnosis[codes < 0].iloc[0]!r}.")
+    params, fold_priors = diagnosis_stack_params(len(classes)), {}
+
+    def fit(rows: np.ndarray, fold: int) -> LightGBMStacker:
+        fold_priors[fold] = np.bincount(codes[rows], minlength=len(classes)) / rows.sum()
+        return LightGBMStacker(num_boost_round=num_boost_round, seed=seed + fold, params=params).fit(features[rows], codes[rows])
+
+    result = cross_fit(fit, LightGBMStacker.predict, features, folds, test_features)
+    return DiagnosisStack(tuple(classes), result.oof, result.test, fold_priors)
+
+
+def diagnosis_tables(labelled: pd.DataFrame, unlabelled: pd.DataFrame, stack: DiagnosisStack) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The OOF and test tables of a diagnosis stack: the key columns given, `prob` (melanoma),
+    `prob_<CLASS>` and the `prior_<CLASS>` the balanced-accuracy decision divides by (the test rows':
+    the fold models' mean, as their probabilities are)."""
+    prob_columns = [f"prob_{c}" for c in stack.classes]
+    prior_columns = [f"prior_{c}" for c in stack.classes]
+
+    def table(keys: pd.DataFrame, probs: np.ndarray, priors: np.ndarray) -> pd.DataFrame:
+        frame = pd.concat([keys.reset_index(drop=True), pd.DataFrame(probs, columns=prob_columns), pd.DataFrame(priors, columns=prior_columns)], axis=1)
+        return frame.assign(prob=frame["prob_MEL"])
+
+    oof_priors = np.stack([stack.fold_priors[int(f)] for f in labelled["fold"]])
+    test_prior = np.mean(list(stack.fold_priors.values()), axis=0)
+    return table(labelled, stack.oof_probs, oof_priors), table(unlabelled, stack.test_probs, np.tile(test_prior, (len(unlabelled), 1)))
