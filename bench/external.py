@@ -126,6 +126,9 @@ def main() -> None:
         f"{key}_sensitivity_within_0.05_or_ci": abs(c["sensitivity_at_alert"] - c["promised_sensitivity"]) <= 0.05
         or c["sensitivity_at_alert_ci"][0] <= c["promised_sensitivity"] <= c["sensitivity_at_alert_ci"][1]
         for key, c in external_conditions.items()
+    } | {
+        # issue 17: the stack travels, its external AUC within 0.03 of its own CV AUC
+        f"{key}_stack_auc_within_0.03_of_cv": c["mel_auc"] >= cv_auc["lightgbm_stack"] - 0.03 for key, c in external_conditions.items()
     } | {"oof_ece_at_most_0.05": max(oof_ece.values()) <= 0.05}
     result = {
         **provenance(),

@@ -45,7 +45,7 @@ def default_lgb_params() -> dict[str, object]:
 
 @dataclass
 class LightGBMStacker:
-    """A LightGBM model with scikit-learn style `fit` / `predict`: binary, or multi-class when its params say so (one probability per class)."""
+    """A binary LightGBM model with scikit-learn style `fit` / `predict`."""
 
     num_boost_round: int = 300
     seed: int = 0

@@ -90,8 +90,7 @@ def _first_cnn_input(run_dir: Path) -> tuple[int | None, str]:
 
 
 def diagnosis_stack_tables(
-    train: pd.DataFrame, test: pd.DataFrame, run_dir: Path, images: tuple[pd.DataFrame | None, pd.DataFrame | None],
-    num_boost_round: int = 300, seed: int = 0,
+    train: pd.DataFrame, test: pd.DataFrame, run_dir: Path, images: tuple[pd.DataFrame | None, pd.DataFrame | None]
 ) -> dict[str, pd.DataFrame]:
     """The diagnosis stack's OOF and test tables (`fusion.diagnosis_stack`), or none when the training
     rows lack diagnoses: its inputs are every CNN's score and class scores, metadata, patient context
@@ -104,9 +103,7 @@ def diagnosis_stack_tables(
         scores = pd.concat([cnn_score_table(run_dir, split, rows["image_id"]), cnn_class_score_table(run_dir, split, rows["image_id"])], axis=1)
         return build_stack_features(rows, scores, image_features)
 
-    stack = cross_val_diagnosis_stack(
-        features(train, "train", images[0]), train["diagnosis"], classes, train["fold"].to_numpy(), features(test, "test", images[1]), num_boost_round, seed
-    )
+    stack = cross_val_diagnosis_stack(features(train, "train", images[0]), train["diagnosis"], classes, train["fold"].to_numpy(), features(test, "test", images[1]))
     oof, test_table = diagnosis_tables(train[["image_id", "patient_id", "fold", "target"]], test[["image_id", "patient_id"]], stack)
     return dict(zip(STACK_OUTPUTS[DIAGNOSIS_STACK], (oof, test_table)))
 
@@ -168,7 +165,7 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     }
     if feature_recipe is not None:
         tables[FAMILY_GAIN_FILE] = family_gain_scores(train, train_scores, train_images, feature_recipe, num_boost_round, seed)
-    tables |= diagnosis_stack_tables(train, test, run_dir, (train_images, test_images), num_boost_round, seed)
+    tables |= diagnosis_stack_tables(train, test, run_dir, (train_images, test_images))
     auc = roc_auc(target, stack_oof["prob"])
     recipe = {
         "cnns": cnn_names(run_dir), "features": list(train_features.columns), "num_boost_round": num_boost_round, "seed": seed,

@@ -86,9 +86,9 @@ def test_the_diagnosis_stack_learns_from_other_folds_only() -> None:
     labels = pd.Series(rng.choice(["MEL", "NV", "BKL"], 240))
     features = pd.DataFrame({"cue": labels.map({"MEL": 0.0, "NV": 1.0, "BKL": 2.0}) + rng.normal(0, 0.5, 240), "noise": rng.normal(size=240)})
     folds = np.arange(240) % 4
-    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "BKL"), folds, features.iloc[:0], num_boost_round=30)
+    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "BKL"), folds, features.iloc[:0])
     relabelled = labels.copy()
     relabelled[folds == 2] = rng.permutation(relabelled[folds == 2].to_numpy())
-    again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, features.iloc[:0], num_boost_round=30)
+    again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, features.iloc[:0])
     np.testing.assert_array_equal(stack.oof_probs[folds == 2], again.oof_probs[folds == 2])
     assert not np.array_equal(stack.oof_probs[folds == 0], again.oof_probs[folds == 0])  # the other folds did learn from them
