@@ -491,7 +491,7 @@ def submit(
 ) -> None:
     """Write a validated competition submission CSV (atomically) from the run's test predictions."""
     from ensemble.run_files import load_run_predictions
-    from ensemble.submission import expected_test_ids, run_submission, submission_format as find_format
+    from ensemble.submission import expected_test_ids, run_submission, submission_format as find_format, submitted_model
 
     chosen = find_format(submission_format)
     predictions = load_run_predictions(run)
@@ -500,7 +500,7 @@ def submit(
     frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"{chosen.title}: {len(frame)} test images from {model or chosen.default_model} -> {path}")
+    console.print(f"{chosen.title}: {len(frame)} test images from {submitted_model(chosen, predictions, model)} -> {path}")
 
 
 @app.command()

@@ -26,7 +26,7 @@ class SubmissionFormat:
     title: str
     id_column: str
     columns: dict[str, str]  # submission column -> prediction column (`prob` or `prob_<CLASS>`)
-    default_model: str
+    default_models: tuple[str, ...]  # without --model: the first of these the run has (the last one otherwise, refused by name)
 
     @property
     def header(self) -> list[str]:
@@ -43,11 +43,13 @@ ISIC2018_COLUMNS = {
     "MEL": "prob_MEL", "NV": "prob_NV", "BCC": "prob_BCC", "AKIEC": "prob_AK", "BKL": "prob_BKL", "DF": "prob_DF", "VASC": "prob_VASC",
 }
 
+# the differential-diagnosis stack (fusion.diagnosis_stack) where the run has one: the best balanced accuracy measured here
+MULTICLASS_DEFAULTS = ("diagnosis_stack", "mean_blend")
 SUBMISSION_FORMATS: dict[str, SubmissionFormat] = {
-    "isic2020": SubmissionFormat("SIIM-ISIC 2020 (melanoma probability)", "image_name", {"target": "prob"}, PRIMARY_STACK),
-    "isic2024": SubmissionFormat("ISIC 2024 (malignancy probability)", "isic_id", {"target": "prob"}, PRIMARY_STACK),
-    "isic2019": SubmissionFormat("ISIC 2019 (9 diagnoses)", "image", {c: f"prob_{c}" for c in ISIC2019_CLASSES}, "mean_blend"),
-    "isic2018": SubmissionFormat("ISIC 2018 Task 3 (7 diagnoses)", "image", ISIC2018_COLUMNS, "mean_blend"),
+    "isic2020": SubmissionFormat("SIIM-ISIC 2020 (melanoma probability)", "image_name", {"target": "prob"}, (PRIMARY_STACK,)),
+    "isic2024": SubmissionFormat("ISIC 2024 (malignancy probability)", "isic_id", {"target": "prob"}, (PRIMARY_STACK,)),
+    "isic2019": SubmissionFormat("ISIC 2019 (9 diagnoses)", "image", {c: f"prob_{c}" for c in ISIC2019_CLASSES}, MULTICLASS_DEFAULTS),
+    "isic2018": SubmissionFormat("ISIC 2018 Task 3 (7 diagnoses)", "image", ISIC2018_COLUMNS, MULTICLASS_DEFAULTS),
 }
 
 
@@ -162,6 +164,14 @@ def expected_test_ids(predictions: RunPredictions, table: pd.DataFrame | None = 
     return reference.test.index
 
 
+def submitted_model(fmt: SubmissionFormat, predictions: RunPredictions, model: str | None) -> str:
+    """The model a submission is built from: `model`, or the format's first default the run has."""
+    if model:
+        return model
+    names = {m.name for m in predictions.models}
+    return next((name for name in fmt.default_models if name in names), fmt.default_models[-1])
+
+
 def run_submission(
     predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, path: Path,
     adjust_prior: bool = True,
@@ -171,7 +181,7 @@ def run_submission(
     A multi-class model's probabilities are prior-adjusted when `adjust_prior` and its training prior
     is recorded (older runs have none: their probabilities go as predicted).
     """
-    name = model or fmt.default_model
+    name = submitted_model(fmt, predictions, model)
     try:
         chosen = predictions.model(name)
     except KeyError as error:
