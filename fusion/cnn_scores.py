@@ -95,12 +95,21 @@ def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd
         classes = [c.removeprefix("prob_") for c in oof.columns if c.startswith("prob_") and not c.startswith("prob_fold")]
         if not classes:
             continue
-        priors = training_priors(source, oof["fold"])
-        prior = 1.0 if priors is None else priors[classes].to_numpy() if split == "train" else priors[classes].groupby(oof["fold"].to_numpy()).first().mean().to_numpy()
+        prior = _split_prior(training_priors(source, oof["fold"]), classes, oof["fold"], split)
         evidence = np.log(np.clip(frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=float), 1e-6, 1.0) / prior)
         table = pd.DataFrame(evidence, columns=[f"{cnn_score_column(name)}_{c}" for c in classes], index=frame["image_id"].to_numpy())
         columns.append(_aligned(table, image_ids, source, split))
     return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
+
+
+def _split_prior(priors: pd.DataFrame | None, classes: list[str], folds: pd.Series, split: str) -> np.ndarray | float:
+    """The class mix behind a split's probabilities: each OOF row's fold model's; for test rows, the
+    fold models' mean (their probabilities are averaged too); 1 when the run did not record it."""
+    if priors is None:
+        return 1.0
+    if split == "train":
+        return priors[classes].to_numpy()
+    return priors[classes].groupby(folds.to_numpy()).first().mean().to_numpy()
 
 
 def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
