@@ -96,7 +96,9 @@ def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd
         if not classes:
             continue
         prior = _split_prior(training_priors(source, oof["fold"]), classes, oof["fold"], split)
-        evidence = np.log(np.clip(frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=float), 1e-6, 1.0) / prior)
+        # reindexed: a run without test rows has only `prob` in its empty test table (rows it lacks are refused below)
+        probs = frame.reindex(columns=[f"prob_{c}" for c in classes]).to_numpy(dtype=float)
+        evidence = np.log(np.clip(probs, 1e-6, 1.0) / prior)
         table = pd.DataFrame(evidence, columns=[f"{cnn_score_column(name)}_{c}" for c in classes], index=frame["image_id"].to_numpy())
         columns.append(_aligned(table, image_ids, source, split))
     return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)

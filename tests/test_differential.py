@@ -93,3 +93,19 @@ def test_the_diagnosis_stack_learns_from_other_folds_only() -> None:
     again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, features.iloc[:0])
     np.testing.assert_array_equal(stack.oof_probs[folds == 2], again.oof_probs[folds == 2])
     assert not np.array_equal(stack.oof_probs[folds == 0], again.oof_probs[folds == 0])  # the other folds did learn from them
+
+
+def test_class_scores_of_a_run_without_test_rows(tmp_path: Path) -> None:
+    """HAM10000 has no test split: the CNNs' test tables are empty and hold only `prob`."""
+    from fusion.cnn_scores import cnn_class_score_table
+
+    model = tmp_path / "cnn" / "small"
+    model.mkdir(parents=True)
+    oof = pd.DataFrame({"image_id": ["a", "b"], "patient_id": ["p", "q"], "fold": [0, 1], "prob": [0.2, 0.7],
+                        "prob_MEL": [0.2, 0.7], "prob_NV": [0.7, 0.2], "prob_BKL": [0.1, 0.1]})
+    oof.to_parquet(model / "oof.parquet")
+    pd.DataFrame({"image_id": pd.Series([], dtype=str), "patient_id": pd.Series([], dtype=str), "prob": pd.Series([], dtype=float)}).to_parquet(model / "test.parquet")
+    test = cnn_class_score_table(tmp_path, "test", pd.Series([], dtype=str))
+    assert list(test.columns) == ["cnn_small_MEL", "cnn_small_NV", "cnn_small_BKL"] and test.empty
+    train = cnn_class_score_table(tmp_path, "train", pd.Series(["b", "a"]))
+    np.testing.assert_allclose(train["cnn_small_NV"], np.log([0.2, 0.7]))  # no recorded prior: the plain log-probability
