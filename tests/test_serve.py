@@ -172,6 +172,7 @@ def test_tokens_are_label_secret_pairs() -> None:
         parse_tokens("dr-lee=")
     with pytest.raises(ValueError, match="at most 64"):  # the audit columns hold 64 characters
         parse_tokens("a" * 65 + "=secret")
+    assert parse_tokens("q1w2e3r4t5y6u7i8o9p0aa==") == {"q1w2e3r4t5y6u7i8o9p0aa==": "default"}  # base64 padding, not label=secret
 
 
 def test_no_token_is_refused_before_the_body_is_read(bundle_dir: Path, tmp_path: Path, images: list) -> None:
@@ -179,6 +180,7 @@ def test_no_token_is_refused_before_the_body_is_read(bundle_dir: Path, tmp_path:
     anonymous = small.post("/api/v1/patients/P7/lesions", files=[("files", ("big.jpg", b"\xff" * 10**6, "image/jpeg"))])
     assert anonymous.status_code == 401  # not 413: the gate answers before the body counts
     assert _upload(small, "P7", [("big.jpg", b"\xff" * 10**6)]).status_code == 413
+    assert small.post("/login", data={"token": "x" * 100_000}).status_code == 413  # the open sign-in form takes small bodies only
 
 
 def test_odd_ids_notes_and_images_get_answers_not_server_errors(client: TestClient, database: str, images: list) -> None:
@@ -196,11 +198,36 @@ def test_odd_ids_notes_and_images_get_answers_not_server_errors(client: TestClie
     with database_engine(database).connect() as connection:
         scores = pd.read_sql_table(Score.__tablename__, connection)
     assert kept["score_id"] == scores["score_id"].max()  # the review names the score (and so the bundle) it answered
+    seen = client.get("/api/v1/patients/P8", headers=AUTH).json()["lesions"][0]["score_id"]
+    _upload(client, "P8", images[2:3])  # re-scores the patient while the reviewer reads the older score
+    answered = client.post(review, headers=AUTH, json={"outcome": "biopsy", "score_id": seen}).json()
+    assert answered["score_id"] == seen
+    assert client.post(review, headers=AUTH, json={"outcome": "biopsy", "score_id": 10**6}).status_code == 404  # not a score of this lesion
     camera = io.BytesIO()  # a camera JPEG with a multi-picture marker: Pillow calls it MPO
     first = Image.open(io.BytesIO(images[1][1])).convert("RGB")
     first.save(camera, format="MPO", save_all=True, append_images=[first])
     assert Image.open(io.BytesIO(camera.getvalue())).format == "MPO"
     assert _upload(client, "P8", [("camera.jpg", camera.getvalue())]).status_code == 200
+
+
+def test_a_missing_stored_image_is_the_servers_fault_and_hides_its_path(client: TestClient, images: list, tmp_path: Path) -> None:
+    lesion = _upload(client, "P10", images[:1]).json()["lesions"][0]["lesion_id"]
+    for stored in (tmp_path / "store").rglob("*.jpg"):
+        stored.unlink()  # the share went away
+    answer = client.get(f"/api/v1/lesions/{lesion}/image", headers=AUTH)
+    assert answer.status_code == 503 and str(tmp_path) not in answer.text
+
+
+def test_a_database_from_before_review_scores_gets_the_column(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    with old.begin() as connection:  # the reviews table as the first version made it
+        connection.execute(text("CREATE TABLE reviews (review_id INTEGER PRIMARY KEY, lesion_id INTEGER, outcome VARCHAR(16), "
+                                "note TEXT, reviewed_at DATETIME, reviewed_by VARCHAR(64))"))
+    engine = database_engine(url)
+    assert "score_id" in {c["name"] for c in inspect(engine).get_columns("reviews")}
 
 
 def test_a_reused_image_file_is_not_swept_as_an_orphan(tmp_path: Path) -> None:

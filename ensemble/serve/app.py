@@ -26,7 +26,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ensemble.serve.triage import REVIEW_OUTCOMES, NotFound, TriageService, UploadError
+from ensemble.serve.triage import REVIEW_OUTCOMES, NotFound, StoreUnavailable, TriageService, UploadError
 from metadata.schema import SEXES, SITES
 
 API = "/api/v1"
@@ -34,6 +34,7 @@ TOKEN_COOKIE = "triage_token"
 LABEL = re.compile(r"[A-Za-z0-9._-]+")
 MAX_LABEL = 64  # characters: the audit columns' width
 OPEN_PATHS = ("/healthz", "/readyz", "/login")  # probes for the proxy, and the sign-in form
+OPEN_MAX_BYTES = 64 * 1024  # the body an unauthenticated request may send (a sign-in form)
 LesionId = Annotated[int, PathParameter(ge=1, le=2**31 - 1)]  # a database integer key
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 
@@ -41,6 +42,7 @@ TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates"))
 class ReviewIn(BaseModel):
     outcome: str
     note: str = ""
+    score_id: int | None = None  # the score the reviewer saw (default: the lesion's latest)
 
 
 def parse_tokens(text: str | None) -> dict[str, str]:
@@ -54,7 +56,7 @@ def parse_tokens(text: str | None) -> dict[str, str]:
         if not item:
             continue
         label, equals, secret = item.partition("=")
-        if not equals or not LABEL.fullmatch(label):  # a bare secret (which may itself contain '=')
+        if not equals or not LABEL.fullmatch(label) or (secret and not secret.strip("=")):  # a bare secret (base64 padding too)
             label, secret = "default", item
         if not secret:
             raise ValueError(f"--token {label}=: the secret is empty.")
@@ -125,14 +127,18 @@ UNAUTHORIZED = "a valid token is required: Authorization: Bearer TOKEN (pages: /
 
 class TokenGate:
     """ASGI middleware: with tokens, a request without a valid one gets 401 before its body is read
-    (an anonymous client cannot make the service take in a 200 MB upload); /healthz, /readyz and /login stay open."""
+    (an anonymous client cannot make the service take in a 200 MB upload); /healthz, /readyz and /login
+    stay open, with bodies of at most `OPEN_MAX_BYTES`."""
 
     def __init__(self, app: ASGIApp, tokens: dict[str, str]) -> None:
         self.app, self.tokens = app, tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.tokens or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.tokens:
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in OPEN_PATHS:
+            await BodyLimit(self.app, OPEN_MAX_BYTES)(scope, receive, send)
             return
         request = Request(scope)
         label = _token_label(request, self.tokens)
@@ -182,20 +188,26 @@ def _uploads(service: TriageService, files: list[UploadFile]) -> list[tuple[str,
     return [(f.filename or "image", f.file.read(service.limits.max_bytes + 1)) for f in files]
 
 
+def _error_answer(request: Request, message: str, status: int, extra: dict | None = None) -> Response:
+    """JSON under the API, an error page elsewhere."""
+    if request.url.path.startswith(API):
+        return JSONResponse({"detail": message, **(extra or {})}, status_code=status)
+    return _page(request, "error.html", {"message": message}, status)
+
+
+ERROR_STATUS: dict[type[Exception], int] = {NotFound: 404, StoreUnavailable: 503}
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    """Refused uploads: their status with the reason (and allowed values); 401 on a page: the sign-in form."""
+    """Refused uploads: their status with the reason (and allowed values); what is not found, or not
+    served now, its status; 401 on a page: the sign-in form."""
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, error: UploadError) -> Response:
-        if request.url.path.startswith(API):
-            return JSONResponse({"detail": str(error), **({"allowed": error.allowed} if error.allowed else {})}, status_code=error.status)
-        return _page(request, "error.html", {"message": str(error)}, error.status)
+        return _error_answer(request, str(error), error.status, {"allowed": error.allowed} if error.allowed else None)
 
-    @app.exception_handler(NotFound)
-    async def not_found(request: Request, error: NotFound) -> Response:
-        if request.url.path.startswith(API):
-            return JSONResponse({"detail": str(error)}, status_code=404)
-        return _page(request, "error.html", {"message": str(error)}, 404)
+    for kind, status in ERROR_STATUS.items():
+        app.add_exception_handler(kind, lambda request, error, status=status: _error_answer(request, str(error), status))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
@@ -243,7 +255,7 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
     @app.post(f"{API}/lesions/{{lesion_id}}/review")
     def post_review(lesion_id: LesionId, review: ReviewIn, who: Actor) -> dict:
         """Record an outcome: biopsy, benign or follow-up, with a note."""
-        return service.review(lesion_id, review.outcome, review.note, who)
+        return service.review(lesion_id, review.outcome, review.note, who, review.score_id)
 
     @app.get(f"{API}/lesions/{{lesion_id}}/gradcam.png", response_class=Response)
     def gradcam(lesion_id: LesionId, who: Actor) -> Response:
@@ -304,6 +316,8 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
         return _page(request, "worklist.html", {"lesions": service.worklist(status), "status": status, "who": who})
 
     @app.post("/lesions/{lesion_id}/review")
-    def review_form(lesion_id: LesionId, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "") -> Response:
-        service.review(lesion_id, outcome, note, who)
+    def review_form(
+        lesion_id: LesionId, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "", score_id: Annotated[int | None, Form()] = None,
+    ) -> Response:
+        service.review(lesion_id, outcome, note, who, score_id)
         return RedirectResponse("/worklist", status_code=303)

@@ -13,6 +13,7 @@ patient has (else it scores again), so two uploads at once lose no lesion and le
 from __future__ import annotations
 
 import io
+import logging
 import re
 import struct
 import threading
@@ -38,6 +39,7 @@ from metadata.formats import SEX_ALIASES
 from metadata.run.io import atomic_write
 from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES, DataError
 
+LOG = logging.getLogger(__name__)
 REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
 PATIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # safe in a URL path and a file name
 WRITE_ATTEMPTS = 5  # scorings of one upload when other instances keep adding lesions to the patient
@@ -51,7 +53,11 @@ class _LesionsChanged(Exception):
 
 
 class NotFound(LookupError):
-    """No such patient or lesion (HTTP 404)."""
+    """No such patient, lesion or score of that lesion (HTTP 404)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """A stored lesion's image is not in the image store (swept, or the share is not mounted): the server's fault (HTTP 503)."""
 
 
 class UploadError(ValueError):
@@ -143,6 +149,7 @@ def lesion_json(lesion: Lesion, score: Score | None) -> dict[str, object]:
         "diagnosis": {} if score is None else score.diagnosis,
         "missing_metadata": [] if score is None else score.missing_metadata,
         "scored_at": None if score is None else score.scored_at.isoformat(),
+        "score_id": None if score is None else score.score_id,
         "reviews": [
             {"outcome": r.outcome, "note": r.note, "reviewed_at": r.reviewed_at.isoformat(), "reviewed_by": r.reviewed_by, "score_id": r.score_id}
             for r in lesion.reviews
@@ -312,8 +319,9 @@ class TriageService:
             )
             return [lesion_json(lesion, score) for lesion, score in session.execute(query).all()]
 
-    def review(self, lesion_id: int, outcome: str, note: str = "", actor: str = "anonymous") -> dict[str, object]:
-        """Record a dermatologist's outcome for a lesion (added to its history, never overwritten)."""
+    def review(self, lesion_id: int, outcome: str, note: str = "", actor: str = "anonymous", score_id: int | None = None) -> dict[str, object]:
+        """Record a dermatologist's outcome for a lesion (added to its history, never overwritten), with
+        the score they saw: `score_id` (one of the lesion's), or its latest when not given."""
         if outcome not in REVIEW_OUTCOMES:
             raise UploadError(422, f"outcome={outcome!r}: choose one of {list(REVIEW_OUTCOMES)}.")
         if len(note) > MAX_NOTE or "\x00" in note:
@@ -321,7 +329,10 @@ class TriageService:
         with self.sessions.begin() as session:
             self._lesion(session, lesion_id)
             # the score the dermatologist saw: its row names the bundle (hash and version) behind the alert
-            score_id = session.scalar(select(func.max(Score.score_id)).where(Score.lesion_id == lesion_id))
+            if score_id is None:
+                score_id = session.scalar(select(func.max(Score.score_id)).where(Score.lesion_id == lesion_id))
+            elif session.scalar(select(Score.lesion_id).where(Score.score_id == score_id)) != lesion_id:
+                raise NotFound(f"no score {score_id} of lesion {lesion_id}.")
             session.add(Review(lesion_id=lesion_id, score_id=score_id, outcome=outcome, note=note, reviewed_by=actor))
         return {"lesion_id": lesion_id, "score_id": score_id, "outcome": outcome, "note": note, "reviewed_by": actor}
 
@@ -335,7 +346,8 @@ class TriageService:
     def _stored_image(self, lesion: Lesion) -> Path:
         path = self.images.path(lesion.image_sha256, lesion.image_suffix)
         if not path.is_file():
-            raise NotFound(f"the image of lesion {lesion.lesion_id} ({path.name}) is not in the image store {self.images.root}.")
+            LOG.error("lesion %s: its image %s is not in the image store", lesion.lesion_id, path)
+            raise StoreUnavailable(f"the image of lesion {lesion.lesion_id} is unavailable on this server; its administrator has the details.")
         return path
 
     def image_file(self, lesion_id: int) -> tuple[Path, str]:
