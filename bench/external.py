@@ -13,7 +13,8 @@ Writes bench/results/external.json: for `with_metadata` and `without_metadata`, 
 `mel_auc_cnn_only`, `promised_sensitivity`, `sensitivity_at_alert`, `specificity_at_alert`, `ece`,
 `n_images`, `n_melanoma` (and the per-operating-point detail). Targets (issue 13): in both
 conditions the stack's AUC at least the CNNs' alone, the sensitivity at the alert within 0.05 of
-the promise (or inside its CI), ECE <= 0.05 on OOF.
+the promise (or inside its CI), ECE <= 0.05 on OOF; issue 17 adds the stack's external AUC within
+0.03 of its own CV AUC (`*_stack_auc_within_0.03_of_cv`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ensemble.blend import mean_blend, rank_blend
-from fusion.cnn_scores import cnn_names, training_priors
+from fusion.cnn_scores import cnn_names, fold_mean_prior, training_priors
 from metadata.run.completion import require_complete
 from metadata.run.io import read_table
 from metadata.run.layout import STACK_OUTPUTS, RunLayout
@@ -53,7 +53,7 @@ class ModelPredictions:
         """The prior of the test predictions (class -> probability): their fold models' priors, averaged as their outputs are."""
         if self.class_prior is None:
             return None
-        return self.class_prior.groupby(self.oof["fold"].to_numpy()).first().mean()
+        return fold_mean_prior(self.class_prior, self.oof["fold"])
 
 
 @dataclass(frozen=True)

@@ -104,14 +104,18 @@ def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd
     return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
 
 
+def fold_mean_prior(priors: pd.DataFrame, folds: pd.Series | np.ndarray) -> pd.Series:
+    """The class mix behind test predictions (class -> probability): the fold models' own mixes
+    (`priors`, one row per OOF row, predicted in `folds`), averaged as their outputs are."""
+    return priors.groupby(np.asarray(folds)).first().mean()
+
+
 def _split_prior(priors: pd.DataFrame | None, classes: list[str], folds: pd.Series, split: str) -> np.ndarray | float:
-    """The class mix behind a split's probabilities: each OOF row's fold model's; for test rows, the
-    fold models' mean (their probabilities are averaged too); 1 when the run did not record it."""
+    """The class mix behind a split's probabilities: each OOF row's fold model's, or for test rows
+    `fold_mean_prior`; 1 when the run did not record it."""
     if priors is None:
         return 1.0
-    if split == "train":
-        return priors[classes].to_numpy()
-    return priors[classes].groupby(folds.to_numpy()).first().mean().to_numpy()
+    return priors[classes].to_numpy() if split == "train" else fold_mean_prior(priors[classes], folds).to_numpy()
 
 
 def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:

@@ -60,5 +60,7 @@ def cross_fit(
         if len(test_features):
             test_scores.append(predict(model, test_features))
         models.append(model)
+    if oof is None:  # no rows, no folds
+        oof = np.full(len(features), np.nan)
     test = np.mean(test_scores, axis=0) if test_scores else np.empty((0, *oof.shape[1:]))
     return CrossFit(oof=oof, test=test, models=models, extra_oof=extra_oof)

@@ -70,8 +70,7 @@ def cross_val_diagnosis_stack(
     fold_priors = {}
 
     def fit(rows: np.ndarray, fold: int) -> Pipeline:
-        counts = np.bincount(codes[rows], minlength=len(classes))
-        fold_priors[fold] = np.where(counts > 0, counts, 1) / counts.sum()  # an absent class: probability 0, any positive mix
+        fold_priors[fold] = np.bincount(codes[rows], minlength=len(classes)) / rows.sum()  # an absent class: 0, and probability 0
         return logreg_pipeline(c).fit(features[rows], codes[rows])
 
     def predict(model: Pipeline, frame: pd.DataFrame) -> np.ndarray:

@@ -90,20 +90,22 @@ def _first_cnn_input(run_dir: Path) -> tuple[int | None, str]:
 
 
 def diagnosis_stack_tables(
-    train: pd.DataFrame, test: pd.DataFrame, run_dir: Path, images: tuple[pd.DataFrame | None, pd.DataFrame | None]
+    train: pd.DataFrame, test: pd.DataFrame, run_dir: Path, scores: tuple[pd.DataFrame, pd.DataFrame],
+    images: tuple[pd.DataFrame | None, pd.DataFrame | None],
 ) -> dict[str, pd.DataFrame]:
     """The diagnosis stack's OOF and test tables (`fusion.diagnosis_stack`), or none when the training
-    rows lack diagnoses: its inputs are every CNN's score and class scores, metadata, patient context
-    and the dermoscopy features of `images` (train, test)."""
+    rows lack diagnoses: its inputs are the CNN `scores` and each CNN's class scores, metadata, patient
+    context and the dermoscopy features of `images` (each a pair: train, test)."""
     classes = diagnosis_classes(train)
     if classes is None:
         return {}
 
-    def features(rows: pd.DataFrame, split: str, image_features: pd.DataFrame | None) -> pd.DataFrame:
-        scores = pd.concat([cnn_score_table(run_dir, split, rows["image_id"]), cnn_class_score_table(run_dir, split, rows["image_id"])], axis=1)
-        return build_stack_features(rows, scores, image_features)
+    def features(rows: pd.DataFrame, split: str, cnn_scores: pd.DataFrame, image_features: pd.DataFrame | None) -> pd.DataFrame:
+        return build_stack_features(rows, pd.concat([cnn_scores, cnn_class_score_table(run_dir, split, rows["image_id"])], axis=1), image_features)
 
-    stack = cross_val_diagnosis_stack(features(train, "train", images[0]), train["diagnosis"], classes, train["fold"].to_numpy(), features(test, "test", images[1]))
+    stack = cross_val_diagnosis_stack(
+        features(train, "train", scores[0], images[0]), train["diagnosis"], classes, train["fold"].to_numpy(), features(test, "test", scores[1], images[1])
+    )
     oof, test_table = diagnosis_tables(train[["image_id", "patient_id", "fold", "target"]], test[["image_id", "patient_id"]], stack)
     return dict(zip(STACK_OUTPUTS[DIAGNOSIS_STACK], (oof, test_table)))
 
@@ -129,7 +131,8 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     feature_recipe = finished_recipe(run_dir)
     train_images, test_images = (read_run_features(run_dir, rows["image_id"]) for rows in (train, test))
     train_features = build_stack_features(train, train_scores, train_images)
-    test_features = build_stack_features(test, cnn_score_table(run_dir, "test", test["image_id"]), test_images)
+    test_cnn_scores = cnn_score_table(run_dir, "test", test["image_id"])
+    test_features = build_stack_features(test, test_cnn_scores, test_images)
     copies = [c for c in masked_copies(train, seed) if c.design != "complete"]
     target, folds = train["target"].to_numpy(dtype=int), train["fold"].to_numpy()
     result = cross_val_stack(
@@ -165,7 +168,7 @@ def fit_stack(table: pd.DataFrame, run_dir: Path, num_boost_round: int = 300, se
     }
     if feature_recipe is not None:
         tables[FAMILY_GAIN_FILE] = family_gain_scores(train, train_scores, train_images, feature_recipe, num_boost_round, seed)
-    tables |= diagnosis_stack_tables(train, test, run_dir, (train_images, test_images))
+    tables |= diagnosis_stack_tables(train, test, run_dir, (train_scores, test_cnn_scores), (train_images, test_images))
     auc = roc_auc(target, stack_oof["prob"])
     recipe = {
         "cnns": cnn_names(run_dir), "features": list(train_features.columns), "num_boost_round": num_boost_round, "seed": seed,

@@ -170,8 +170,14 @@ def prior_adjusted_probabilities(probs: np.ndarray, prior: np.ndarray) -> np.nda
 
     Its argmax is `prior_adjusted_argmax`, so a challenge scored on the argmax of submitted
     probabilities (ISIC 2018/2019: balanced accuracy) gets the balanced-accuracy decision.
+
+    >>> prior_adjusted_probabilities(np.array([[0.8, 0.2, 0.0]]), np.array([0.8, 0.2, 0.0])).round(2).tolist()
+    [[0.5, 0.5, 0.0]]
     """
-    adjusted = np.asarray(probs, dtype=float) / np.asarray(prior, dtype=float)
+    probs = np.asarray(probs, dtype=float)
+    prior = np.broadcast_to(np.asarray(prior, dtype=float), probs.shape)
+    # a class the model was fitted without (prior 0) has probability 0, and stays at 0
+    adjusted = np.divide(probs, prior, out=np.zeros_like(probs), where=prior > 0)
     return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 

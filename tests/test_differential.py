@@ -109,3 +109,16 @@ def test_class_scores_of_a_run_without_test_rows(tmp_path: Path) -> None:
     assert list(test.columns) == ["cnn_small_MEL", "cnn_small_NV", "cnn_small_BKL"] and test.empty
     train = cnn_class_score_table(tmp_path, "train", pd.Series(["b", "a"]))
     np.testing.assert_allclose(train["cnn_small_NV"], np.log([0.2, 0.7]))  # no recorded prior: the plain log-probability
+
+
+def test_a_class_missing_from_a_folds_training_rows_gets_probability_and_prior_zero() -> None:
+    from fusion.diagnosis_stack import cross_val_diagnosis_stack
+
+    labels = pd.Series(["MEL", "NV"] * 30 + ["DF", "DF"])
+    folds = np.array([0, 1, 2] * 20 + [2, 2])  # every dermatofibroma in fold 2: its fold model never saw one
+    features = pd.DataFrame({"cue": np.arange(62) % 2 + (labels == "DF") * 3.0})
+    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "DF"), folds, features.iloc[:3])
+    assert (stack.oof_probs[folds == 2, 2] == 0).all() and stack.fold_priors[2][2] == 0
+    np.testing.assert_allclose([p.sum() for p in stack.fold_priors.values()], 1.0)
+    adjusted = prior_adjusted_probabilities(stack.oof_probs[folds == 2], stack.fold_priors[2])
+    assert np.isfinite(adjusted).all() and (adjusted[:, 2] == 0).all()
