@@ -73,15 +73,14 @@ class RunPredictions:
         return [m for m in self.models if m.kind == kind]
 
 
-def _predictions(path: Path, stage: str) -> pd.DataFrame:
-    """A prediction table indexed by image id, with `fold` (OOF tables) and its probability columns."""
-    table = read_table(path, stage).set_index("image_id")
+def _predictions(table: pd.DataFrame) -> pd.DataFrame:
+    """A prediction table (indexed by image id) cut to `fold` (OOF tables) and its probability columns."""
     return table[[c for c in ("fold", *PROBABILITY_COLUMNS) if c in table.columns]]
 
 
-def written_priors(path: Path, image_ids: pd.Index) -> pd.DataFrame | None:
-    """The class mix a stack's fold models were fitted to, as its table records it (`prior_<CLASS>`), per row of `image_ids`."""
-    table = read_table(path, "stack").set_index("image_id")
+def written_priors(table: pd.DataFrame, image_ids: pd.Index) -> pd.DataFrame | None:
+    """The class mix a stack's fold models were fitted to, as its OOF table (indexed by image id)
+    records it (`prior_<CLASS>`), per row of `image_ids`."""
     columns = [c for c in table.columns if c.startswith("prior_")]
     if not columns:
         return None
@@ -135,10 +134,11 @@ def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredi
     rows = read_table(first_oof, "train-cnns").set_index("image_id")[["patient_id", "fold", "target"]]
     models = []
     for name, (kind, oof_path, test_path) in sources.items():
-        oof = rows_of(_predictions(oof_path, WRITTEN_BY[kind]), rows.index, str(oof_path),
+        written = read_table(oof_path, WRITTEN_BY[kind]).set_index("image_id")
+        oof = rows_of(_predictions(written), rows.index, str(oof_path),
                       "it comes from other data or folds than the rest of the run; re-run the stage that wrote it.")
-        test = _predictions(test_path, WRITTEN_BY[kind]) if test_path.exists() else pd.DataFrame()
-        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else written_priors(oof_path, oof.index)
+        test = _predictions(read_table(test_path, WRITTEN_BY[kind]).set_index("image_id")) if test_path.exists() else pd.DataFrame()
+        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else written_priors(written, oof.index)
         models.append(ModelPredictions(name, kind, True, oof, test, prior))
     cnns = [m for m in models if m.kind == "cnn"]
     blends = _blends(cnns, rows["fold"]) if len(cnns) > 1 else []

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
 from sklearn.pipeline import Pipeline
 
 from cnn.targets import resolve_target

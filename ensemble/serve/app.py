@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import re
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Awaitable, Callable
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -143,8 +143,7 @@ class TokenGate:
         request = Request(scope)
         label = _token_label(request, self.tokens)
         if label is None:
-            response = JSONResponse({"detail": UNAUTHORIZED}, status_code=401) if scope["path"].startswith(API) else _page(request, "login.html", {"message": UNAUTHORIZED}, 401)
-            await response(scope, receive, send)
+            await _error_answer(request, UNAUTHORIZED, 401)(scope, receive, send)
             return
         scope.setdefault("state", {})["actor"] = label
         await self.app(scope, receive, send)
@@ -189,10 +188,10 @@ def _uploads(service: TriageService, files: list[UploadFile]) -> list[tuple[str,
 
 
 def _error_answer(request: Request, message: str, status: int, extra: dict | None = None) -> Response:
-    """JSON under the API, an error page elsewhere."""
+    """JSON under the API, a page elsewhere: the sign-in form for 401, an error page otherwise."""
     if request.url.path.startswith(API):
         return JSONResponse({"detail": message, **(extra or {})}, status_code=status)
-    return _page(request, "error.html", {"message": message}, status)
+    return _page(request, "login.html" if status == 401 else "error.html", {"message": message}, status)
 
 
 ERROR_STATUS: dict[type[Exception], int] = {NotFound: 404, StoreUnavailable: 503}
@@ -206,13 +205,18 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def upload_error(request: Request, error: UploadError) -> Response:
         return _error_answer(request, str(error), error.status, {"allowed": error.allowed} if error.allowed else None)
 
+    def answer_with(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+        async def handler(request: Request, error: Exception) -> Response:  # on the event loop, not a worker thread
+            return _error_answer(request, str(error), status)
+        return handler
+
     for kind, status in ERROR_STATUS.items():
-        app.add_exception_handler(kind, lambda request, error, status=status: _error_answer(request, str(error), status))
+        app.add_exception_handler(kind, answer_with(status))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
-        if error.status_code == 401 and not request.url.path.startswith(API):
-            return _page(request, "login.html", {"message": error.detail}, 401)
+        if error.status_code == 401:
+            return _error_answer(request, error.detail, 401)
         return JSONResponse({"detail": error.detail}, status_code=error.status_code)
 
 

@@ -78,7 +78,7 @@ class Review(Base):
 
     review_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     lesion_id: Mapped[int] = mapped_column(ForeignKey("lesions.lesion_id"), index=True)
-    score_id: Mapped[int | None] = mapped_column(ForeignKey("scores.score_id"), nullable=True)  # the latest score when reviewed
+    score_id: Mapped[int | None] = mapped_column(ForeignKey("scores.score_id"), nullable=True)  # the score the reviewer saw
     outcome: Mapped[str] = mapped_column(String(16))
     note: Mapped[str] = mapped_column(Text, default="")
     reviewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
