@@ -6,6 +6,7 @@ another machine. TensorFlow is imported only by the commands that train.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -23,11 +24,22 @@ from rich.progress import Progress
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cnn.options import AUGMENT_LEVELS, CACHE_CHOICES, COLOR_CONSTANCY_CHOICES, DEFAULT_CACHE_BUDGET_GB, CLASS_WEIGHT_CHOICES, LOSS_CHOICES, MIX_CHOICES, STRATEGY_CHOICES, TARGET_CHOICES
+from cnn.options import (
+    AUGMENT_LEVELS,
+    CACHE_CHOICES,
+    CLASS_WEIGHT_CHOICES,
+    COLOR_CONSTANCY_CHOICES,
+    DEFAULT_CACHE_BUDGET_GB,
+    LOSS_CHOICES,
+    MIX_CHOICES,
+    STRATEGY_CHOICES,
+    TARGET_CHOICES,
+)
+from errors import RunStateError, UserError
 from metadata.dataset import BAD_IMAGE_POLICIES
-from metadata.run.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
-from metadata.run.completion import writing
-from metadata.run.layout import RunLayout
+from rundir.completion import writing
+from rundir.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
+from rundir.layout import RunLayout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +53,7 @@ CONFIG_EPILOG = (
 
 
 class ConfigGroup(TyperGroup):
-    """Gives every command `--config FILE`: the file's options (metadata/run/config.py) become its defaults.
+    """Gives every command `--config FILE`: the file's options (rundir/config.py) become its defaults.
 
     One mechanism for all commands: the file is read before the command parses its flags and its
     options are handed over as click's `default_map`, so flags on the command line still win.
@@ -65,16 +77,19 @@ class ConfigGroup(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:
         """The one place a user's mistake becomes a message and exit status 2 (a traceback only with --debug),
-        and Ctrl-C a short note (status 130): stages mark their outputs, so an interrupted one is refused, not used."""
+        a bug a traceback and exit status 1, and Ctrl-C a short note (status 130): stages mark their
+        outputs, so an interrupted one is refused, not used."""
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as error:
-            if ctx.params.get("debug") or os.environ.get("MELANOMA_DEBUG"):
-                raise
-            raise _fail(error) from error
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):  # typer's own answers (its Exit is a RuntimeError)
+            raise
         except KeyboardInterrupt as error:
             console.print("[yellow]interrupted[/yellow]: finished parts are kept; run the same command again to complete it")
             raise typer.Exit(130) from error
+        except Exception as error:
+            if ctx.params.get("debug") or os.environ.get("MELANOMA_DEBUG"):
+                raise
+            raise (_fail(error) if is_user_error(error) else _bug(error)) from error
 
 
 app = typer.Typer(cls=ConfigGroup, add_completion=False, no_args_is_help=True, help=__doc__)
@@ -109,17 +124,28 @@ BadImageOption = Annotated[
 ]
 
 
-# What a user's mistake raises: bad data, options or files (DataError, ConfigError, BundleError and the
-# library's other ValueErrors), a stage output that is missing, a run directory that cannot be written.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+# OS errors a user fixes on their side: a folder they cannot write, a full or read-only disk.
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A mistake the user can fix (errors.UserError), or a folder or disk they must fix; anything else is a bug."""
+    return isinstance(error, UserError) or (isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS)
 
 
 def _fail(error: Exception) -> typer.Exit:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    if isinstance(error, OSError) and error.filename and not isinstance(error, FileNotFoundError):
-        message = f"{error.filename}: {error.strerror}; check that --run / --out name a folder you can write to"
-    console.print(f"[red]error:[/red] {escape(str(message))}")  # escaped: messages name [sections] and lists
+    message = str(error)
+    if isinstance(error, OSError) and error.filename:
+        message = f"{error.filename}: {error.strerror}; check that --run / --out name a folder you can write to, on a disk with room"
+    console.print(f"[red]error:[/red] {escape(message)}")  # escaped: messages name [sections] and lists
     return typer.Exit(2)
+
+
+def _bug(error: Exception) -> typer.Exit:
+    """A traceback and a line saying it is a bug: not a message to act on, but one to report."""
+    console.print_exception()
+    console.print(f"[red]this is a bug in melanoma-pipeline[/red] ({type(error).__name__}), not a mistake in your data or options: please report it with the traceback above.")
+    return typer.Exit(1)
 
 
 def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
@@ -130,9 +156,9 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def run_stage(*args: Any, **kwargs: Any) -> None:
-        from metadata.run.config import config_section
-        from metadata.run.manifest import record_stage_seconds, record_stage_start
-        from metadata.run.runlog import run_log
+        from rundir.config import config_section
+        from rundir.manifest import record_stage_seconds, record_stage_start
+        from rundir.runlog import run_log
 
         arguments = parameters.bind(*args, **kwargs)
         arguments.apply_defaults()
@@ -144,7 +170,7 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
             try:
                 command(*args, **kwargs)
             except BaseException as error:
-                log.error("%s stopped: %s", stage, str(error) or type(error).__name__, exc_info=not isinstance(error, (*USER_ERRORS, KeyboardInterrupt)))
+                log.error("%s stopped: %s", stage, str(error) or type(error).__name__, exc_info=not (is_user_error(error) or isinstance(error, KeyboardInterrupt)))
                 raise
             record_stage_seconds(run, stage, time.perf_counter() - started)
             log.info("%s finished in %.1f s", stage, time.perf_counter() - started)
@@ -258,7 +284,7 @@ def inspect(
     Exits with status 1 when the data cannot be trained on as it is.
     """
     from metadata.inspect import inspect_dataset
-    from metadata.run.io import write_json
+    from rundir.io import write_json
 
     with Progress(transient=True) as progress:
         task = progress.add_task("decoding and hashing images")
@@ -491,7 +517,8 @@ def submit(
 ) -> None:
     """Write a validated competition submission CSV (atomically) from the run's test predictions."""
     from ensemble.run_files import load_run_predictions
-    from ensemble.submission import expected_test_ids, run_submission, submission_format as find_format, submitted_model
+    from ensemble.submission import expected_test_ids, run_submission, submitted_model
+    from ensemble.submission import submission_format as find_format
 
     chosen = find_format(submission_format)
     predictions = load_run_predictions(run)
@@ -658,7 +685,7 @@ def status(run: RunOption) -> None:
 
     pairs = run_status(run, time.time())
     if not pairs:
-        raise FileNotFoundError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first.")
+        raise RunStateError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first.")
     out = Table("model", "fold", "state", "epochs", "best val AUC", "detail", title=f"CNN pairs of {run}")
     for pair in pairs:
         out.add_row(

@@ -19,8 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from metadata.run.io import write_json  # noqa: E402
 from common import provenance  # noqa: E402
+
+from rundir.io import write_json  # noqa: E402
 
 
 def main() -> None:

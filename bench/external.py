@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import pandas as pd  # noqa: E402
-
 from common import cnn_bench_parser, provenance, run_cli_steps, trained_with  # noqa: E402
+
+from evaluation.metrics import expected_calibration_error  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
-from metadata.duplicates import fingerprint_images, find_duplicate_pairs  # noqa: E402
-from metadata.metrics import expected_calibration_error  # noqa: E402
-from metadata.run.io import read_table, write_json  # noqa: E402
+from metadata.duplicates import find_duplicate_pairs, fingerprint_images  # noqa: E402
+from rundir.io import read_table, write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # HAM10000 here is squashed to 128 px, the 9-class set to 180 px: copies of one photograph land a few

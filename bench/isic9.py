@@ -20,12 +20,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix  # noqa: E402
+
+from evaluation.metrics import roc_auc  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.inspect import inspect_dataset  # noqa: E402
-from metadata.metrics import roc_auc  # noqa: E402
-from metadata.run.io import write_json  # noqa: E402
-from common import cnn_bench_parser, provenance, run_cli_steps  # noqa: E402
+from rundir.io import write_json  # noqa: E402
 
 
 def scores(truth: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:

@@ -20,12 +20,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from common import provenance  # noqa: E402
 
 from cnn.backbones import build_classifier  # noqa: E402
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
-from metadata.run.io import write_json  # noqa: E402
-from common import provenance  # noqa: E402
+from rundir.io import write_json  # noqa: E402
 
 
 def images_per_second(run: callable, n_images: int, repeats: int = 2) -> float:

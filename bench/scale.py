@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import provenance  # noqa: E402
-from metadata.run.io import write_json  # noqa: E402
+
+from rundir.io import write_json  # noqa: E402
 
 
 def run_measured(command: list[str]) -> tuple[float, float]:

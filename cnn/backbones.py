@@ -16,6 +16,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from errors import OptionError
+
 # Preprocessing conventions of keras.applications, as layers.
 Preprocess = Callable[[], list[layers.Layer]]
 
@@ -65,7 +67,7 @@ def compact_cnn(
     stage is `blocks_per_stage` residual blocks at its width, the last followed by a 2x max-pool.
     """
     if weights == "imagenet":
-        raise ValueError("the compact CNNs have no ImageNet weights; use --weights none or a weights file path.")
+        raise OptionError("the compact CNNs have no ImageNet weights; use --weights none or a weights file path.")
     if stem_stride not in (2, 4):
         raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride}.")
     inputs = keras.Input(input_shape)
@@ -143,14 +145,14 @@ def resolve_weights(weights: str) -> str | None:
     if weights.lower() == "imagenet":
         return "imagenet"
     if not Path(weights).exists():
-        raise FileNotFoundError(f"--weights {weights}: no such file; give none, imagenet or a weights file path.")
+        raise OptionError(f"--weights {weights}: no such file; give none, imagenet or a weights file path.")
     return weights
 
 
 def get_backbone(name: str) -> Backbone:
     """Look a backbone up by name, listing the registered ones when it is unknown."""
     if name not in BACKBONES:
-        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}.")
+        raise OptionError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}.")
     return BACKBONES[name]
 
 
@@ -171,7 +173,7 @@ def build_classifier(
     """
     backbone = get_backbone(name)
     if image_size < backbone.min_size:
-        raise ValueError(f"backbone {name!r} needs images of at least {backbone.min_size} px, got {image_size}.")
+        raise OptionError(f"backbone {name!r} needs images of at least {backbone.min_size} px, got {image_size}.")
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
     for layer in backbone.preprocess():
@@ -204,15 +206,15 @@ def parse_model_specs(text: str, default_size: int) -> dict[str, int]:
         name, _, size = spec.partition(":")
         get_backbone(name)
         if not (size or str(default_size)).isdigit():
-            raise ValueError(f"--models {item!r}: the size after ':' must be a whole number of pixels.")
+            raise OptionError(f"--models {item!r}: the size after ':' must be a whole number of pixels.")
         if seed and not seed.isdigit():
-            raise ValueError(f"--models {item!r}: the seed after '@' must be a whole number.")
+            raise OptionError(f"--models {item!r}: the seed after '@' must be a whole number.")
         member = name if int(seed or 0) == 0 else f"{name}_s{int(seed)}"
         if member in specs:
-            raise ValueError(f"--models names {member!r} twice; give one a seed of its own, e.g. {name}:{size or default_size}@1.")
+            raise OptionError(f"--models names {member!r} twice; give one a seed of its own, e.g. {name}:{size or default_size}@1.")
         specs[member] = int(size or default_size)
     if not specs:
-        raise ValueError("--models is empty; name at least one backbone.")
+        raise OptionError("--models is empty; name at least one backbone.")
     return specs
 
 

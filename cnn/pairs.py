@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metadata.run.io import read_json, read_table, write_json, write_table
-from metadata.run.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
+from errors import RunStateError
+from rundir.io import read_json, read_table, write_json, write_table
+from rundir.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belongs to a dead or stuck process
@@ -254,7 +255,7 @@ def require_finished_cnns(run_dir: Path) -> None:
     """
     missing = unfinished_pairs(run_dir)
     if missing:
-        raise ValueError(
+        raise RunStateError(
             f"{len(missing)} of {len(declared_pairs(run_dir))} declared CNN (model, fold) pairs are not done: "
             f"{describe_pairs(missing)}. Train them with `python cli.py train-cnns --run {run_dir} ...` "
             f"(one pair per job: `--model M --fold K`); `python cli.py status --run {run_dir}` shows each pair."

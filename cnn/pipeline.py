@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from cnn.options import AUGMENT_LEVELS
 from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
+from errors import DataError, OptionError
 from metadata.images import ImageBytesReader, exif_orientation, is_hdf5_source
-from metadata.schema import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 TTA_VIEWS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -381,7 +381,7 @@ def build_augmenter(seed: int, level: str = "light", illuminants: np.ndarray | N
     image re-lit under one of them first (`IlluminantShift`).
     """
     if level not in AUGMENT_LEVELS:
-        raise ValueError(f"--augment {level!r}: choose one of {AUGMENT_LEVELS}.")
+        raise OptionError(f"--augment {level!r}: choose one of {AUGMENT_LEVELS}.")
     layers = [] if illuminants is None else [IlluminantShift(illuminants, seed=seed)]
     if level != "none":
         layers += [
@@ -539,7 +539,7 @@ def predict_tta(model: keras.Model, images: tf.data.Dataset, views: Sequence[str
     """Mean of the model's outputs (N, n_outputs) over the named test-time views of each image."""
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
-        raise KeyError(f"unknown TTA view(s) {unknown}; known: {sorted(TTA_VIEWS)}.")
+        raise OptionError(f"unknown TTA view(s) {unknown}; known: {sorted(TTA_VIEWS)}.")
     predictions = [
         model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0)
         for view in views

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cnn.options import CLASS_WEIGHT_CHOICES, LOSS_CHOICES, TARGET_CHOICES
+from errors import DataError, OptionError
 from metadata.schema import DIAGNOSES
 
 
@@ -50,7 +51,7 @@ class TargetSpec:
         none: plain cross-entropy.
         """
         if kind not in CLASS_WEIGHT_CHOICES:
-            raise ValueError(f"--class-weight {kind!r}: choose one of {CLASS_WEIGHT_CHOICES}.")
+            raise OptionError(f"--class-weight {kind!r}: choose one of {CLASS_WEIGHT_CHOICES}.")
         if kind == "none":
             return None
         counts = self.class_counts(labels)
@@ -74,7 +75,7 @@ class TargetSpec:
     def loss(self, kind: str, label_smoothing: float) -> keras.losses.Loss:
         """Cross-entropy or focal loss (Lin et al. 2017, gamma 2) for this head."""
         if kind not in LOSS_CHOICES:
-            raise ValueError(f"--loss {kind!r}: choose one of {LOSS_CHOICES}.")
+            raise OptionError(f"--loss {kind!r}: choose one of {LOSS_CHOICES}.")
         if self.multiclass:
             if kind == "focal":
                 return keras.losses.CategoricalFocalCrossentropy(gamma=2.0, label_smoothing=label_smoothing)
@@ -87,13 +88,13 @@ class TargetSpec:
 def resolve_target(target: str, train: pd.DataFrame) -> TargetSpec:
     """`mel`, `diagnosis`, or `auto`: diagnosis when every training row has one and 3+ occur."""
     if target not in TARGET_CHOICES:
-        raise ValueError(f"--target {target!r}: choose one of {TARGET_CHOICES}.")
+        raise OptionError(f"--target {target!r}: choose one of {TARGET_CHOICES}.")
     diagnosis = train["diagnosis"].astype("string")
     present = tuple(code for code in DIAGNOSES if (diagnosis == code).any())
     usable = diagnosis.notna().all() and len(present) >= 3 and "MEL" in present
     if target == "diagnosis" and not usable:
         missing = int(diagnosis.isna().sum())
-        raise ValueError(
+        raise DataError(
             f"--target diagnosis needs a diagnosis on every training row and at least 3 classes incl. MEL; "
             f"found {missing} row(s) without one and classes {list(present)}. Use --target mel."
         )

@@ -20,9 +20,10 @@ import pandas as pd
 import tensorflow as tf
 from PIL import Image
 
+from errors import OptionError, RunStateError
 from metadata.images import ImageBytesReader
-from metadata.run.io import read_table, write_table
-from metadata.run.layout import INDEX_FILE, RunLayout
+from rundir.io import read_table, write_table
+from rundir.layout import INDEX_FILE, RunLayout
 
 SHARD_SUFFIX = ".tfrec"
 FEATURES = {"image_id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string)}
@@ -59,7 +60,7 @@ def write_shards(
     The index is written last, so a crash mid-way never leaves shards that look complete.
     """
     if records_per_shard < 1:
-        raise ValueError(f"--records-per-shard must be at least 1, got {records_per_shard}.")
+        raise OptionError(f"--records-per-shard must be at least 1, got {records_per_shard}.")
     shard_dir = RunLayout(run_dir).shards
     shard_dir.mkdir(parents=True, exist_ok=True)
     index = []
@@ -95,7 +96,7 @@ def shard_sources(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame | None:
     index = read_table(index_file, "tfrecords").set_index("image_id")
     missing = table.loc[~table["image_id"].isin(index.index), "image_id"]
     if len(missing):
-        raise ValueError(
+        raise RunStateError(
             f"{index_file}: {len(missing)} image(s) of the data are not in the shards (first: {missing.iloc[0]!r}); "
             f"re-run `tfrecords` or delete {index_file.parent}."
         )

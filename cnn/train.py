@@ -36,6 +36,7 @@ import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cnn.backbones import build_classifier, member_backbone, parse_model_specs
+from cnn.options import DEFAULT_CACHE_BUDGET_GB
 from cnn.pairs import (
     assemble_model_outputs,
     heartbeat,
@@ -47,18 +48,17 @@ from cnn.pairs import (
     unfinished_pairs,
     write_plan,
 )
-from cnn.options import DEFAULT_CACHE_BUDGET_GB
 from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta, training_illuminants
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source, shard_sources
+from errors import DataError, OptionError, RunStateError
+from evaluation.metrics import roc_auc
 from metadata.dataset import record_skipped
 from metadata.duplicates import fingerprint_images
 from metadata.folds import attach_folds
-from metadata.metrics import roc_auc
-from metadata.run.completion import writing
-from metadata.run.io import atomic_write, read_table, write_json, write_table
-from metadata.run.layout import CACHE_DIR, CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
-from metadata.schema import DataError
+from rundir.completion import writing
+from rundir.io import atomic_write, read_table, write_json, write_table
+from rundir.layout import CACHE_DIR, CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, HISTORY_FILE, MODEL_FILE, OOF_FILE, TEST_FILE, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def restore_checkpoint(folder: Path, model: keras.Model, rng: list, config: CnnC
     changed = changed_options(state["config"], config)
     if changed:
         earlier = ", ".join(f"{key}={value!r}" for key, value in changed.items())
-        raise ValueError(
+        raise RunStateError(
             f"{folder} was written with other options ({earlier}); re-run with those, "
             f"or delete {folder} to train this pair from scratch."
         )
@@ -311,7 +311,7 @@ def _tpu_strategy() -> tf.distribute.Strategy:
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
-        raise ValueError(f"--strategy tpu: no TPU reachable ({error}); run on a TPU VM or set TPU_NAME.") from error
+        raise OptionError(f"--strategy tpu: no TPU reachable ({error}); run on a TPU VM or set TPU_NAME.") from error
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -511,7 +511,7 @@ def fold_history(
         "fold": fold,
         "config": asdict(config),
         "classes": list(target.classes),
-        # what the prior-adjusted (balanced-accuracy) decision divides by; see metadata.metrics
+        # what the prior-adjusted (balanced-accuracy) decision divides by; see evaluation.metrics
         "training_prior": target.training_prior(inputs.y_train, config.class_weight).tolist() if target.multiclass else None,
         "loss": checkpoint.losses,
         "val_auc": best.val_aucs,
@@ -577,9 +577,9 @@ def train_pair(
 def selected_pairs(models: dict[str, int], fold_ids: list[int], model: str | None, fold: int | None) -> list[tuple[str, int]]:
     """The pairs one call trains: every model on every fold, or those `--model` and/or `--fold` pick."""
     if model is not None and model not in models:
-        raise ValueError(f"--model {model!r} is not one of --models ({', '.join(models)}); name one of those.")
+        raise OptionError(f"--model {model!r} is not one of --models ({', '.join(models)}); name one of those.")
     if fold is not None and fold not in fold_ids:
-        raise ValueError(f"--fold {fold} is not a fold of this run; folds.parquet has folds {fold_ids}.")
+        raise OptionError(f"--fold {fold} is not a fold of this run; folds.parquet has folds {fold_ids}.")
     return [(m, f) for m in models for f in fold_ids if model in (None, m) and fold in (None, f)]
 
 
@@ -611,7 +611,7 @@ def train_cnns(
     """
     without_image = table["image_path"].isna()
     if without_image.any():
-        raise ValueError(
+        raise DataError(
             f"{int(without_image.sum())} row(s) have no image (first: {table.loc[without_image, 'image_id'].iloc[0]!r}); "
             "metadata-only data cannot train CNNs: run `stack` with zero CNNs instead."
         )

@@ -27,16 +27,17 @@ import lightgbm as lgb
 import pandas as pd
 
 from cnn.targets import TargetSpec
-from ensemble.operating_point import OperatingPoint, choose_operating_point
+from errors import RunStateError
+from evaluation.operating_point import OperatingPoint, choose_operating_point
 from fusion.cnn_scores import fold_model_scales
 from fusion.image_features.stage import FeatureRecipe
 from fusion.missingness import PatternCalibration
 from fusion.stacker import LightGBMStacker
-from metadata.run.completion import require_complete
-from metadata.run.io import read_json, read_table, write_json
-from metadata.run.layout import MASKED_OOF_FILE, SCORING_REFERENCE_FILE, RunLayout
-from metadata.run.manifest import package_versions
 from metadata.schema import SEXES, SITES
+from rundir.completion import require_complete
+from rundir.io import read_json, read_table, write_json
+from rundir.layout import MASKED_OOF_FILE, SCORING_REFERENCE_FILE, RunLayout
+from rundir.manifest import package_versions
 
 BUNDLE_FORMAT = "melanoma-pipeline-bundle"
 BUNDLE_FORMAT_VERSION = 2  # 2: an operating point and a calibration per missingness pattern
@@ -46,7 +47,7 @@ VERSIONED_PACKAGES = ("melanoma-pipeline", "tensorflow", "keras", "lightgbm", "n
 VOCABULARIES: dict[str, list[str]] = {"sex": list(SEXES), "site": list(SITES)}
 
 
-class BundleError(ValueError):
+class BundleError(RunStateError):
     """A run that cannot be exported, or a bundle that cannot be trusted; the message says what to do."""
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from ensemble.run_files import RunPredictions
-from metadata.metrics import auc_standard_error, roc_auc
-from metadata.run.io import read_table
-from metadata.run.layout import PRIMARY_STACK, STACK_FEATURES_FILE, RunLayout
+from evaluation.metrics import auc_standard_error, roc_auc
+from rundir.io import read_table
+from rundir.layout import PRIMARY_STACK, STACK_FEATURES_FILE, RunLayout
 
 NEAR_PERFECT_AUC = 0.99  # no melanoma model or single feature reaches this honestly on ISIC data
 # OOF AUC (with TTA) may beat the training-time validation AUC (without) by this much, or by two

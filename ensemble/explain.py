@@ -20,10 +20,10 @@ from PIL import Image, ImageOps
 from cnn.gradcam import GradCam, overlay, resize_map
 from cnn.pipeline import COLOR_CONSTANCY, dark_border_box, decode_image
 from ensemble.bundle import Bundle
-from ensemble.operating_point import OperatingPoint
 from ensemble.predict import Advance
+from evaluation.operating_point import OperatingPoint
 from metadata.images import ImageBytesReader
-from metadata.run.io import write_text
+from rundir.io import write_text
 
 STYLE = """body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: left; }

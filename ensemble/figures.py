@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
-from metadata.metrics import ISIC_MIN_TPR, average_precision, calibration_bins, roc_auc  # noqa: E402
+from evaluation.metrics import ISIC_MIN_TPR, average_precision, calibration_bins, roc_auc  # noqa: E402
 
 Scores = dict[str, np.ndarray]  # model name -> its score for every row
 

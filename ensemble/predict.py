@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from cnn.pipeline import TTA_VIEWS, named_image_batches
 from ensemble.bundle import Bundle, CnnMember
+from errors import DataError
+from evaluation.metrics import prior_adjusted_probabilities
 from fusion.cnn_scores import cnn_score_column, standardized_test_scores
 from fusion.image_features.stage import compute_image_features
 from fusion.missingness import METADATA_FIELDS, missingness_pattern
@@ -25,9 +27,8 @@ from fusion.shift import alert_rate_warning, concat_statistics, image_statistics
 from fusion.stacker import build_stack_features
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
-from metadata.metrics import prior_adjusted_probabilities
-from metadata.run.io import atomic_write, write_json
-from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, DataError, clean_text, map_vocabulary, parse_age, read_csv
+from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, clean_text, map_vocabulary, parse_age, read_csv
+from rundir.io import atomic_write, write_json
 
 Advance = Callable[[int], None]
 SPLITS = ("all", "train", "test")
@@ -158,7 +159,7 @@ def cnn_fold_probabilities(
     and the diagnosis head's class probabilities.
 
     A fold model's class probabilities are divided by the class prior it was fitted to and
-    renormalised (`metadata.metrics.prior_adjusted_probabilities`: the balanced-accuracy decision,
+    renormalised (`evaluation.metrics.prior_adjusted_probabilities`: the balanced-accuracy decision,
     as in the report), then averaged over folds. `seen(images)`, when given, receives each decoded
     batch (for the image statistics of shift warnings).
     """

@@ -1,6 +1,6 @@
 """Where a run's numbers come from: the run manifest when the run has one, else what the report can still tell.
 
-`RUN/manifest.json` (`metadata.run.manifest`: packages, git commit, config, data fingerprint, wall time
+`RUN/manifest.json` (`rundir.manifest`: packages, git commit, config, data fingerprint, wall time
 per stage) is written by the stages themselves. A run from before the manifest existed gets the
 versions and commit of the code writing the report, plus the settings and training seconds the
 stages left in their own files, and the report says so.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from metadata.run.layout import HISTORY_FILE, MANIFEST_FILE, RunLayout
-from metadata.run.manifest import git_commit, package_versions, read_manifest
+from rundir.layout import HISTORY_FILE, MANIFEST_FILE, RunLayout
+from rundir.manifest import git_commit, package_versions, read_manifest
 
 
 def _stage_records(run_dir: Path) -> dict[str, object]:

@@ -22,7 +22,9 @@ import pandas as pd
 
 from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_table
 from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
-from metadata.metrics import (
+from ensemble.provenance import run_provenance
+from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from evaluation.metrics import (
     METRICS,
     PROBABILITY_METRICS,
     bootstrap_ci,
@@ -34,14 +36,12 @@ from metadata.metrics import (
     roc_auc,
     top_n_sensitivity,
 )
-from ensemble.provenance import run_provenance
-from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
 from fusion.family_gain import ALL_INPUTS, FEATURES_ONLY
 from fusion.missingness import PATTERNS
-from metadata.run.completion import writing
-from metadata.run.io import atomic_write, read_table, write_json, write_text
-from metadata.run.layout import FAMILY_GAIN_FILE, FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 from metadata.schema import SEXES, SITES
+from rundir.completion import writing
+from rundir.io import atomic_write, read_table, write_json, write_text
+from rundir.layout import FAMILY_GAIN_FILE, FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 
 CI_LEVEL = 0.95
 CI_METRICS = ("auc", "pauc_80tpr")  # the ranking metrics: the ones a CI decides between

@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 
 from ensemble.blend import mean_blend, rank_blend
+from errors import OptionError, RunStateError
 from fusion.cnn_scores import cnn_names, fold_mean_prior, training_priors
-from metadata.run.completion import require_complete
-from metadata.run.io import read_table
-from metadata.run.layout import STACK_OUTPUTS, RunLayout
 from metadata.schema import DIAGNOSES
+from rundir.completion import require_complete
+from rundir.io import read_table
+from rundir.layout import STACK_OUTPUTS, RunLayout
 
 # Blend name -> (how the CNN columns are combined, whether the result is a probability).
 BLENDS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], bool]] = {
@@ -66,7 +67,7 @@ class RunPredictions:
     def model(self, name: str) -> ModelPredictions:
         found = {m.name: m for m in self.models}
         if name not in found:
-            raise KeyError(f"no model {name!r} in this run; choose one of {sorted(found)}.")
+            raise OptionError(f"no model {name!r} in this run; choose one of {sorted(found)}.")
         return found[name]
 
     def of_kind(self, kind: str) -> list[ModelPredictions]:
@@ -91,7 +92,7 @@ def rows_of(frame: pd.DataFrame, image_ids: pd.Index, source: str, fix: str) -> 
     """`frame`'s rows (indexed by image id) of these images, in this order; refuses an image it lacks."""
     missing = image_ids.difference(frame.index)
     if len(missing):
-        raise ValueError(f"{source} has no row for image {missing[0]!r} (and {len(missing) - 1} more): {fix}")
+        raise RunStateError(f"{source} has no row for image {missing[0]!r} (and {len(missing) - 1} more): {fix}")
     return frame.reindex(image_ids)
 
 
@@ -129,7 +130,7 @@ def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredi
     )
     sources = {name: source for name, source in sources.items() if source[1].exists()}
     if not sources:
-        raise FileNotFoundError(f"{run_dir}: no OOF predictions found; run `train-cnns` or `stack` first.")
+        raise RunStateError(f"{run_dir}: no OOF predictions found; run `train-cnns` or `stack` first.")
     first_oof = next(iter(sources.values()))[1]
     rows = read_table(first_oof, "train-cnns").set_index("image_id")[["patient_id", "fold", "target"]]
     models = []

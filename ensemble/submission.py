@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from ensemble.run_files import RunPredictions, load_run_predictions
-from metadata.metrics import prior_adjusted_probabilities
-from metadata.run.io import atomic_write
-from metadata.run.layout import PRIMARY_STACK, RunLayout
+from errors import DataError, OptionError, RunStateError
+from evaluation.metrics import prior_adjusted_probabilities
+from rundir.io import atomic_write
+from rundir.layout import PRIMARY_STACK, RunLayout
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def layout_submission_format(layout: str) -> SubmissionFormat:
 
 def submission_format(name: str) -> SubmissionFormat:
     if name not in SUBMISSION_FORMATS:
-        raise ValueError(f"--format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")
+        raise OptionError(f"--format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")
     return SUBMISSION_FORMATS[name]
 
 
@@ -81,13 +82,13 @@ def build_submission(
     """
     predicted = {c for c in test.columns if c.startswith("prob_")}
     if fmt.multiclass and not predicted:
-        raise ValueError(
+        raise OptionError(
             f"{model} predicts melanoma only; {fmt.title} needs a probability per diagnosis: "
             "train a diagnosis head (`train-cnns --target diagnosis`) and submit it or the mean_blend."
         )
     unmapped = sorted(predicted - set(fmt.columns.values())) if fmt.multiclass else []
     if unmapped:
-        raise ValueError(f"{model} predicts {unmapped}, which {fmt.title} has no column for; choose a format with those classes.")
+        raise OptionError(f"{model} predicts {unmapped}, which {fmt.title} has no column for; choose a format with those classes.")
     filled = [column for column, source in fmt.columns.items() if source not in test.columns]
     notes = [f"{model} has no {column} output: the column is 0 for every image." for column in filled]
     if fmt.multiclass and class_prior is not None:
@@ -110,18 +111,18 @@ def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids
     >>> frame = pd.DataFrame({"isic_id": ["a", "b"], "target": [0.2, 1.3]})
     >>> validate_submission(frame, submission_format("isic2024"), ["a", "b"])
     Traceback (most recent call last):
-    ValueError: submission: id 'b' has target=1.3, not a probability in [0, 1] (1 such value(s)); submit a model whose outputs are probabilities.
+    errors.DataError: submission: id 'b' has target=1.3, not a probability in [0, 1] (1 such value(s)); submit a model whose outputs are probabilities.
     """
     if list(frame.columns) != fmt.header:
-        raise ValueError(f"submission columns {list(frame.columns)}; {fmt.title} needs exactly {fmt.header}, in that order.")
+        raise DataError(f"submission columns {list(frame.columns)}; {fmt.title} needs exactly {fmt.header}, in that order.")
     ids = frame[fmt.id_column]
     duplicated = ids[ids.duplicated()]
     if len(duplicated):
-        raise ValueError(f"submission: id {duplicated.iloc[0]!r} appears more than once.")
+        raise DataError(f"submission: id {duplicated.iloc[0]!r} appears more than once.")
     expected, got = set(expected_ids), set(ids)
     if expected != got:
         missing, extra = sorted(expected - got), sorted(got - expected)
-        raise ValueError(
+        raise RunStateError(
             f"submission: {len(missing)} test id(s) missing (e.g. {missing[:3]}), {len(extra)} extra (e.g. {extra[:3]}); "
             "the predictions are not for this test set: re-run the stages on the same data."
         )
@@ -129,7 +130,7 @@ def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids
     bad_rows, bad_columns = np.nonzero(~np.isfinite(values) | (values < 0) | (values > 1))
     if len(bad_rows):
         row, column = bad_rows[0], list(fmt.columns)[bad_columns[0]]
-        raise ValueError(
+        raise DataError(
             f"submission: id {ids.iloc[row]!r} has {column}={float(values[row, bad_columns[0]])}, not a probability in [0, 1] "
             f"({len(bad_rows)} such value(s)); submit a model whose outputs are probabilities."
         )
@@ -155,12 +156,12 @@ def expected_test_ids(predictions: RunPredictions, table: pd.DataFrame | None = 
     reference = predictions.models[0]
     for model in predictions.models[1:]:
         if set(model.test.index) != set(reference.test.index):
-            raise ValueError(
+            raise RunStateError(
                 f"{model.name} and {reference.name} predicted different test images: one of them is stale; "
                 "re-run its stage, or pass --data to check against the data's test split."
             )
     if reference.test.empty:
-        raise ValueError("the run has no test predictions: its data has no test split.")
+        raise RunStateError("the run has no test predictions: its data has no test split.")
     return reference.test.index
 
 
@@ -185,7 +186,7 @@ def run_submission(
     try:
         chosen = predictions.model(name)
     except KeyError as error:
-        raise ValueError(f"{error.args[0]} Pass --model.") from error
+        raise OptionError(f"{error.args[0]} Pass --model.") from error
     frame, notes = build_submission(fmt, name, chosen.test, chosen.test_class_prior if adjust_prior else None)
     return write_submission(frame, fmt, expected_ids, path), notes
 

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from ensemble.bundle import Bundle
-from ensemble.operating_point import sensitivity_at, specificity_at
 from ensemble.predict import Advance, score_patients
+from errors import DataError
+from evaluation.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
+from evaluation.operating_point import sensitivity_at, specificity_at
 from fusion.cnn_scores import cnn_score_column
 from fusion.missingness import each_lesion_alone, without_metadata
-from metadata.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
-from metadata.run.io import write_json, write_text
-from metadata.schema import DataError
+from rundir.io import write_json, write_text
 
 METADATA_MODES = ("as-given", "none")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metadata.run.completion import require_complete
-from metadata.run.io import read_table
-from metadata.run.layout import HISTORY_FILE, OOF_FILE, RunLayout
+from errors import RunStateError
+from rundir.completion import require_complete
+from rundir.io import read_table
+from rundir.layout import HISTORY_FILE, OOF_FILE, RunLayout
 
 
 def cnn_names(run_dir: Path) -> list[str]:
@@ -60,7 +61,7 @@ def _aligned(scores: pd.DataFrame, image_ids: pd.Series, source: Path, split: st
     aligned = scores.reindex(image_ids.to_numpy())
     if aligned.isna().any(axis=None):
         missing = aligned.index[aligned.isna().any(axis=1)][0]
-        raise ValueError(
+        raise RunStateError(
             f"{source}: no {split} prediction for image {missing!r}; "
             "the CNN outputs are from other data or folds: re-run `train-cnns`."
         )

@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.pipeline import Pipeline
 
 from cnn.targets import resolve_target
+from errors import DataError
 from fusion.cross_fit import cross_fit
 from fusion.logreg_stack import logreg_pipeline
 
@@ -65,7 +66,7 @@ def cross_val_diagnosis_stack(
     """
     codes = pd.Categorical(diagnosis.astype("string"), categories=list(classes)).codes
     if (codes < 0).any():
-        raise ValueError(f"the diagnosis stack needs one of {list(classes)} on every training row; found {diagnosis[codes < 0].iloc[0]!r}.")
+        raise DataError(f"the diagnosis stack needs one of {list(classes)} on every training row; found {diagnosis[codes < 0].iloc[0]!r}.")
     fold_priors = {}
 
     def fit(rows: np.ndarray, fold: int) -> Pipeline:

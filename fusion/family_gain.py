@@ -1,7 +1,7 @@
 """What each dermoscopy feature family adds: the stack refitted without it, on the same folds.
 
 The gain of a family is the OOF AUC of the stack with every input minus the stack without that
-family; the report puts a paired bootstrap interval on it (`metadata.metrics.paired_bootstrap`).
+family; the report puts a paired bootstrap interval on it (`evaluation.metrics.paired_bootstrap`).
 Both stacks are the plain LightGBM stack (the rows as given, no masked copies, no calibration), so
 the difference is the family's and nothing else's. `features_only` is the stack on the features and
 their patient context alone: no CNN, no metadata.

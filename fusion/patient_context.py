@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from errors import DataError
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITES
 
 RUN_COLUMNS: tuple[str, ...] = ("fold",)  # bookkeeping a run adds to the table; never a feature
@@ -111,7 +112,7 @@ def check_feature_columns(columns: list[str]) -> None:
     denied = {c: denial_reason(c) for c in columns if denial_reason(c)}
     if denied:
         reasons = "; ".join(f"{c} {why}" for c, why in denied.items())
-        raise ValueError(f"refusing label-derived feature(s): {reasons}.")
+        raise DataError(f"refusing label-derived feature(s): {reasons}.")
 
 
 def extra_numeric_features(table: pd.DataFrame) -> pd.DataFrame:

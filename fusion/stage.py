@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cnn.pairs import require_finished_cnns
+from evaluation.metrics import roc_auc
 from fusion.cnn_scores import cnn_class_score_table, cnn_names, cnn_score_table
 from fusion.diagnosis_stack import cross_val_diagnosis_stack, diagnosis_classes, diagnosis_tables
 from fusion.family_gain import family_gain_scores
@@ -32,10 +33,9 @@ from fusion.missingness import METADATA_FIELDS, MaskedCopy, PatternCalibration, 
 from fusion.shift import REFERENCE_SAMPLE, concat_statistics, image_statistics, moments
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.folds import attach_folds
-from metadata.metrics import roc_auc
-from metadata.run.completion import writing
-from metadata.run.io import atomic_write, read_table, write_json, write_table
-from metadata.run.layout import FAMILY_GAIN_FILE, MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
+from rundir.completion import writing
+from rundir.io import atomic_write, read_table, write_json, write_table
+from rundir.layout import FAMILY_GAIN_FILE, MASKED_OOF_FILE, PRIMARY_STACK, SCORING_REFERENCE_FILE, STACK_FEATURES_FILE, STACK_OUTPUTS, RunLayout
 
 DIAGNOSIS_STACK = "diagnosis_stack"
 # written only by some runs (with dermoscopy features; with diagnoses): a refit without them removes the old ones

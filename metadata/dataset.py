@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from errors import DataError
+from metadata.fingerprint import record_data_fingerprint
 from metadata.formats import DATASET_FORMATS, IMAGE_SUFFIXES, detect_format
 from metadata.images import HDF5_MARK, is_hdf5_source
-from metadata.run.io import atomic_write
-from metadata.run.layout import RunLayout
-from metadata.run.manifest import record_data_fingerprint
-from metadata.schema import DataError, validate_canonical
+from metadata.schema import validate_canonical
+from rundir.io import atomic_write
+from rundir.layout import RunLayout
 
 BAD_IMAGE_POLICIES = ("raise", "skip")
 

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from errors import DataError, OptionError
 from metadata.images import ImageBytesReader
 
 HASH_BITS = 64
@@ -108,7 +109,7 @@ def fingerprint_images(
             results = map(_fingerprint_chunk, tasks)
         for (chunk_ids, _), (found, failed) in zip(tasks, results):
             if failed and on_error == "raise":
-                raise ValueError(f"{failed[0][1]}; remove or replace the file, or pass --on-bad-image skip to list it instead.")
+                raise DataError(f"{failed[0][1]}; remove or replace the file, or pass --on-bad-image skip to list it instead.")
             fingerprints += found
             errors += failed
             for _ in chunk_ids if advance is not None else ():
@@ -136,7 +137,7 @@ def _check_unique(ids: pd.Index) -> None:
     """Pairs and groups are keyed by image id, so a repeated id would merge two different images."""
     if ids.has_duplicates:
         repeated = list(ids[ids.duplicated()].unique()[:5])
-        raise ValueError(f"image ids must be unique; repeated: {repeated}. Drop or rename the repeats.")
+        raise DataError(f"image ids must be unique; repeated: {repeated}. Drop or rename the repeats.")
 
 
 def _empty_pairs() -> pd.DataFrame:
@@ -161,7 +162,7 @@ def find_duplicate_pairs(
     `max_distance` small (the default 2 gives three 21-22 bit chunks).
     """
     if not 0 <= max_distance < HASH_BITS:
-        raise ValueError(f"max_distance must be in 0..{HASH_BITS - 1} bits, got {max_distance}.")
+        raise OptionError(f"max_distance must be in 0..{HASH_BITS - 1} bits, got {max_distance}.")
     ids = np.array([fp.image_id for fp in fingerprints], dtype=object)
     _check_unique(pd.Index(ids))
     if len(ids) < 2:
@@ -241,7 +242,7 @@ def published_duplicate_pairs(root: Path, image_ids: pd.Series) -> tuple[pd.Data
         return None
     listed = pd.read_csv(file, dtype=str)
     if not {"image_name_1", "image_name_2"} <= set(listed.columns):
-        raise ValueError(f"{file}: expected the columns image_name_1,image_name_2 (found {list(listed.columns)}).")
+        raise DataError(f"{file}: expected the columns image_name_1,image_name_2 (found {list(listed.columns)}).")
     present = listed["image_name_1"].isin(image_ids) & listed["image_name_2"].isin(image_ids)
     first, second = listed.loc[present, "image_name_1"], listed.loc[present, "image_name_2"]
     in_order = first < second

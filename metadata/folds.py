@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
+from errors import DataError, OptionError, RunStateError
 from metadata.duplicates import duplicate_groups
 
 
@@ -105,7 +106,7 @@ def source_folds(train: pd.DataFrame) -> pd.DataFrame:
     sources = train["source"].astype(str)
     names = sorted(sources.unique())
     if len(names) < 2:
-        raise ValueError(f"--group-by source needs at least 2 sources; the data has only {names}.")
+        raise DataError(f"--group-by source needs at least 2 sources; the data has only {names}.")
     return pd.DataFrame(
         {
             "image_id": train["image_id"].to_numpy(),
@@ -123,7 +124,7 @@ def triple_stratified_folds(
     `groups` (aligned with `train`) are kept whole; by default each patient is a group.
     """
     if k < 2:
-        raise ValueError(f"k must be at least 2, got {k}.")
+        raise OptionError(f"k must be at least 2, got {k}.")
     groups = fold_groups(train) if groups is None else groups.astype(str)
     patient_ids = train["patient_id"].fillna(train["image_id"]).astype(str).to_numpy()
     patients = (
@@ -133,13 +134,13 @@ def triple_stratified_folds(
         .reset_index()
     )
     if len(patients) < k:
-        raise ValueError(f"only {len(patients)} patients for {k} folds; lower --k.")
+        raise OptionError(f"only {len(patients)} patients for {k} folds; lower --k.")
     # One real patient may hold more images than a fold (ISIC 2024 has patients with thousands): their
     # fold is simply larger. A group of several patients that large is duplicate links gone wrong.
     chained = patients[(patients["images"] > len(train) / k) & (patients["patients"] > 1)]
     if len(chained):
         largest = chained.loc[chained["images"].idxmax()]
-        raise ValueError(
+        raise DataError(
             f"group {largest['group']!r} joins {largest['patients']} patients through duplicate images and holds "
             f"{largest['images']} of {len(train)} images, more than a fold of {k}: one fold would hold them all. Check those "
             "pairs (`inspect` lists them); if they are look-alikes, not copies, run `folds --no-dedup` or a lower "
@@ -165,5 +166,5 @@ def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, folds_file: str) -> p
     train = table[table["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id", how="left")
     if train["fold"].isna().any():
         missing = train.loc[train["fold"].isna(), "image_id"].iloc[0]
-        raise ValueError(f"{folds_file} has no fold for image {missing!r}: re-run `folds` on this data.")
+        raise RunStateError(f"{folds_file} has no fold for image {missing!r}: re-run `folds` on this data.")
     return train.astype({"fold": int})

@@ -9,7 +9,6 @@ from typing import Any
 
 from PIL import Image
 
-
 HDF5_MARK = ".hdf5#"  # `FILE.hdf5#KEY`: the entry KEY of an HDF5 file (the ISIC 2024 layout)
 
 

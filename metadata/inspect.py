@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from errors import DataError
 from metadata.dataset import load_dataset
 from metadata.duplicates import NEAR_DUPLICATE_BITS, find_duplicate_pairs, fingerprint_images
-from metadata.schema import DataError
 
 
 def _pairs_across_splits(pairs: pd.DataFrame, split_of: pd.Series) -> pd.DataFrame:

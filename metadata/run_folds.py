@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from errors import DataError
 from metadata.dataset import record_skipped
 from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
 from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
-from metadata.run.io import write_table
-from metadata.schema import DataError
-from metadata.run.layout import RunLayout
+from rundir.io import write_table
+from rundir.layout import RunLayout
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from errors import DataError
+
 DIAGNOSES: tuple[str, ...] = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 SITES: tuple[str, ...] = (
     "head/neck",
@@ -76,10 +78,6 @@ DIAGNOSIS_ALIASES: dict[str, str] = {
     "scc": "SCC", "squamous cell carcinoma": "SCC",
     "unknown": "UNK", "atypical melanocytic proliferation": "UNK", "cafe-au-lait macule": "UNK",
 }
-
-
-class DataError(ValueError):
-    """Input data the pipeline cannot use; the message names the file, the row and the fix."""
 
 
 def first_bad_row(mask: pd.Series) -> int:

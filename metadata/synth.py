@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from metadata.run.io import atomic_write
+from errors import OptionError
+from rundir.io import atomic_write
 
 # The SIIM-ISIC 2020 site vocabulary, with ISIC-like frequencies and melanoma log-odds shifts.
 SYNTH_SITES = ("head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital")
@@ -217,7 +218,7 @@ def _base_logit(logit_without_base: np.ndarray, prevalence: float | None) -> flo
     if prevalence is None:
         return BASE_LOGIT
     if not 0 < prevalence < 1:
-        raise ValueError(f"--prevalence {prevalence}: give a share between 0 and 1 (exclusive), e.g. 0.001.")
+        raise OptionError(f"--prevalence {prevalence}: give a share between 0 and 1 (exclusive), e.g. 0.001.")
     low, high = -30.0, 30.0
     for _ in range(60):
         middle = (low + high) / 2
@@ -340,7 +341,7 @@ def generate_cohort(out: Path, config: SynthConfig = SynthConfig(), advance: Cal
     `advance(n, total)` is called as each chunk of `n` of the `total` images is written (a progress bar's hook).
     """
     if config.layout not in LAYOUTS:
-        raise ValueError(f"--layout {config.layout!r}: choose one of {LAYOUTS}.")
+        raise OptionError(f"--layout {config.layout!r}: choose one of {LAYOUTS}.")
     rng = np.random.default_rng(config.seed)
     lesions = draw_lesions(config, rng)
     out = Path(out)

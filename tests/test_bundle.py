@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from ensemble.bundle import MANIFEST, BundleError, verify_bundle
-from ensemble.operating_point import choose_operating_point, sensitivity_at, specificity_at, threshold_for_sensitivity
+from errors import UserError
+from evaluation.operating_point import choose_operating_point, sensitivity_at, specificity_at, threshold_for_sensitivity
 from fusion.missingness import PATTERNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,9 +112,9 @@ def test_threshold_is_the_highest_that_reaches_the_target_sensitivity(target: fl
 
 
 def test_threshold_refuses_an_impossible_target() -> None:
-    with pytest.raises(ValueError, match="sensitivity"):
+    with pytest.raises(UserError, match="sensitivity"):
         threshold_for_sensitivity(np.array([0, 1]), np.array([0.1, 0.9]), 1.5)
-    with pytest.raises(ValueError, match="no melanoma"):
+    with pytest.raises(UserError, match="no melanoma"):
         threshold_for_sensitivity(np.array([0, 0]), np.array([0.1, 0.9]), 0.95)
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from cnn.backbones import BACKBONES, build_classifier, get_backbone
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
 from cnn.train import CnnConfig, best_epoch, changed_options, should_stop
+from errors import UserError
 
 
 def test_best_epoch_picks_highest_validation_auc() -> None:
@@ -26,7 +27,7 @@ def test_early_stopping_waits_for_patience() -> None:
 
 
 def test_unknown_backbone_lists_registered_names() -> None:
-    with pytest.raises(KeyError, match="small"):
+    with pytest.raises(UserError, match="small"):
         get_backbone("no_such_net")
     assert {"small", "efficientnet_b0", "mobilenet_v3_small", "resnet50v2"} <= set(BACKBONES)
 
@@ -41,7 +42,7 @@ def test_small_backbone_builds_offline_and_trains_one_step() -> None:
 
 
 def test_small_has_no_imagenet_weights() -> None:
-    with pytest.raises(ValueError, match="no ImageNet weights"):
+    with pytest.raises(UserError, match="no ImageNet weights"):
         build_classifier("small", 32, weights="imagenet")
 
 
@@ -83,7 +84,7 @@ def test_tta_is_the_mean_of_the_views(tmp_path: Path) -> None:
     views = {v: predict_tta(model, images, (v,)) for v in ("none", "hflip", "vflip")}
     assert not np.allclose(views["none"], views["hflip"])
     np.testing.assert_allclose(predict_tta(model, images), np.mean(list(views.values()), axis=0), rtol=1e-6)
-    with pytest.raises(KeyError):
+    with pytest.raises(UserError):
         predict_tta(model, images, ("rot45",))
 
 
@@ -103,15 +104,15 @@ def test_parse_model_specs() -> None:
     from cnn.backbones import parse_model_specs
 
     assert parse_model_specs("small:48, mobilenet_v3_small", 64) == {"small": 48, "mobilenet_v3_small": 64}
-    with pytest.raises(KeyError):
+    with pytest.raises(UserError):
         parse_model_specs("nope:32", 64)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         parse_model_specs("small:big", 64)
     # members of one backbone: a seed each, the first keeps the backbone's name
     assert parse_model_specs("small:64,small:96@1,small@2", 48) == {"small": 64, "small_s1": 96, "small_s2": 48}
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(UserError, match="twice"):
         parse_model_specs("small:64,small:96", 64)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(UserError, match="seed"):
         parse_model_specs("small@x", 64)
 
 
@@ -138,7 +139,7 @@ def test_strong_augmentation_and_dermoscopy_layers(tmp_path: Path) -> None:
     # Colour is the signal in dermoscopy: jitter may shift it, never wash it out to grey.
     assert (augmented[..., 0].mean(axis=(1, 2)) - augmented[..., 1].mean(axis=(1, 2)) > 50).all()
     assert build_augmenter(0, "none") is None
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         build_augmenter(0, "extreme")
 
 
@@ -171,13 +172,13 @@ def test_target_resolution_labels_and_weights() -> None:
     assert spec.class_weight(labels, "none") is None
     np.testing.assert_allclose(spec.training_prior(labels, "none"), counts / 6)
     np.testing.assert_allclose(spec.training_prior(labels, "balanced"), [1 / 3] * 3)
-    with pytest.raises(ValueError, match="--class-weight"):
+    with pytest.raises(UserError, match="--class-weight"):
         spec.class_weight(labels, "inverse")
     assert spec.melanoma_prob(np.array([[0.7, 0.2, 0.1]])).tolist() == [0.7]
     assert resolve_target("mel", rows).classes == ("MEL",)
     binary = resolve_target("auto", rows.assign(diagnosis=None))
     assert binary.classes == ("MEL",) and binary.labels(rows).tolist() == rows["target"].tolist()
-    with pytest.raises(ValueError, match="--target mel"):
+    with pytest.raises(UserError, match="--target mel"):
         resolve_target("diagnosis", rows.assign(diagnosis=None))
 
 

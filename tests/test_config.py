@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from cli import app
-from metadata.run.config import VALUE_TYPES, command_options, resolve_config, split_config_argument
+from rundir.config import VALUE_TYPES, command_options, resolve_config, split_config_argument
 
 RUNNER = CliRunner(env={"COLUMNS": "300"})  # wide, so messages are not wrapped
 

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from errors import DataError
 from metadata.dataset import load_dataset
-from metadata.schema import DataError
 
 TRAIN = pd.DataFrame(
     {

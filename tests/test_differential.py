@@ -11,7 +11,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from cli import app
-from metadata.metrics import prior_adjusted_probabilities
+from evaluation.metrics import prior_adjusted_probabilities
 
 runner = CliRunner()
 

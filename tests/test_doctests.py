@@ -5,9 +5,8 @@ import importlib
 
 import pytest
 
-
 MODULES = [
-    "metadata.folds", "metadata.images", "metadata.metrics", "metadata.run.layout", "metadata.run_folds", "cnn.backbones", "cnn.pipeline", "cnn.train",
+    "metadata.folds", "metadata.images", "evaluation.metrics", "rundir.layout", "metadata.run_folds", "cnn.backbones", "cnn.pipeline", "cnn.train",
     "fusion.cross_fit", "fusion.diagnosis_stack", "fusion.image_features.families", "fusion.image_features.stage", "fusion.missingness", "fusion.patient_context", "fusion.shift", "ensemble.submission",
     "ensemble.serve.app", "ensemble.serve.store",
 ]

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from errors import UserError
 from metadata.duplicates import (
     ImageFingerprint,
     duplicate_groups,
@@ -88,7 +89,7 @@ def test_truncated_jpeg_raises_or_is_listed(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(ValueError, match="ISIC_bad") as excinfo:
+    with pytest.raises(UserError, match="ISIC_bad") as excinfo:
         fingerprint_images(["ISIC_good", "ISIC_bad"], [good, str(bad)], on_error="raise")
     assert str(bad) in str(excinfo.value)
     assert "remove or replace" in str(excinfo.value)

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from errors import UserError
 from fusion.patient_context import check_feature_columns, metadata_features, patient_context_features
 from fusion.stacker import build_stack_features
 
@@ -45,7 +46,7 @@ def test_stack_features_never_read_the_label() -> None:
 
 @pytest.mark.parametrize("column", ["target", "diagnosis", "benign_malignant", "diagnosis_confirm_type"])
 def test_denied_columns_are_refused(column: str) -> None:
-    with pytest.raises(ValueError, match="label-derived"):
+    with pytest.raises(UserError, match="label-derived"):
         check_feature_columns(["age", column])
 
 

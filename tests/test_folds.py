@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-
+from errors import UserError
 from metadata.folds import attach_folds, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
 
 
@@ -55,14 +55,14 @@ def test_same_seed_same_folds_other_seed_differs() -> None:
 
 def test_too_few_patients_is_refused() -> None:
     train = _cohort(patients=3)
-    with pytest.raises(ValueError, match="lower --k"):
+    with pytest.raises(UserError, match="lower --k"):
         triple_stratified_folds(train, k=5)
 
 
 def test_attach_folds_refuses_uncovered_rows() -> None:
     train = _cohort(patients=20).assign(split="train")
     folds = triple_stratified_folds(train, k=3)
-    with pytest.raises(ValueError, match="re-run `folds`"):
+    with pytest.raises(UserError, match="re-run `folds`"):
         attach_folds(train, folds.iloc[1:], "RUN/folds.parquet")
 
 
@@ -85,14 +85,14 @@ def test_leave_one_source_out() -> None:
     folds = source_folds(train)
     assert folds.assign(source=train["source"]).groupby("fold")["source"].nunique().max() == 1
     assert folds["fold"].nunique() == 2
-    with pytest.raises(ValueError, match="at least 2 sources"):
+    with pytest.raises(UserError, match="at least 2 sources"):
         source_folds(train.assign(source="ham"))
 
 
 def test_a_group_larger_than_a_fold_is_refused() -> None:
     train = _cohort(patients=40)
     chained = pd.Series(np.where(np.arange(len(train)) < len(train) // 2, "giant", train["patient_id"]), index=train.index)
-    with pytest.raises(ValueError, match="--no-dedup"):
+    with pytest.raises(UserError, match="--no-dedup"):
         triple_stratified_folds(train, k=5, groups=chained)
 
 
@@ -123,7 +123,7 @@ def test_a_patient_with_thousands_of_lesions_folds_at_k5() -> None:
     assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
     assert folds.groupby("patient_id")["fold"].nunique().max() == 1
     chained = pd.Series(np.where(np.isin(patient, ["p0", "p1", "p2"]), "chain", patient), index=train.index)
-    with pytest.raises(ValueError, match="joins 3 patients through duplicate images"):
+    with pytest.raises(UserError, match="joins 3 patients through duplicate images"):
         triple_stratified_folds(train, k=5, seed=0, groups=chained)
 
 

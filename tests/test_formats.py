@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from errors import DataError, UserError
 from fusion.patient_context import check_feature_columns, extra_numeric_features
 from metadata.dataset import drop_skipped, load_dataset, record_skipped
 from metadata.formats import DATASET_FORMATS
 from metadata.images import read_image_bytes
-from metadata.schema import CANONICAL_COLUMNS, DataError
+from metadata.schema import CANONICAL_COLUMNS
 
 
 def _jpeg_bytes(seed: int, size: int = 16) -> bytes:
@@ -241,7 +242,7 @@ def test_isic2024_stray_text_in_a_numeric_column_is_refused(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("column", ["iddx_full", "mel_thick_mm", "dx_type", "target", "diagnosis"])
 def test_label_derived_columns_are_never_features(column: str) -> None:
-    with pytest.raises(ValueError, match=column):
+    with pytest.raises(UserError, match=column):
         check_feature_columns(["age", column])
     check_feature_columns(["age", "tbp_lv_A"])
 

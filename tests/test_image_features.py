@@ -19,7 +19,7 @@ from fusion.image_features.families import FEATURE_FAMILIES, family_columns, ima
 from fusion.image_features.stage import FeatureRecipe, compute_image_features, read_run_features, run_features
 from fusion.patient_context import denial_reason
 from metadata.dataset import load_dataset
-from metadata.run.layout import RunLayout
+from rundir.layout import RunLayout
 
 SKIN, BROWN = (205, 170, 150), (60, 10, 5)
 

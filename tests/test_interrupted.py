@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import metadata.run.io as run_io
+import rundir.io as run_io
 from cli import app
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Each stage imports only the layers below it: metadata -> cnn -> fusion -> ensemble -> cli.py."""
+"""Each stage imports only the layers below it: errors -> rundir -> evaluation -> metadata -> cnn -> fusion -> ensemble -> cli.py."""
 
 import ast
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("metadata", "cnn", "fusion", "ensemble")
+LAYERS = ("errors", "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble")
 
 
 def first_party_imports(path: Path) -> set[str]:

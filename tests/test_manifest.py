@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from metadata.dataset import load_dataset
-from metadata.run.manifest import images_fingerprint, package_versions, table_fingerprint
+from metadata.fingerprint import images_fingerprint, table_fingerprint
+from rundir.manifest import package_versions
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from metadata.metrics import (
+from evaluation.metrics import (
     METRICS,
     average_precision,
     bootstrap_ci,
@@ -17,10 +17,10 @@ from metadata.metrics import (
     calibration_bins,
     expected_calibration_error,
     multiclass_summary,
-    prior_adjusted_argmax,
     paired_bootstrap,
     pauc_above_tpr,
     per_fold,
+    prior_adjusted_argmax,
     roc_auc,
     sensitivity_at_specificity,
     specificity_at_sensitivity,
@@ -299,7 +299,7 @@ def test_bootstrap_of_a_large_run_takes_seconds() -> None:
 
 
 def test_auc_standard_error_matches_hanley_mcneil_and_shrinks_with_more_cases() -> None:
-    from metadata.metrics import auc_standard_error
+    from evaluation.metrics import auc_standard_error
 
     # By hand: Q1 = 0.9/1.1, Q2 = 1.62/1.9; var = (0.09 + 49 (Q1 - 0.81) + 49 (Q2 - 0.81)) / 2500 = 0.00103194.
     assert auc_standard_error(0.9, 50, 50) == pytest.approx(0.0321239, abs=1e-6)

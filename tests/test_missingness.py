@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metadata.metrics import expected_calibration_error
+from evaluation.metrics import expected_calibration_error
 from fusion.missingness import (
     METADATA_FIELDS,
     MIN_PATTERN_MELANOMAS,

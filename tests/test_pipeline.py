@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from evaluation.metrics import roc_auc
 from fusion.stacker import build_stack_features, cross_val_stack
 from metadata.dataset import load_dataset
 from metadata.folds import attach_folds
-from metadata.metrics import roc_auc
 
 MODELS = ("small", "mobilenet_v3_small")
 

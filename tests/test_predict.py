@@ -15,7 +15,7 @@ from cnn.gradcam import GradCam, gradcam_map
 from ensemble.bundle import Bundle, load_bundle
 from ensemble.explain import ensemble_heatmaps, overlay_name, patient_page_name
 from ensemble.predict import image_folder_rows, missing_metadata, rank_within_patient, score_patients
-from metadata.schema import DataError
+from errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA
 from metadata.inspect import inspect_dataset
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real ISIC data not found at {SHARED_DATA}")

@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from ensemble.report import Bootstrap, build_report, write_report
 from ensemble.run_files import load_run_predictions
+from evaluation.metrics import roc_auc
 from metadata.dataset import load_dataset
 from metadata.folds import attach_folds
-from metadata.metrics import roc_auc
-from metadata.run.io import write_json, write_table
+from rundir.io import write_json, write_table
 
 HONEST_VAL_AUC_GAP = 0.04  # the honest CNN's best validation AUC is a little above its OOF AUC (TTA is not perfect)
 LEAKED_VAL_AUCS = [0.62, 0.70]  # what the leaked CNN reached when validated honestly during training

@@ -17,6 +17,7 @@ from PIL import Image
 from ensemble.serve.app import create_app
 from ensemble.serve.store import Base, Score, database_engine
 from ensemble.serve.triage import TriageService, UploadLimits
+from errors import UserError
 
 TOKEN = {"s3cret": "dr-test"}
 AUTH = {"Authorization": "Bearer s3cret"}
@@ -168,9 +169,9 @@ def test_tokens_are_label_secret_pairs() -> None:
     from ensemble.serve.app import parse_tokens
 
     assert parse_tokens("dr-lee=abc==,xyz") == {"abc==": "dr-lee", "xyz": "default"}
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         parse_tokens("dr-lee=")
-    with pytest.raises(ValueError, match="at most 64"):  # the audit columns hold 64 characters
+    with pytest.raises(UserError, match="at most 64"):  # the audit columns hold 64 characters
         parse_tokens("a" * 65 + "=secret")
     assert parse_tokens("q1w2e3r4t5y6u7i8o9p0aa==") == {"q1w2e3r4t5y6u7i8o9p0aa==": "default"}  # base64 padding, not label=secret
 

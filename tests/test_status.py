@@ -24,7 +24,8 @@ from cnn.pairs import (
     run_status,
     write_plan,
 )
-from metadata.run.layout import HEARTBEAT_FILE
+from errors import UserError
+from rundir.layout import HEARTBEAT_FILE
 
 
 def _write(path: Path, content: dict) -> None:
@@ -99,7 +100,7 @@ def test_status_of_a_run_without_cnns_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_stack_refuses_and_lists_the_unfinished_pairs(run_with_every_state: Path) -> None:
-    with pytest.raises(ValueError, match=r"5 of 6 declared.*small \(folds 1, 2\), mobilenet_v3_small \(folds 0, 1, 2\)"):
+    with pytest.raises(UserError, match=r"5 of 6 declared.*small \(folds 1, 2\), mobilenet_v3_small \(folds 0, 1, 2\)"):
         require_finished_cnns(run_with_every_state)
 
 

@@ -18,8 +18,9 @@ from ensemble.submission import (
     validate_submission,
     write_submission,
 )
+from errors import UserError
 from metadata.dataset import load_dataset
-from metadata.run.io import write_table
+from rundir.io import write_table
 
 ISIC2019_TRAINING_CLASSES = [c for c in ISIC2019_CLASSES if c != "UNK"]  # ISIC 2019 has no UNK training images
 
@@ -51,9 +52,9 @@ def test_binary_formats_and_what_cannot_be_submitted() -> None:
     binary = pd.DataFrame({"prob": [0.2, 0.9]}, index=pd.Index(ids, name="image_id"))
     assert list(build_submission(SUBMISSION_FORMATS["isic2020"], "stack", binary)[0].columns) == ["image_name", "target"]
     assert list(build_submission(SUBMISSION_FORMATS["isic2024"], "stack", binary)[0].columns) == ["isic_id", "target"]
-    with pytest.raises(ValueError, match="predicts melanoma only.*--target diagnosis"):
+    with pytest.raises(UserError, match="predicts melanoma only.*--target diagnosis"):
         build_submission(SUBMISSION_FORMATS["isic2019"], "stack", binary)
-    with pytest.raises(ValueError, match=r"predicts \['prob_SCC'\], which ISIC 2018"):
+    with pytest.raises(UserError, match=r"predicts \['prob_SCC'\], which ISIC 2018"):
         build_submission(SUBMISSION_FORMATS["isic2018"], "small", _test_predictions(ids, ISIC2019_TRAINING_CLASSES))
 
 
@@ -98,7 +99,7 @@ def _isic2020(ids: list[str], probs: list[float]) -> pd.DataFrame:
     ],
 )
 def test_validation_names_the_problem(frame: pd.DataFrame, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         validate_submission(frame, SUBMISSION_FORMATS["isic2020"], ["a", "b"])
 
 
@@ -107,7 +108,7 @@ def test_a_refused_or_crashed_write_leaves_the_previous_submission(tmp_path: Pat
     fmt = SUBMISSION_FORMATS["isic2020"]
     write_submission(_isic2020(["a", "b"], [0.1, 0.2]), fmt, ["a", "b"], path)
     before = path.read_bytes()
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         write_submission(_isic2020(["a", "b"], [0.1, 7.0]), fmt, ["a", "b"], path)
     assert path.read_bytes() == before
 

@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from cli import app
 from cnn.pipeline import image_dataset
 from cnn.tfrecords import shard_sources, write_shards
+from errors import UserError
 from metadata.dataset import load_dataset
-from metadata.run.layout import INDEX_FILE, SHARD_DIR
+from rundir.layout import INDEX_FILE, SHARD_DIR
 
 
 def test_shards_stream_any_subset_in_order_with_the_original_pixels(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -38,7 +39,7 @@ def test_resized_shards_hold_images_of_the_stored_size(tiny_cohort: Path, tmp_pa
 def test_out_of_order_sources_and_stale_shards_are_refused(tiny_cohort: Path, tmp_path: Path) -> None:
     table = load_dataset(tiny_cohort).table
     write_shards(table.head(10), tmp_path)
-    with pytest.raises(ValueError, match="not in the shards"):
+    with pytest.raises(UserError, match="not in the shards"):
         shard_sources(table, tmp_path)
     sharded = shard_sources(table.head(10), tmp_path)
     with pytest.raises(ValueError, match="stored order"):

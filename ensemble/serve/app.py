@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ensemble.serve.triage import REVIEW_OUTCOMES, NotFound, StoreUnavailable, TriageService, UploadError
+from errors import OptionError
 from metadata.schema import SEXES, SITES
 
 API = "/api/v1"
@@ -59,9 +60,9 @@ def parse_tokens(text: str | None) -> dict[str, str]:
         if not equals or not LABEL.fullmatch(label) or (secret and not secret.strip("=")):  # a bare secret (base64 padding too)
             label, secret = "default", item
         if not secret:
-            raise ValueError(f"--token {label}=: the secret is empty.")
+            raise OptionError(f"--token {label}=: the secret is empty.")
         if len(label) > MAX_LABEL:
-            raise ValueError(f"--token {label[:20]}...=: a label has at most {MAX_LABEL} characters.")
+            raise OptionError(f"--token {label[:20]}...=: a label has at most {MAX_LABEL} characters.")
         tokens[secret] = label
     return tokens
 

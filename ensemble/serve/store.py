@@ -20,6 +20,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from errors import OptionError
+
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -137,7 +139,7 @@ def default_image_store(url: str) -> Path:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        raise ValueError(f"--database {url.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
+        raise OptionError(f"--database {url.split('@')[-1]}: not a SQLite file, so give --store DIR for the uploaded images (shared by every instance).")
     return Path(parsed.database).parent / "images"
 
 

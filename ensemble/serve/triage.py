@@ -35,9 +35,10 @@ from ensemble.bundle import MANIFEST, file_sha256, load_bundle
 from ensemble.explain import bundle_gradcams, overlay_png
 from ensemble.predict import score_patients
 from ensemble.serve.store import ImageStore, Lesion, Patient, Review, Score, database_engine, utc_now
+from errors import DataError, UserError
 from metadata.formats import SEX_ALIASES
-from metadata.run.io import atomic_write
-from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES, DataError
+from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES
+from rundir.io import atomic_write
 
 LOG = logging.getLogger(__name__)
 REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
@@ -60,7 +61,7 @@ class StoreUnavailable(RuntimeError):
     """A stored lesion's image is not in the image store (swept, or the share is not mounted): the server's fault (HTTP 503)."""
 
 
-class UploadError(ValueError):
+class UploadError(UserError):
     """An upload refused before anything is stored; `status` is the HTTP answer (413 too large, 422 invalid)."""
 
     def __init__(self, status: int, message: str, allowed: list[str] | None = None) -> None:

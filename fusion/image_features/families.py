@@ -25,6 +25,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, draw, feature, filters, measure, morphology, transform
 
+from errors import OptionError
+
 # The six dermoscopic colours of the ABCD rule and the 7-point checklist, as sRGB in [0, 1]
 # (reference values of Kasmi & Mokrani 2016); each lesion pixel counts for the nearest one in L*a*b*.
 DERMOSCOPIC_COLORS: dict[str, tuple[float, float, float]] = {
@@ -192,9 +194,9 @@ def check_families(families: Sequence[str]) -> list[str]:
     """The families asked for, refusing an unknown name with the registered ones."""
     unknown = [f for f in families if f not in FEATURE_FAMILIES]
     if unknown:
-        raise ValueError(f"unknown feature famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; registered: {sorted(FEATURE_FAMILIES)}.")
+        raise OptionError(f"unknown feature famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; registered: {sorted(FEATURE_FAMILIES)}.")
     if not families:
-        raise ValueError(f"no feature family given; registered: {sorted(FEATURE_FAMILIES)}.")
+        raise OptionError(f"no feature family given; registered: {sorted(FEATURE_FAMILIES)}.")
     return list(dict.fromkeys(families))
 
 

@@ -24,10 +24,11 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 
+from errors import DataError, RunStateError
 from fusion.image_features.families import FEATURE_FAMILIES, batch_features, check_families, family_columns
-from metadata.run.completion import require_complete, writing
-from metadata.run.io import read_json, read_table, write_json, write_table
-from metadata.run.layout import RunLayout
+from rundir.completion import require_complete, writing
+from rundir.io import read_json, read_table, write_json, write_table
+from rundir.layout import RunLayout
 
 DEFAULT_IMAGE_SIZE = 128  # HAM10000's own size; a lesion's border and texture survive it
 TASK_IMAGES = 32  # images per worker task
@@ -93,7 +94,7 @@ def image_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The run's rows that have an image (every split), with the id and source the stage reads."""
     rows = table.loc[table["image_path"].notna(), ["image_id", "image_path"]].reset_index(drop=True)
     if rows.empty:
-        raise ValueError("no row has an image: the features stage computes dermoscopy features from images.")
+        raise DataError("no row has an image: the features stage computes dermoscopy features from images.")
     return rows
 
 
@@ -158,7 +159,7 @@ def read_run_features(run_dir: Path, image_ids: pd.Series) -> pd.DataFrame | Non
     features = pd.concat(tables, axis=1)
     missing = ~image_ids.isin(features.index)
     if missing.any():
-        raise ValueError(
+        raise RunStateError(
             f"{layout.features}: no features for {int(missing.sum())} image(s) of the run (first: {image_ids[missing].iloc[0]!r}); "
             "the data changed since `features` ran: run `python cli.py features` on this run again."
         )

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from errors import RunStateError
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename the temp file onto `path`.
@@ -45,7 +47,7 @@ def read_table(path: Path, what: str) -> pd.DataFrame:
     """Read a parquet table, naming the stage that should have produced it when absent."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `{what}` first.")
+        raise RunStateError(f"{path} is missing: run `{what}` first.")
     return pd.read_parquet(path)
 
 

@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from metadata.run.io import read_json, write_json
-from metadata.run.layout import RunLayout
+from errors import RunStateError
+from rundir.io import read_json, write_json
+from rundir.layout import RunLayout
 
 
-class IncompleteRunError(ValueError):
+class IncompleteRunError(RunStateError):
     """A stage of the run was interrupted while writing its outputs."""
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from errors import OptionError
+
 CONFIG_READERS: dict[str, Callable[[str], Any]] = {".toml": tomllib.loads, ".json": json.loads}
 # Option type -> the types a config value may have, and how to name them in an error.
 VALUE_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
@@ -43,7 +45,7 @@ VALUE_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(OptionError):
     """A config file that cannot be used as written."""
 
 

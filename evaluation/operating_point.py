@@ -13,7 +13,8 @@ from functools import partial
 
 import numpy as np
 
-from metadata.metrics import Metric, bootstrap_ci
+from errors import DataError, OptionError
+from evaluation.metrics import Metric, bootstrap_ci
 
 
 def alerts(y_score: np.ndarray, threshold: float) -> np.ndarray:
@@ -40,10 +41,10 @@ def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivi
     threshold misses one more melanoma than the target allows.
     """
     if not 0 < sensitivity <= 1:
-        raise ValueError(f"--sensitivity {sensitivity}: give a share between 0 (excluded) and 1, e.g. 0.95.")
+        raise OptionError(f"--sensitivity {sensitivity}: give a share between 0 (excluded) and 1, e.g. 0.95.")
     positive_scores = np.sort(np.asarray(y_score, dtype=float)[np.asarray(y_true) == 1])[::-1]
     if not len(positive_scores):
-        raise ValueError("no melanoma among the out-of-fold predictions; a sensitivity cannot be targeted.")
+        raise DataError("no melanoma among the out-of-fold predictions; a sensitivity cannot be targeted.")
     needed = math.ceil(round(sensitivity * len(positive_scores), 9))  # round: 0.95 * 20 is 19.000000000000004
     return float(positive_scores[needed - 1])
 

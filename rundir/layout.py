@@ -183,5 +183,5 @@ class RunLayout:
         return self.root / ".incomplete"
 
     def incomplete(self, stage: str) -> Path:
-        """The marker of `stage` while it writes (metadata.run.completion)."""
+        """The marker of `stage` while it writes (rundir.completion)."""
         return self.incomplete_dir / f"{stage}.json"

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from metadata.run.layout import RunLayout
+
+from rundir.layout import RunLayout
 
 CLI_LOGGER = "cli"
-PIPELINE_LOGGERS = (CLI_LOGGER, "cnn", "ensemble", "fusion", "metadata")
+PIPELINE_LOGGERS = (CLI_LOGGER, "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble")
 
 
 @contextmanager

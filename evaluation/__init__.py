@@ -1,0 +1,2 @@
+"""Evaluation shared by every stage that judges predictions: metrics with patient-bootstrap intervals
+and the alert's operating point. A leaf: it imports nothing of the pipeline."""
