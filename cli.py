@@ -540,14 +540,14 @@ def export(
     """Export a finished run (CNNs + stack) as a self-contained bundle that scores new patients (`predict`)."""
     from ensemble.bundle import export_bundle
 
-    config = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
-    console.print(f"bundle: {out} ({', '.join(c['name'] for c in config['cnns'])} x {len(config['stack']['folds'])} folds + stack)")
+    exported = export_bundle(run, out, sensitivity=sensitivity, seed=seed)
+    console.print(f"bundle: {out} ({', '.join(exported.cnns)} x {len(exported.folds)} folds + stack)")
     out_table = Table("operating point", "alert at", "OOF sens.", "OOF spec. [95% CI]", title=f"Alert for {sensitivity:.0%} sensitivity per missingness pattern (OOF, inputs masked)")
-    for name, point in config["operating_points"].items():
-        low, high = point["oof_specificity_ci"]
-        out_table.add_row(name, f">= {point['threshold']:.4f}", f"{point['oof_sensitivity']:.3f}", f"{point['oof_specificity']:.3f} [{low:.3f}, {high:.3f}]")
+    for name, point in exported.operating_points.items():
+        low, high = point.oof_specificity_ci
+        out_table.add_row(name, f">= {point.threshold:.4f}", f"{point.oof_sensitivity:.3f}", f"{point.oof_specificity:.3f} [{low:.3f}, {high:.3f}]")
     console.print(out_table)
-    for pattern, source in config["calibration"]["sources"].items():
+    for pattern, source in exported.pattern_sources.items():
         if pattern != source:
             console.print(f"note: too few OOF melanomas of pattern {pattern}: its lesions are judged by {source}")
 
@@ -582,7 +582,7 @@ def predict(
         console.print(f"[yellow]note:[/yellow] {difference}")
     with Progress(console=console) as progress:
         task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
-        scored = score_patients(loaded, rows, batch_size, lambda n: progress.advance(task, n))
+        scored = score_patients(loaded, rows, batch_size=batch_size, advance=lambda n: progress.advance(task, n))
     summary = write_predictions(scored, loaded, out, not_scored)
     for note in summary["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -535,13 +535,17 @@ def named_image_batches(sources: list[str], image_size: int, batch_size: int, co
         yield images
 
 
-def predict_tta(model: keras.Model, images: tf.data.Dataset, views: Sequence[str] = ("none", "hflip", "vflip")) -> np.ndarray:
-    """Mean of the model's outputs (N, n_outputs) over the named test-time views of each image."""
+def predict_tta(model: keras.Model, images: tf.data.Dataset | tf.Tensor, views: Sequence[str] = ("none", "hflip", "vflip")) -> np.ndarray:
+    """Mean of the model's outputs (N, n_outputs) over the named test-time views of each image.
+
+    The one test-time augmentation of the pipeline: `images` is a dataset of batches (a fold model's
+    OOF and test predictions in training) or one batch tensor (new patients scored with a bundle).
+    """
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
         raise OptionError(f"unknown TTA view(s) {unknown}; known: {sorted(TTA_VIEWS)}.")
-    predictions = [
-        model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0)
-        for view in views
-    ]
+    if isinstance(images, tf.data.Dataset):
+        predictions = [model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0) for view in views]
+    else:
+        predictions = [model.predict_on_batch(TTA_VIEWS[view](images)) for view in views]
     return np.mean(predictions, axis=0)

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
 from ensemble.run_files import RunPredictions
 from evaluation.metrics import auc_standard_error, roc_auc
+from fusion.stack_model import StackModel
 from rundir.io import read_table
 from rundir.layout import PRIMARY_STACK, STACK_FEATURES_FILE, RunLayout
 
@@ -39,12 +39,8 @@ def single_feature_auc(values: pd.Series, target: np.ndarray) -> float | None:
 
 def lightgbm_gain_share(run_dir: Path) -> pd.Series:
     """Each feature's share of the total split gain, averaged over the fold models (empty without a stack)."""
-    shares = []
-    for path in RunLayout(run_dir).stack_boosters:
-        booster = lgb.Booster(model_file=str(path))
-        gain = pd.Series(booster.feature_importance("gain"), index=booster.feature_name(), dtype=float)
-        shares.append(gain / gain.sum() if gain.sum() > 0 else gain)
-    return pd.concat(shares, axis=1).mean(axis=1) if shares else pd.Series(dtype=float)
+    layout = RunLayout(run_dir)
+    return StackModel.load(layout.stack).gain_share() if layout.stack_model.state.exists() else pd.Series(dtype=float)
 
 
 def stack_feature_table(run_dir: Path, predictions: RunPredictions) -> list[dict[str, object]]:

@@ -16,15 +16,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cnn.pipeline import TTA_VIEWS, named_image_batches
+from cnn.outputs import class_column, fold_column
+from cnn.pipeline import named_image_batches, predict_tta
 from ensemble.bundle import Bundle, CnnMember
 from errors import DataError
 from evaluation.metrics import prior_adjusted_probabilities
-from fusion.cnn_scores import cnn_score_column, standardized_test_scores
 from fusion.image_features.stage import compute_image_features
-from fusion.missingness import METADATA_FIELDS, missingness_pattern
+from fusion.missingness import METADATA_FIELDS
 from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
-from fusion.stacker import build_stack_features
+from fusion.stack_model import StackModel, StackPrediction
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
 from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, clean_text, map_vocabulary, parse_age, read_csv
@@ -153,7 +153,7 @@ def padded_batch(images: tf.Tensor) -> tf.Tensor:
 
 
 def cnn_fold_probabilities(
-    member: CnnMember, sources: list[str], batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
+    member: CnnMember, sources: list[str], *, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
 ) -> CnnOutputs:
     """Melanoma probability of every fold model of one CNN (`prob_fold<k>`), mean over its TTA views,
     and the diagnosis head's class probabilities.
@@ -171,7 +171,7 @@ def cnn_fold_probabilities(
         per_fold = []
         n_images, padded = len(images), padded_batch(images)
         for fold, model in member.models.items():
-            outputs = np.mean([model.predict_on_batch(TTA_VIEWS[view](padded))[:n_images] for view in member.tta], axis=0)
+            outputs = predict_tta(model, padded, member.tta)[:n_images]
             melanoma[fold].append(member.target.melanoma_prob(outputs))
             if member.target.multiclass:
                 per_fold.append(outputs if member.priors is None else prior_adjusted_probabilities(outputs, member.priors[fold]))
@@ -179,7 +179,7 @@ def cnn_fold_probabilities(
             classes.append(np.mean(per_fold, axis=0))
         advance(len(images))
     diagnosis = pd.DataFrame(np.concatenate(classes), columns=list(member.target.classes)) if classes else None
-    return CnnOutputs(pd.DataFrame({f"prob_fold{fold}": np.concatenate(chunks) for fold, chunks in melanoma.items()}), diagnosis)
+    return CnnOutputs(pd.DataFrame({fold_column(fold): np.concatenate(chunks) for fold, chunks in melanoma.items()}), diagnosis)
 
 
 def differential_diagnosis(diagnoses: list[pd.DataFrame], index: pd.Index) -> pd.DataFrame:
@@ -189,7 +189,7 @@ def differential_diagnosis(diagnoses: list[pd.DataFrame], index: pd.Index) -> pd
         return pd.DataFrame(index=index)
     classes = list(diagnoses[0].columns)
     mean = sum(d.to_numpy() for d in diagnoses if list(d.columns) == classes) / sum(list(d.columns) == classes for d in diagnoses)
-    table = pd.DataFrame(mean, columns=[f"prob_{c}" for c in classes], index=index)
+    table = pd.DataFrame(mean, columns=[class_column(c) for c in classes], index=index)
     return table.assign(top_diagnosis=np.array(classes)[mean.argmax(axis=1)])
 
 
@@ -205,6 +205,69 @@ def missing_metadata(rows: pd.DataFrame) -> pd.Series:
 
 
 @dataclass(frozen=True)
+class LesionInputs:
+    """What the stack model takes from a set of images: each CNN's fold-model outputs, the dermoscopy
+    features (None when the stack takes none), the differential diagnosis; rows in the images' order."""
+
+    cnn_outputs: dict[str, pd.DataFrame]  # CNN name -> prob_fold<k>
+    image_features: pd.DataFrame | None
+    diagnosis: pd.DataFrame  # prob_<CLASS> and top_diagnosis (no columns without a diagnosis head)
+
+
+def lesion_inputs(
+    bundle: Bundle, sources: list[str], *, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
+) -> LesionInputs:
+    """Every CNN's outputs, dermoscopy features and differential diagnosis of the images at `sources`,
+    computed as the run computed them; `seen` gets the batches of the CNN the scoring reference describes."""
+    outputs = {
+        member.name: cnn_fold_probabilities(
+            member, sources, batch_size=batch_size, advance=advance, seen=seen if i == 0 and member.image_size == bundle.reference["image_size"] else None
+        )
+        for i, member in enumerate(bundle.cnns)
+    }
+    recipe = bundle.stack.feature_recipe
+    diagnosis = differential_diagnosis([o.diagnosis for o in outputs.values() if o.diagnosis is not None], pd.RangeIndex(len(sources)))
+    features = None if recipe is None else compute_image_features(sources, recipe)
+    return LesionInputs({name: o.melanoma for name, o in outputs.items()}, features, diagnosis)
+
+
+def judge_lesions(stack: StackModel, rows: pd.DataFrame, inputs: LesionInputs) -> tuple[pd.DataFrame, StackPrediction]:
+    """The predictions table of `rows` (a 0..n-1 index, aligned with `inputs`): probability, alert at its
+    pattern's operating point, rank within the patient, what it lacked, the differential diagnosis.
+
+    >>> rng = np.random.default_rng(0)
+    >>> n = 150
+    >>> melanoma = rng.random(n) < 0.3
+    >>> train = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k // 3}" for k in range(n)],
+    ...     "age": 60.0, "sex": "male", "site": "torso", "target": melanoma.astype(int), "fold": np.arange(n) % 3})
+    >>> oof = {"small": train[["fold"]].assign(prob=np.clip(0.4 * melanoma + 0.6 * rng.random(n), 0.01, 0.99))}
+    >>> stack = StackModel(num_boost_round=20).fit(train, cnn_oof=oof)
+    >>> stack = stack.with_operating_points(stack.masked_oof_, n_boot=20)
+    >>> new = pd.DataFrame({"image_id": ["a", "b"], "patient_id": ["x", "x"], "age": [70.0, 70.0], "sex": "male", "site": None})
+    >>> outputs = {"small": pd.DataFrame({f"prob_fold{k}": [0.95, 0.05] for k in range(3)})}
+    >>> table, _ = judge_lesions(stack, new, LesionInputs(outputs, None, pd.DataFrame(index=new.index)))
+    >>> table[["image_id", "alert", "rank_in_patient", "pattern"]].values.tolist()
+    [['a', 1, 1, 'partial'], ['b', 0, 2, 'partial']]
+    """
+    scored = stack.predict(rows, cnn_outputs=inputs.cnn_outputs, image_features=inputs.image_features)
+    probability = scored.table["prob"]
+    predictions = pd.DataFrame(
+        {
+            "image_id": rows["image_id"],
+            "patient_id": rows["patient_id"],
+            "melanoma_probability": probability,
+            "alert": scored.table["alert"],
+            "rank_in_patient": rank_within_patient(rows["patient_id"], probability),
+            "missing_metadata": missing_metadata(rows),
+            "pattern": scored.table["pattern"],
+            "operating_point": scored.table["operating_point"],
+            "alert_threshold": scored.table["alert_threshold"],
+        }
+    ).join(inputs.diagnosis)
+    return predictions, scored
+
+
+@dataclass(frozen=True)
 class Scored:
     """Predictions for new patients, what the stack had to treat as missing, and how the batch compares."""
 
@@ -215,72 +278,39 @@ class Scored:
     image_features: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: the dermoscopy features, if the stack takes them
 
 
-def stack_inputs(
-    bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None]
-) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
-    """Each CNN's standardised score of `rows`, their dermoscopy features (None when the stack takes
-    none), computed as the run computed them, and the differential diagnosis; `seen` gets the
-    batches of the CNN the scoring reference describes."""
-    sources = rows["image_path"].astype(str).tolist()
-    outputs = {
-        member.name: cnn_fold_probabilities(member, sources, batch_size, advance, seen if i == 0 and member.image_size == bundle.reference["image_size"] else None)
-        for i, member in enumerate(bundle.cnns)
-    }
-    cnn_scores = pd.DataFrame(
-        {cnn_score_column(member.name): standardized_test_scores(outputs[member.name].melanoma, member.scales) for member in bundle.cnns}, index=rows.index
-    )
-    recipe = bundle.image_features
-    diagnosis = differential_diagnosis([o.diagnosis for o in outputs.values() if o.diagnosis is not None], rows.index)
-    return cnn_scores, None if recipe is None else compute_image_features(sources, recipe), diagnosis
-
-
-def score_patients(bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance) -> Scored:
-    """Probability, alert and within-patient rank of every row; `advance(n)` after each batch of each CNN.
-
-    Each lesion is judged by the operating point (calibration and threshold) of its missingness
-    pattern, recorded in the `operating_point` column.
-    """
-    rows = rows.reset_index(drop=True)
-    image_stats: list[dict[str, np.ndarray]] = []
-    cnn_scores, image_features, diagnosis = stack_inputs(bundle, rows, batch_size, advance, lambda images: image_stats.append(image_statistics(images)))
-    built = build_stack_features(rows, cnn_scores, image_features)
-    absent = [f for f in bundle.features if f not in built.columns]
-    features = built.reindex(columns=bundle.features)
-    stack_score = np.mean([stacker.predict(features) for stacker in bundle.stackers], axis=0)
-    pattern = missingness_pattern(rows)
-    # each pattern's scorer as chosen on OOF: the stack, or one CNN alone (fusion.missingness)
-    score = bundle.calibration.chosen_scores(stack_score, pattern.to_numpy(), {c: cnn_scores[c].to_numpy() for c in cnn_scores})
-    source = pattern.map(bundle.calibration.sources)
-    points = {name: bundle.operating_points[name] for name in source.unique()}
-    probability = pd.Series(bundle.calibration.apply(score, pattern.to_numpy()), index=rows.index)
-    threshold = source.map({name: point.threshold for name, point in points.items()})
-    alert = (probability >= threshold).astype(int)
-    predictions = pd.DataFrame(
-        {
-            "image_id": rows["image_id"],
-            "patient_id": rows["patient_id"],
-            "melanoma_probability": probability,
-            "alert": alert,
-            "rank_in_patient": rank_within_patient(rows["patient_id"], probability),
-            "missing_metadata": missing_metadata(rows),
-            "pattern": pattern,
-            "operating_point": source,
-            "alert_threshold": threshold,
-        }
-    ).join(diagnosis)
-    reference = bundle.reference
-    shift = [
+def batch_shift_warnings(bundle: Bundle, rows: pd.DataFrame, predictions: pd.DataFrame, cnn_scores: pd.DataFrame, image_stats: list[dict[str, np.ndarray]]) -> list[str]:
+    """Where this batch looks unlike the training data (`fusion.shift`): images, CNN scores, missing metadata, alert rate."""
+    reference, points = bundle.reference, bundle.operating_points
+    return [
         *shift_warnings(reference["images"], concat_statistics(image_stats)),
         *shift_warnings(
             reference["cnn_scores"], {c: cnn_scores[c].to_numpy() for c in cnn_scores.columns},
             "the OOF images (other cameras, or more suspicious lesions than the training mix, move it)",
         ),
         *missing_rate_warnings(reference["missing_rate"], rows[list(METADATA_FIELDS)]),
-        *alert_rate_warning(alert.to_numpy(), source.map({name: p.oof_alert_rate for name, p in points.items()}).to_numpy()),
+        *alert_rate_warning(predictions["alert"].to_numpy(), predictions["operating_point"].map({name: p.oof_alert_rate for name, p in points.items()}).to_numpy()),
     ]
+
+
+def score_patients(bundle: Bundle, rows: pd.DataFrame, *, batch_size: int, advance: Advance) -> Scored:
+    """Probability, alert and within-patient rank of every row (`judge_lesions`), with the images read
+    and scored by every CNN here; `advance(n)` after each batch of each CNN.
+
+    Each lesion is judged by the operating point (calibration and threshold) of its missingness
+    pattern, recorded in the `operating_point` column.
+    """
+    rows = rows.reset_index(drop=True)
+    image_stats: list[dict[str, np.ndarray]] = []
+    inputs = lesion_inputs(
+        bundle, rows["image_path"].astype(str).tolist(), batch_size=batch_size, advance=advance, seen=lambda images: image_stats.append(image_statistics(images))
+    )
+    predictions, scored = judge_lesions(bundle.stack, rows, inputs)
     return Scored(
-        predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"), absent, shift, cnn_scores.set_axis(rows["image_id"]),
-        pd.DataFrame() if image_features is None else image_features.set_axis(rows["image_id"]),
+        predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"),
+        scored.absent_features,
+        batch_shift_warnings(bundle, rows, predictions, scored.cnn_scores, image_stats),
+        scored.cnn_scores.set_axis(rows["image_id"]),
+        pd.DataFrame() if inputs.image_features is None else inputs.image_features.set_axis(rows["image_id"]),
     )
 
 

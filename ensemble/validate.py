@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cnn.outputs import stack_column
 from ensemble.bundle import Bundle
 from ensemble.predict import Advance, score_patients
 from errors import DataError
 from evaluation.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
 from evaluation.operating_point import sensitivity_at, specificity_at
-from fusion.cnn_scores import cnn_score_column
 from fusion.missingness import each_lesion_alone, without_metadata
 from rundir.io import write_json, write_text
 
@@ -105,7 +105,7 @@ def validate_bundle(
     bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, object]:
     """Score labelled `rows` with the bundle; the validation report as a JSON-ready dict."""
-    scored_patients = score_patients(bundle, rows, batch_size, advance)
+    scored_patients = score_patients(bundle, rows, batch_size=batch_size, advance=advance)
     labels = rows.set_index("image_id")["target"].astype(int)
     scored = scored_patients.predictions.assign(target=lambda f: labels.reindex(f["image_id"]).to_numpy())
     y, probability = scored["target"].to_numpy(int), scored["melanoma_probability"].to_numpy()
@@ -126,7 +126,7 @@ def validate_bundle(
         "mel_auc": auc.value,
         "mel_auc_ci": list(auc.ci),
         "mel_auc_cnn_only": roc_auc(y, cnn_only),
-        "mel_auc_per_cnn": {m.name: roc_auc(y, cnn_scores[cnn_score_column(m.name)].to_numpy()) for m in bundle.cnns},  # which member travels
+        "mel_auc_per_cnn": {m.name: roc_auc(y, cnn_scores[stack_column(m.name)].to_numpy()) for m in bundle.cnns},  # which member travels
         "bundle_oof_auc": bundle.manifest.get("stack_oof_auc"),
         "ece": expected_calibration_error(y, probability),
         "alert_rate": float(alert.mean()),

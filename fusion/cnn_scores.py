@@ -1,23 +1,40 @@
-"""The CNN outputs of a run as stacker inputs: each fold model's log-odds on one scale."""
+"""The CNN outputs of a run as stacker inputs: each fold model's log-odds on one scale.
+
+Each fold's OOF probabilities come from a different model with its own calibration; pooled raw,
+they rank worse than any fold alone. `CnnScales` standardises every fold model's log-odds by its
+own OOF statistics, computed once when the stack is fitted and kept with it (the run's stack files
+and the bundle), so the stack's test rows and a new patient's lesions are standardised alike and
+nothing depends on the batch being scored.
+
+>>> oof = pd.DataFrame({"fold": [0, 0, 1, 1], "prob": [0.2, 0.8, 0.1, 0.5]})
+>>> scales = CnnScales.fit({"small": oof})
+>>> scales.oof_scores({"small": oof})["cnn_small"].round(3).tolist()
+[-0.707, 0.707, -0.707, 0.707]
+>>> scales.scores({"small": pd.DataFrame({"prob_fold0": [0.8], "prob_fold1": [0.5]})})["cnn_small"].round(3).tolist()
+[0.707]
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from errors import RunStateError
-from rundir.completion import require_complete
-from rundir.io import read_table
-from rundir.layout import HISTORY_FILE, OOF_FILE, RunLayout
-
-
-def cnn_names(run_dir: Path) -> list[str]:
-    """CNNs of a run that have an assembled OOF table, in name order; refuses a run whose assembly of a CNN was interrupted."""
-    require_complete(run_dir, "train-cnns")
-    return sorted(p.parent.name for p in RunLayout(run_dir).cnn.glob(f"*/{OOF_FILE}"))
+from cnn.outputs import (
+    MELANOMA,
+    aligned,
+    class_column,
+    cnn_names,
+    diagnosis_classes,
+    fold_column,
+    fold_mean_prior,
+    read_cnn_outputs,
+    stack_column,
+    training_priors,
+)
+from rundir.layout import RunLayout
 
 
 def logit(probs: np.ndarray | pd.Series) -> np.ndarray:
@@ -27,63 +44,57 @@ def logit(probs: np.ndarray | pd.Series) -> np.ndarray:
 
 
 def fold_model_scales(oof: pd.DataFrame) -> pd.DataFrame:
-    """Mean and SD of each fold model's OOF log-odds (`fold` -> `mean`, `std`).
-
-    Each fold's OOF probabilities come from a different model with its own calibration; pooled raw,
-    they rank worse than any fold alone. Standardising every fold model's log-odds by its own OOF
-    statistics puts them on one scale, and the same statistics apply to that model's test (or
-    new-patient) predictions, so nothing depends on the batch being scored.
-    """
-    stats = pd.DataFrame({"fold": oof["fold"].to_numpy(), "logit": logit(oof["prob"])}).groupby("fold")["logit"]
+    """Mean and SD of each fold model's OOF log-odds (`fold` -> `mean`, `std`; an SD of 0 becomes 1)."""
+    stats = pd.DataFrame({"fold": oof["fold"].to_numpy(), "logit": logit(oof[MELANOMA])}).groupby("fold")["logit"]
     scales = pd.DataFrame({"mean": stats.mean(), "std": stats.std()})
     return scales.assign(std=scales["std"].where(scales["std"] > 0, 1.0))
 
 
-def standardized_oof_scores(oof: pd.DataFrame, scales: pd.DataFrame) -> np.ndarray:
-    """Each OOF row's log-odds standardised by the scales of the fold model that scored it."""
-    folds = oof["fold"].to_numpy()
-    return (logit(oof["prob"]) - scales["mean"].reindex(folds).to_numpy()) / scales["std"].reindex(folds).to_numpy()
+@dataclass(frozen=True)
+class CnnScales:
+    """Per CNN (in the stack's column order), each fold model's OOF log-odds mean and SD."""
 
+    by_cnn: dict[str, pd.DataFrame]  # CNN name -> fold -> mean, std
 
-def standardized_test_scores(test: pd.DataFrame, scales: pd.DataFrame) -> np.ndarray:
-    """Mean over fold models of each model's standardised log-odds (`prob_fold<k>` columns)."""
-    per_model = [(logit(test[f"prob_fold{fold}"]) - row["mean"]) / row["std"] for fold, row in scales.iterrows()]
-    return np.mean(per_model, axis=0)
+    @classmethod
+    def fit(cls, oof: dict[str, pd.DataFrame]) -> CnnScales:
+        """From each CNN's OOF table (`fold`, `prob`)."""
+        return cls({name: fold_model_scales(table) for name, table in oof.items()})
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.by_cnn)
 
-def cnn_score_column(name: str) -> str:
-    """The stack's input column of CNN `name`'s standardised score."""
-    return f"cnn_{name}"
+    @property
+    def columns(self) -> list[str]:
+        """The stack's CNN columns, `cnn_<name>`."""
+        return [stack_column(name) for name in self.by_cnn]
 
+    def oof_scores(self, oof: dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """Each OOF row's log-odds standardised by the scales of the fold model that scored it."""
+        columns = {}
+        for name, scales in self.by_cnn.items():
+            folds = oof[name]["fold"].to_numpy()
+            columns[stack_column(name)] = (logit(oof[name][MELANOMA]) - scales["mean"].reindex(folds).to_numpy()) / scales["std"].reindex(folds).to_numpy()
+        return pd.DataFrame(columns, index=self._index(oof))
 
-def _aligned(scores: pd.DataFrame, image_ids: pd.Series, source: Path, split: str) -> pd.DataFrame:
-    """`scores` (indexed by image id) in the order of `image_ids`; refuses an image without a prediction."""
-    aligned = scores.reindex(image_ids.to_numpy())
-    if aligned.isna().any(axis=None):
-        missing = aligned.index[aligned.isna().any(axis=1)][0]
-        raise RunStateError(
-            f"{source}: no {split} prediction for image {missing!r}; "
-            "the CNN outputs are from other data or folds: re-run `train-cnns`."
-        )
-    return aligned.set_axis(image_ids.index)
+    def scores(self, outputs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+        """Rows scored by every fold model (`prob_fold<k>`): the mean over fold models of each one's standardised log-odds."""
+        columns = {}
+        for name, scales in self.by_cnn.items():
+            per_model = [(logit(outputs[name][fold_column(fold)]) - row["mean"]) / row["std"] for fold, row in scales.iterrows()]
+            columns[stack_column(name)] = np.mean(per_model, axis=0) if per_model else np.empty(0)
+        return pd.DataFrame(columns, index=self._index(outputs))
 
+    def _index(self, tables: dict[str, pd.DataFrame]) -> pd.Index | None:
+        return tables[self.names[0]].index if self.by_cnn else None
 
-def _cnn_split(run_dir: Path, name: str, split: str) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
-    """A CNN's OOF table, the table of `split` (the OOF table itself for "train") and its folder."""
-    oof_file, test_file = RunLayout(run_dir).cnn_outputs(name)
-    oof = read_table(oof_file, "train-cnns")
-    return oof, oof if split == "train" else read_table(test_file, "train-cnns"), oof_file.parent
+    def to_json(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {name: {str(f): {"mean": float(r["mean"]), "std": float(r["std"])} for f, r in scales.iterrows()} for name, scales in self.by_cnn.items()}
 
-
-def cnn_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataFrame:
-    """One `cnn_<name>` column per CNN (fold-model-standardised log-odds), aligned with `image_ids`."""
-    columns = []
-    for name in cnn_names(run_dir):
-        oof, frame, source = _cnn_split(run_dir, name, split)
-        scales = fold_model_scales(oof)
-        scores = standardized_oof_scores(frame, scales) if split == "train" else standardized_test_scores(frame, scales)
-        columns.append(_aligned(pd.DataFrame({cnn_score_column(name): scores}, index=frame["image_id"].to_numpy()), image_ids, source, split))
-    return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
+    @classmethod
+    def from_json(cls, data: dict[str, dict[str, dict[str, float]]]) -> CnnScales:
+        return cls({name: pd.DataFrame.from_dict(folds, orient="index").set_axis([int(f) for f in folds]) for name, folds in data.items()})
 
 
 def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd.DataFrame:
@@ -92,23 +103,18 @@ def cnn_class_score_table(run_dir: Path, split: str, image_ids: pd.Series) -> pd
     mean prior), so the stack sees evidence, not the training mix; aligned with `image_ids`."""
     columns = []
     for name in cnn_names(run_dir):
-        oof, frame, source = _cnn_split(run_dir, name, split)
-        classes = [c.removeprefix("prob_") for c in oof.columns if c.startswith("prob_") and not c.startswith("prob_fold")]
+        oof, test = read_cnn_outputs(run_dir, name)
+        classes = diagnosis_classes(oof)
         if not classes:
             continue
-        prior = _split_prior(training_priors(source, oof["fold"]), classes, oof["fold"], split)
+        prior = _split_prior(training_priors(run_dir, name, oof["fold"]), classes, oof["fold"], split)
+        frame = oof if split == "train" else test
         # reindexed: a run without test rows has only `prob` in its empty test table (rows it lacks are refused below)
-        probs = frame.reindex(columns=[f"prob_{c}" for c in classes]).to_numpy(dtype=float)
-        evidence = np.log(np.clip(probs, 1e-6, 1.0) / prior)
-        table = pd.DataFrame(evidence, columns=[f"{cnn_score_column(name)}_{c}" for c in classes], index=frame["image_id"].to_numpy())
-        columns.append(_aligned(table, image_ids, source, split))
+        probs = frame.reindex(columns=[class_column(c) for c in classes]).to_numpy(dtype=float)
+        evidence = pd.DataFrame(np.log(np.clip(probs, 1e-6, 1.0) / prior), columns=[f"{stack_column(name)}_{c}" for c in classes])
+        source = RunLayout(run_dir).cnn_outputs(name)[0 if split == "train" else 1]
+        columns.append(aligned(evidence.assign(image_id=frame["image_id"].to_numpy()), image_ids, source, split).drop(columns="image_id"))
     return pd.concat(columns, axis=1) if columns else pd.DataFrame(index=image_ids.index)
-
-
-def fold_mean_prior(priors: pd.DataFrame, folds: pd.Series | np.ndarray) -> pd.Series:
-    """The class mix behind test predictions (class -> probability): the fold models' own mixes
-    (`priors`, one row per OOF row, predicted in `folds`), averaged as their outputs are."""
-    return priors.groupby(np.asarray(folds)).first().mean()
 
 
 def _split_prior(priors: pd.DataFrame | None, classes: list[str], folds: pd.Series, split: str) -> np.ndarray | float:
@@ -117,16 +123,3 @@ def _split_prior(priors: pd.DataFrame | None, classes: list[str], folds: pd.Seri
     if priors is None:
         return 1.0
     return priors[classes].to_numpy() if split == "train" else fold_mean_prior(priors[classes], folds).to_numpy()
-
-
-def training_priors(model_dir: Path, folds: pd.Series) -> pd.DataFrame | None:
-    """Each OOF row's training prior, from its fold's `history.json`; None for a binary head or an older run."""
-    histories = {int(f): model_dir / f"fold{int(f)}" / HISTORY_FILE for f in folds.unique()}
-    if not all(path.exists() for path in histories.values()):
-        return None
-    records = {fold: json.loads(path.read_text()) for fold, path in histories.items()}
-    if any(record.get("training_prior") is None for record in records.values()):
-        return None
-    classes = next(iter(records.values()))["classes"]
-    by_fold = pd.DataFrame({fold: record["training_prior"] for fold, record in records.items()}, index=classes).T
-    return by_fold.reindex(folds.to_numpy()).set_axis(folds.index)

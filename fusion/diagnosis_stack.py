@@ -32,6 +32,8 @@ DIAGNOSIS_STACK_C = 0.1  # L2 strength of the logistic regression (see above)
 
 def diagnosis_classes(train: pd.DataFrame) -> tuple[str, ...] | None:
     """The classes of the training rows' diagnoses when a diagnosis stack can be fitted, else None."""
+    if "diagnosis" not in train:
+        return None
     spec = resolve_target("auto", train)
     return spec.classes if spec.multiclass else None
 

@@ -19,7 +19,7 @@ ALL_INPUTS, WITHOUT_IMAGE_FEATURES, FEATURES_ONLY = "all", "without_image_featur
 
 
 def family_gain_scores(
-    train: pd.DataFrame, cnn_scores: pd.DataFrame, image_features: pd.DataFrame, recipe: FeatureRecipe,
+    train: pd.DataFrame, cnn_scores: pd.DataFrame, image_features: pd.DataFrame, recipe: FeatureRecipe, *,
     num_boost_round: int = 300, seed: int = 0,
 ) -> pd.DataFrame:
     """OOF probability of the stack with all inputs (`prob_all`), without each family
@@ -29,7 +29,7 @@ def family_gain_scores(
 
     def oof(features: pd.DataFrame) -> np.ndarray:
         increasing = tuple(c for c in cnn_scores.columns if c in features.columns)
-        return cross_val_stack(features, target, folds, features.iloc[:0], num_boost_round, seed, increasing=increasing).oof_probs
+        return cross_val_stack(features, target, folds, features.iloc[:0], num_boost_round=num_boost_round, seed=seed, increasing=increasing).oof_probs
 
     def without(columns: list[str]) -> pd.DataFrame:
         kept = [c for c in image_features.columns if c not in columns]

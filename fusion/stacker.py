@@ -123,6 +123,7 @@ def cross_val_stack(
     target: np.ndarray,
     folds: np.ndarray,
     test_features: pd.DataFrame,
+    *,
     num_boost_round: int = 300,
     seed: int = 0,
     params: dict[str, object] | None = None,

@@ -12,14 +12,20 @@
                                     done.json, failed.json, heartbeat.json, checkpoint/, cache/ (pair state)
       features/<family>.parquet     features: dermoscopy features by image_id; recipe.json (written last);
                                     partial/ (chunks of an unfinished call, resumed by the next)
-      stack/                        stack: STACK_OUTPUTS, features, masked OOF, scoring reference, boosters
+      stack/                        stack: the fitted stack model (StackModelLayout), STACK_OUTPUTS, features,
+                                    masked OOF, scoring reference, the stage's recipe
       submission.csv                stack: the primary stack's submission in the data's format
       report.{json,html,md}, figures/   report
       .incomplete/<stage>.json      a stage writing its outputs (left behind if it was interrupted)
 
+An exported bundle has its own layout (`BundleLayout`); the fitted stack model's files
+(`StackModelLayout`) are the same in both.
+
 >>> layout = RunLayout("runs/demo")
 >>> layout.folds.as_posix(), layout.fold_dir("small", 2).as_posix()
 ('runs/demo/folds.parquet', 'runs/demo/cnn/small/fold2')
+>>> BundleLayout("bundle").stack_model.booster(1).as_posix()
+'bundle/stack/model_fold1.txt'
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ FAMILY_GAIN_FILE = "family_gain.parquet"  # RUN/stack: OOF scores of the stack w
 STACK_FEATURES_FILE = "oof_features.parquet"  # RUN/stack: the stackers' training features by image_id
 MASKED_OOF_FILE = "masked_oof.parquet"  # RUN/stack: OOF scores per image and missingness pattern (fusion.missingness)
 SCORING_REFERENCE_FILE = "scoring_reference.json"  # RUN/stack: what predict compares a batch with (fusion.shift)
-STACK_RECIPE_FILE = "features.json"  # RUN/stack: the stack's feature columns and recipe
+STACK_RECIPE_FILE = "features.json"  # RUN/stack: the stage's recipe (CNNs, rounds, seed, OOF AUC, masked copies)
+STACK_MODEL_FILE = "stack_model.json"  # RUN/stack and BUNDLE/stack: the fitted stack model (fusion.stack_model)
+BUNDLE_MANIFEST_FILE, BUNDLE_CONFIG_FILE = "manifest.json", "config.json"  # BUNDLE/
 PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
 
 
@@ -151,12 +159,9 @@ class RunLayout:
     def stack_recipe(self) -> Path:
         return self.stack / STACK_RECIPE_FILE
 
-    def stack_booster(self, fold: int) -> Path:
-        return self.stack / f"model_fold{int(fold)}.txt"
-
     @property
-    def stack_boosters(self) -> list[Path]:
-        return sorted(self.stack.glob("model_fold*.txt"))
+    def stack_model(self) -> StackModelLayout:
+        return StackModelLayout(self.stack)
 
     @property
     def submission(self) -> Path:
@@ -185,3 +190,59 @@ class RunLayout:
     def incomplete(self, stage: str) -> Path:
         """The marker of `stage` while it writes (rundir.completion)."""
         return self.incomplete_dir / f"{stage}.json"
+
+    def submission_file(self, submission_format: str) -> Path:
+        """Where `submit` writes a format's CSV unless told otherwise."""
+        return self.root / f"submission_{submission_format}.csv"
+
+
+@dataclass(frozen=True)
+class StackModelLayout:
+    """The files of a fitted stack model (fusion.stack_model): one LightGBM text model per fold and its JSON state."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def booster(self, fold: int) -> Path:
+        return self.root / f"model_fold{int(fold)}.txt"
+
+    @property
+    def boosters(self) -> list[Path]:
+        return sorted(self.root.glob("model_fold*.txt"))
+
+    @property
+    def state(self) -> Path:
+        return self.root / STACK_MODEL_FILE
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """The paths of an exported bundle (ensemble.bundle):
+
+        BUNDLE/manifest.json              format, library versions, SHA-256 of every other file
+        BUNDLE/config.json                the CNN members, category vocabularies, the scoring reference
+        BUNDLE/cnn/<model>/fold<k>.keras  inference-only Keras models
+        BUNDLE/stack/                     the fitted stack model (StackModelLayout), operating points included
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / BUNDLE_MANIFEST_FILE
+
+    @property
+    def config(self) -> Path:
+        return self.root / BUNDLE_CONFIG_FILE
+
+    def cnn_model(self, model: str, fold: int) -> Path:
+        return self.root / "cnn" / model / f"fold{int(fold)}.keras"
+
+    @property
+    def stack_model(self) -> StackModelLayout:
+        return StackModelLayout(self.root / "stack")

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from ensemble.bundle import MANIFEST, file_sha256, load_bundle
+from ensemble.bundle import file_sha256, load_bundle
 from ensemble.explain import bundle_gradcams, overlay_png
 from ensemble.predict import score_patients
 from ensemble.serve.store import ImageStore, Lesion, Patient, Review, Score, database_engine, utc_now
@@ -39,6 +39,7 @@ from errors import DataError, UserError
 from metadata.formats import SEX_ALIASES
 from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES
 from rundir.io import atomic_write
+from rundir.layout import BundleLayout
 
 LOG = logging.getLogger(__name__)
 REVIEW_OUTCOMES = ("biopsy", "benign", "follow-up")
@@ -163,7 +164,7 @@ class TriageService:
 
     def __init__(self, bundle_path: Path, database_url: str, store_dir: Path, limits: UploadLimits = UploadLimits(), batch_size: int = 32) -> None:
         self.bundle = load_bundle(Path(bundle_path))  # checksums verified
-        self.bundle_sha256 = file_sha256(Path(bundle_path) / MANIFEST)
+        self.bundle_sha256 = file_sha256(BundleLayout(bundle_path).manifest)
         self.bundle_version = f"{self.bundle.manifest['created']} (format {self.bundle.manifest['format_version']})"
         self.engine = database_engine(database_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -276,7 +277,7 @@ class TriageService:
         )
         try:
             with self._scoring:
-                predictions = score_patients(self.bundle, rows, self.batch_size, lambda n: None).predictions
+                predictions = score_patients(self.bundle, rows, batch_size=self.batch_size, advance=lambda n: None).predictions
         except DataError as error:  # an image Pillow opened but the CNN pipeline cannot decode
             raise UploadError(422, str(error)) from error
         return predictions.set_index("image_id").loc[keys]
