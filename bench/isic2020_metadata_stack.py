@@ -18,6 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import provenance, run_cli_steps  # noqa: E402
 
+from fusion.stack_model import StackModel  # noqa: E402
 from rundir.io import write_json  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     common_args = ["--data", str(args.data), "--run", str(args.run)]
     seconds = sum(run_cli_steps([["folds", *common_args, "--k", "5"], ["stack", *common_args]]).values())
     report = json.loads((args.run / "report.json").read_text())
-    features = json.loads((args.run / "stack" / "features.json").read_text())["features"]
+    features = StackModel.load(args.run / "stack").features
     stack = next(e for e in report["entries"] if e["name"] == "lightgbm_stack")
     result = {
         **provenance(),

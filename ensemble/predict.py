@@ -27,7 +27,7 @@ from fusion.shift import alert_rate_warning, concat_statistics, image_statistics
 from fusion.stack_model import StackModel, StackPrediction
 from metadata.dataset import load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
-from metadata.schema import CANONICAL_COLUMNS, SEXES, SITE_ALIASES, SITES, clean_text, map_vocabulary, parse_age, read_csv
+from metadata.schema import SEXES, SITE_ALIASES, SITES, canonical_table, clean_text, map_vocabulary, parse_age, read_csv
 from rundir.io import atomic_write, write_json
 
 Advance = Callable[[int], None]
@@ -106,8 +106,8 @@ def image_folder_rows(images: Path, metadata: Path | None = None, recursive: boo
                 f"images like {ids.iloc[0]!r}); the id column must hold the file names without extension."
             )
         rows = rows.merge(table, on="image_id", how="left")
-    table = pd.DataFrame({c: rows[c] if c in rows else pd.Series(np.nan, index=rows.index) for c in CANONICAL_COLUMNS})
-    return table.assign(split="test", patient_id=table["patient_id"].astype("string").fillna(table["image_id"]))
+    table = canonical_table({c: rows[c] for c in rows.columns}, rows.index)
+    return table.assign(split="test", patient_id=table["patient_id"].fillna(table["image_id"]))
 
 
 def scoring_rows(

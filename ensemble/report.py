@@ -181,7 +181,7 @@ def subgroup_entries(
     return entries
 
 
-def test_set_section(predictions: RunPredictions, table: pd.DataFrame, boot: Bootstrap) -> dict[str, object] | None:
+def labelled_test_set_section(predictions: RunPredictions, table: pd.DataFrame, boot: Bootstrap) -> dict[str, object] | None:
     """Metrics on the labelled test rows, if any: a separate table, never pooled with the CV figures."""
     labelled = table[(table["split"] == "test") & table["target"].notna()]
     if labelled.empty:
@@ -296,7 +296,7 @@ def build_report(
         "warnings": [*leakage_warnings(RunEvidence(run_dir, predictions, stack_features)), *missingness_warnings(patterns)],
         "entries": entries,
         "stack_vs_best_cnn": stack_vs_best_cnn(predictions, entries, boot),
-        "test_set": test_set_section(predictions, table, boot) if table is not None else None,
+        "test_set": labelled_test_set_section(predictions, table, boot) if table is not None else None,
         "multiclass": multiclass_entries(predictions, oof_rows) if oof_rows is not None else [],
         "subgroups": subgroup_entries(predictions, oof_rows, headline, boot) if oof_rows is not None else [],
         "missingness": patterns,

@@ -50,7 +50,7 @@ class ModelPredictions:
         return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
 
     @property
-    def test_class_prior(self) -> pd.Series | None:
+    def prior_of_test_predictions(self) -> pd.Series | None:
         """The prior of the test predictions (class -> probability): their fold models' priors, averaged as their outputs are."""
         if self.class_prior is None:
             return None

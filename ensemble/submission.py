@@ -143,7 +143,7 @@ def write_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: p
     return frame
 
 
-def test_split_ids(table: pd.DataFrame) -> pd.Index:
+def ids_of_test_split(table: pd.DataFrame) -> pd.Index:
     """Image ids of a run table's test split."""
     return pd.Index(table.loc[table["split"] == "test", "image_id"])
 
@@ -152,7 +152,7 @@ def expected_test_ids(predictions: RunPredictions, table: pd.DataFrame | None = 
     """The test ids a submission must cover: the data's test split when the run's data `table` is
     given, else the ids every model of the run predicted (refusing models that disagree)."""
     if table is not None:
-        return test_split_ids(table)
+        return ids_of_test_split(table)
     reference = predictions.models[0]
     for model in predictions.models[1:]:
         if set(model.test.index) != set(reference.test.index):
@@ -187,14 +187,14 @@ def run_submission(
         chosen = predictions.model(name)
     except KeyError as error:
         raise OptionError(f"{error.args[0]} Pass --model.") from error
-    frame, notes = build_submission(fmt, name, chosen.test, chosen.test_class_prior if adjust_prior else None)
+    frame, notes = build_submission(fmt, name, chosen.test, chosen.prior_of_test_predictions if adjust_prior else None)
     return write_submission(frame, fmt, expected_ids, path), notes
 
 
 def write_stack_submission(run_dir: Path, table: pd.DataFrame, layout: str) -> SubmissionFormat | None:
     """The primary stack's submission in the data layout's own format at RUN/submission.csv (what
     `stack` writes, through `submit`'s code); None when the data has no test rows."""
-    expected = test_split_ids(table)
+    expected = ids_of_test_split(table)
     if not len(expected):
         return None
     chosen = layout_submission_format(layout)

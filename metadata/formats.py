@@ -15,13 +15,13 @@ import pandas as pd
 
 from metadata.images import hdf5_source
 from metadata.schema import (
-    CANONICAL_COLUMNS,
     DIAGNOSES,
     DIAGNOSIS_ALIASES,
     SEXES,
     SITE_ALIASES,
     SITES,
     DataError,
+    canonical_table,
     clean_text,
     first_bad_row,
     map_vocabulary,
@@ -60,10 +60,7 @@ def _image_paths(folder: Path | None, ids: pd.Series) -> pd.Series:
 
 def _frame(**columns: object) -> pd.DataFrame:
     """A canonical frame; columns not given are missing."""
-    index = next(v.index for v in columns.values() if isinstance(v, pd.Series))
-    full = {c: columns.get(c, pd.Series(pd.NA, index=index)) for c in CANONICAL_COLUMNS}
-    extras = {c: v for c, v in columns.items() if c not in full}
-    return pd.DataFrame({**full, **extras}, index=index)
+    return canonical_table(columns)
 
 
 def _patient(*candidates: pd.Series) -> pd.Series:

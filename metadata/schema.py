@@ -38,19 +38,21 @@ SITES: tuple[str, ...] = (
     "oral/genital",
 )
 SEXES: tuple[str, ...] = ("female", "male")
-CANONICAL_COLUMNS: tuple[str, ...] = (
-    "image_id",
-    "patient_id",
-    "lesion_id",
-    "split",
-    "image_path",
-    "target",
-    "diagnosis",
-    "age",
-    "sex",
-    "site",
-    "source",
-)
+# The dtype of each canonical column, which a column a layout (or an upload) lacks takes, all missing.
+CANONICAL_DTYPES: dict[str, object] = {
+    "image_id": "string",
+    "patient_id": "string",
+    "lesion_id": "string",
+    "split": "string",
+    "image_path": "string",
+    "target": "Int8",
+    "diagnosis": pd.CategoricalDtype(list(DIAGNOSES)),
+    "age": "float64",
+    "sex": pd.CategoricalDtype(list(SEXES)),
+    "site": pd.CategoricalDtype(list(SITES)),
+    "source": "string",
+}
+CANONICAL_COLUMNS: tuple[str, ...] = tuple(CANONICAL_DTYPES)
 MISSING_TEXT = frozenset({"", "unknown", "nan", "none", "na", "n/a", "<na>"})
 
 # Spellings of the published layouts mapped onto `SITES` (keys lower-case).
@@ -78,6 +80,31 @@ DIAGNOSIS_ALIASES: dict[str, str] = {
     "scc": "SCC", "squamous cell carcinoma": "SCC",
     "unknown": "UNK", "atypical melanocytic proliferation": "UNK", "cafe-au-lait macule": "UNK",
 }
+
+
+def canonical_table(columns: dict[str, object], index: pd.Index | None = None) -> pd.DataFrame:
+    """The canonical table from the columns a layout, a folder of images or an upload has: the canonical
+    columns first (each one not given all missing, in its canonical dtype), then any further columns.
+
+    The one builder of the table, so a missing value is the same missing value wherever rows come from.
+
+    >>> table = canonical_table({"image_id": pd.Series(["a", "b"]), "age": [40.0, None]})
+    >>> table.columns.tolist()[:3], str(table["sex"].dtype), table["patient_id"].isna().all()
+    (['image_id', 'patient_id', 'lesion_id'], 'category', np.True_)
+    """
+    if index is None:
+        index = next((v.index for v in columns.values() if isinstance(v, pd.Series)), None)
+    if index is None:
+        index = pd.RangeIndex(len(next(iter(columns.values()))))
+
+    def column(name: str) -> object:
+        if name in columns:
+            value = columns[name]
+            return value if isinstance(value, pd.Series) else pd.Series(value, index=index)
+        return pd.Series(pd.NA if CANONICAL_DTYPES[name] in ("string", "Int8") else None, index=index, dtype=CANONICAL_DTYPES[name])
+
+    extras = {name: value for name, value in columns.items() if name not in CANONICAL_DTYPES}
+    return pd.DataFrame({**{name: column(name) for name in CANONICAL_COLUMNS}, **extras}, index=index)
 
 
 def first_bad_row(mask: pd.Series) -> int:

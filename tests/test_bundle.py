@@ -13,10 +13,12 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cli import app
-from ensemble.bundle import MANIFEST, BundleError, verify_bundle
+from ensemble.bundle import BundleError, verify_bundle
 from errors import UserError
 from evaluation.operating_point import choose_operating_point, sensitivity_at, specificity_at, threshold_for_sensitivity
 from fusion.missingness import PATTERNS
+from fusion.stack_model import StackModel
+from rundir.layout import BUNDLE_MANIFEST_FILE, BundleLayout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +37,8 @@ def test_bundle_reproduces_the_runs_test_predictions_in_a_fresh_process(
     merged = expected.merge(predictions, on="image_id", suffixes=("_run", ""))
     np.testing.assert_allclose(merged["melanoma_probability"], merged["prob"], rtol=0, atol=1e-6)
     assert (merged["patient_id"] == merged["patient_id_run"]).all()
-    points = json.loads((moved / "config.json").read_text())["operating_points"]
-    assert (predictions["alert_threshold"] == predictions["operating_point"].map(lambda name: points[name]["threshold"])).all()
+    points = StackModel.load(BundleLayout(moved).stack_model.root).operating_points
+    assert (predictions["alert_threshold"] == predictions["operating_point"].map(lambda name: points[name].threshold)).all()
     assert (predictions["alert"] == (predictions["melanoma_probability"] >= predictions["alert_threshold"])).all()
     assert (merged["pattern"] == merged["pattern_run"]).all()  # the same lesions, judged by the same operating points
     for _, lesions in predictions.groupby("patient_id"):
@@ -47,7 +49,7 @@ def test_bundle_reproduces_the_runs_test_predictions_in_a_fresh_process(
 def test_bundle_holds_no_pickles_and_lists_every_file(bundle_dir: Path) -> None:
     manifest = verify_bundle(bundle_dir)
     files = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()}
-    assert files - set(manifest["files"]) == {MANIFEST}
+    assert files - set(manifest["files"]) == {BUNDLE_MANIFEST_FILE}
     assert {Path(f).suffix for f in files} == {".json", ".keras", ".txt"}
     config = json.loads((bundle_dir / "config.json").read_text())
     assert [c["name"] for c in config["cnns"]] == ["mobilenet_v3_small", "small"]
@@ -119,10 +121,10 @@ def test_threshold_refuses_an_impossible_target() -> None:
 
 
 def test_each_bundled_operating_point_holds_on_the_oof_rows_of_its_pattern(pipeline_run: Path, bundle_dir: Path) -> None:
-    config = json.loads((bundle_dir / "config.json").read_text())
+    stack = StackModel.load(BundleLayout(bundle_dir).stack_model.root)
     masked = pd.read_parquet(pipeline_run / "stack" / "masked_oof.parquet")
-    assert set(config["calibration"]["sources"]) == set(PATTERNS)
-    for name, point in config["operating_points"].items():
+    assert set(stack.pattern_sources) == set(PATTERNS)
+    for name, point in ((name, point.to_json()) for name, point in stack.operating_points.items()):
         rows = masked[masked["pattern"] == name]
         y, scores = rows["target"].to_numpy(dtype=int), rows["prob"].to_numpy()
         assert point["target_sensitivity"] == 0.95
@@ -143,7 +145,7 @@ def test_with_all_metadata_masked_the_stack_ranks_like_the_cnns_and_keeps_its_se
     """The synthetic cohort has age for every row, sex and site for 97% and 95%: the stack learns mostly from complete rows."""
     masked = pd.read_parquet(pipeline_run / "stack" / "masked_oof.parquet")
     cnn = {p.parent.name: pd.read_parquet(p).set_index("image_id")["prob"] for p in (pipeline_run / "cnn").glob("*/oof.parquet")}
-    point = json.loads((bundle_dir / "config.json").read_text())["operating_points"]["no_metadata+single_lesion"]
+    point = StackModel.load(BundleLayout(bundle_dir).stack_model.root).operating_points["no_metadata+single_lesion"].to_json()
     rows = masked[masked["pattern"] == "no_metadata+single_lesion"]
     y = rows["target"].to_numpy(dtype=int)
     assert len(rows) == len(pd.read_parquet(pipeline_run / "stack" / "oof.parquet"))  # every OOF image, masked

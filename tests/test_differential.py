@@ -53,7 +53,7 @@ def test_predict_writes_the_differential_diagnosis_of_the_diagnosis_heads(tiny_c
     member = load_bundle(bundle).cnns[0]
     assert member.priors is not None and len(member.priors) == 2
     sources = [str(data / "jpeg" / "test" / f"{i}.jpg") for i in predictions["image_id"][:5]]
-    outputs = cnn_fold_probabilities(member, sources, 8, lambda n: None)
+    outputs = cnn_fold_probabilities(member, sources, batch_size=8, advance=lambda n: None)
     from cnn.pipeline import TTA_VIEWS, named_image_batches
 
     images = next(named_image_batches(sources, 16, 8))

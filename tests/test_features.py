@@ -65,14 +65,15 @@ def test_patient_metadata_context_by_hand() -> None:
 
 
 def test_fold_models_are_put_on_one_scale() -> None:
-    from fusion.cnn_scores import fold_model_scales, logit, standardized_oof_scores, standardized_test_scores
+    from fusion.cnn_scores import CnnScales, logit
 
     rng = np.random.default_rng(0)
     base = rng.normal(size=200)
     # Fold 1's model is twice as confident and shifted: same ranking, other calibration.
     oof = pd.DataFrame({"fold": [0] * 100 + [1] * 100, "prob": 1 / (1 + np.exp(-np.r_[base[:100], 2 * base[100:] + 1]))})
-    scales = fold_model_scales(oof)
-    z = standardized_oof_scores(oof, scales)
+    fitted = CnnScales.fit({"small": oof})
+    scales = fitted.by_cnn["small"]
+    z = fitted.oof_scores({"small": oof})["cnn_small"].to_numpy()
     for fold in (0, 1):
         assert z[oof["fold"] == fold].mean() == pytest.approx(0, abs=1e-9)
         assert z[oof["fold"] == fold].std(ddof=1) == pytest.approx(1)
@@ -80,4 +81,5 @@ def test_fold_models_are_put_on_one_scale() -> None:
     expected = np.mean(
         [(logit(test[f"prob_fold{f}"]) - scales.loc[f, "mean"]) / scales.loc[f, "std"] for f in (0, 1)], axis=0
     )
-    np.testing.assert_allclose(standardized_test_scores(test, scales), expected)
+    np.testing.assert_allclose(fitted.scores({"small": test})["cnn_small"], expected)
+    np.testing.assert_array_equal(CnnScales.from_json(fitted.to_json()).scores({"small": test}), fitted.scores({"small": test}))  # stored exactly

@@ -161,8 +161,10 @@ def features_run(pipeline_run: Path, cohort_dir: Path, tmp_path_factory: pytest.
 def test_stack_takes_features_with_patient_context_and_no_label_column(features_run: Path, cohort_dir: Path) -> None:
     import json
 
+    from fusion.stack_model import StackModel
+
     recipe = json.loads(RunLayout(features_run).stack_recipe.read_text())
-    columns = recipe["features"]
+    columns = StackModel.load(RunLayout(features_run).stack).features
     feature_columns = FeatureRecipe.from_json(recipe["image_features"]).columns()
     assert set(feature_columns) <= set(columns)
     assert {f"{c}_patient_rank" for c in feature_columns} | {f"{c}_patient_z" for c in feature_columns} <= set(columns)
@@ -197,9 +199,9 @@ def test_predict_computes_the_features_exactly_as_the_features_stage(features_ru
 
     export_bundle(features_run, tmp_path / "bundle", n_boot=100)
     bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.image_features == FeatureRecipe.from_json(__import__("json").loads(RunLayout(features_run).feature_recipe.read_text())["recipe"])
+    assert bundle.stack.feature_recipe == FeatureRecipe.from_json(__import__("json").loads(RunLayout(features_run).feature_recipe.read_text())["recipe"])
     rows = scoring_rows(cohort_dir, None, split="test")
-    scored = score_patients(bundle, rows, 64, lambda n: None)
+    scored = score_patients(bundle, rows, batch_size=64, advance=lambda n: None)
     stage_features = read_run_features(features_run, rows["image_id"]).set_axis(rows["image_id"])
     pd.testing.assert_frame_equal(scored.image_features, stage_features)
     # and the bundle reproduces the run's test predictions with them

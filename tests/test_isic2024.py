@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from fusion.stack_model import StackModel
 from metadata.synth import SynthConfig, generate_cohort
 
 
@@ -61,7 +62,7 @@ def test_isic2024_round_trip(cohort_2024: Path, tmp_path: Path) -> None:
     assert (run / "submission_isic2024.csv").read_text() == (run / "submission.csv").read_text()
     predictions = pd.read_csv(tmp_path / "pred" / "predictions.csv")
     assert sorted(predictions["image_id"]) == sorted(test_ids)
-    features = json.loads((run / "stack" / "features.json").read_text())["features"]
+    features = StackModel.load(run / "stack").features
     assert "tbp_lv_areaMM2" in features
     history = json.loads((run / "cnn" / "small" / "fold0" / "history.json").read_text())
     assert history["sampling"]["negatives_per_patient"] == 20

@@ -48,3 +48,32 @@ def test_no_function_is_longer_than_60_lines() -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+MAX_POSITIONAL = 4
+
+
+def _package_functions() -> list[tuple[Path, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    return [
+        (path, node)
+        for path in [ROOT / "cli.py", *sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py"))]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+
+
+def test_no_signature_takes_five_or_more_positional_parameters() -> None:
+    """Past four, a call site cannot be read without the signature beside it (`train_pair(m, f, t, t2, c, ...)`):
+    the rest are keyword-only (`*`). `self`/`cls` do not count; CLI commands are called by name by typer."""
+    crowded = []
+    for path, node in _package_functions():
+        positional = [a.arg for a in (*node.args.posonlyargs, *node.args.args) if a.arg not in ("self", "cls")]
+        if len(positional) > MAX_POSITIONAL and path.name != "cli.py":
+            crowded.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({', '.join(positional)})")
+    assert not crowded, f"signatures with more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only): {crowded}"
+
+
+def test_no_library_function_looks_like_a_test() -> None:
+    """pytest collects any `test*` function a test module imports: a library function must not be named like one."""
+    named_like_tests = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}" for path, node in _package_functions() if node.name.startswith("test")]
+    assert not named_like_tests, named_like_tests

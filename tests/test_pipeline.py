@@ -60,11 +60,13 @@ def test_report_lists_every_model_and_the_stack_beats_them(pipeline_run: Path) -
 
 
 def _stack_inputs(cohort_dir: Path, run: Path):
-    from fusion.cnn_scores import cnn_score_table
+    from cnn.outputs import run_cnn_outputs
+    from fusion.cnn_scores import CnnScales
 
     table = load_dataset(cohort_dir).table
     train = attach_folds(table, pd.read_parquet(run / "folds.parquet"), "folds")
-    features = build_stack_features(train, cnn_score_table(run, "train", train["image_id"]))
+    oof = run_cnn_outputs(run, "train", train["image_id"])
+    features = build_stack_features(train, CnnScales.fit(oof).oof_scores(oof))
     return train, features
 
 

@@ -59,7 +59,7 @@ def test_metadata_csv_restores_the_runs_predictions(
 ) -> None:
     """Images plus the cohort's own metadata CSV score exactly as the run's test set: patients, ages, sites joined."""
     rows = image_folder_rows(cohort_dir / "jpeg" / "test", cohort_dir / "test.csv")
-    scored = score_patients(bundle, rows, 32, _no_op).predictions
+    scored = score_patients(bundle, rows, batch_size=32, advance=_no_op).predictions
     expected = pd.read_parquet(pipeline_run / "stack" / "test.parquet").merge(scored, on="image_id")
     assert len(expected) == len(test_rows)
     np.testing.assert_allclose(expected["melanoma_probability"], expected["prob"], rtol=0, atol=1e-6)
@@ -96,7 +96,7 @@ def test_undecodable_image_is_named(cohort_dir: Path, bundle: Bundle, test_rows:
     images = _image_folder(cohort_dir, test_rows["image_name"].head(3).tolist(), tmp_path / "images")
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=r"broken\.jpg: cannot be read or decoded"):
-        score_patients(bundle, image_folder_rows(images), 2, _no_op)
+        score_patients(bundle, image_folder_rows(images), batch_size=2, advance=_no_op)
 
 
 def test_rank_within_patient_counts_from_the_riskiest() -> None:

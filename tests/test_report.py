@@ -26,6 +26,7 @@ from evaluation.metrics import roc_auc
 from metadata.dataset import load_dataset
 from metadata.folds import attach_folds
 from rundir.io import write_json, write_table
+from rundir.layout import RunLayout
 
 HONEST_VAL_AUC_GAP = 0.04  # the honest CNN's best validation AUC is a little above its OOF AUC (TTA is not perfect)
 LEAKED_VAL_AUCS = [0.62, 0.70]  # what the leaked CNN reached when validated honestly during training
@@ -229,19 +230,18 @@ def test_html_images_load_in_headless_chromium(browser, leaky_run: Path) -> None
 
 
 def test_each_oof_row_gets_its_fold_models_training_prior(tmp_path: Path) -> None:
-    from fusion.cnn_scores import training_priors
+    from cnn.outputs import training_priors
 
+    layout = RunLayout(tmp_path)
     for fold, prior in ((0, [0.1, 0.9]), (1, [0.2, 0.8])):
-        (tmp_path / f"fold{fold}").mkdir()
-        (tmp_path / f"fold{fold}" / "history.json").write_text(
-            json.dumps({"classes": ["MEL", "NV"], "training_prior": prior})
-        )
+        layout.fold_dir("cnn_a", fold).mkdir(parents=True)
+        layout.history("cnn_a", fold).write_text(json.dumps({"classes": ["MEL", "NV"], "training_prior": prior}))
     folds = pd.Series([1, 0, 1], index=pd.Index(["a", "b", "c"], name="image_id"))
-    priors = training_priors(tmp_path, folds)
+    priors = training_priors(tmp_path, "cnn_a", folds)
     assert priors.index.tolist() == ["a", "b", "c"] and priors.columns.tolist() == ["MEL", "NV"]
     assert priors.to_numpy().tolist() == [[0.2, 0.8], [0.1, 0.9], [0.2, 0.8]]
-    (tmp_path / "fold1" / "history.json").write_text(json.dumps({"classes": ["MEL"], "training_prior": None}))
-    assert training_priors(tmp_path, folds) is None  # a binary head: plain argmax
+    layout.history("cnn_a", 1).write_text(json.dumps({"classes": ["MEL"], "training_prior": None}))
+    assert training_priors(tmp_path, "cnn_a", folds) is None  # a binary head: plain argmax
 
 
 def test_diagnosis_heads_blend_per_class_in_a_run_without_test_rows(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 from ensemble.bundle import Bundle, load_bundle
 from ensemble.predict import image_folder_rows, score_patients, scoring_rows
+from fusion.stack_model import StackModel
+from rundir.layout import BundleLayout
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def _validate(bundle_dir: Path, data: Path, out: Path, *extra: str) -> dict:
 def test_validation_figures_equal_a_by_hand_computation(bundle_dir: Path, bundle: Bundle, unseen_cohort: Path, tmp_path: Path) -> None:
     report = _validate(bundle_dir, unseen_cohort, tmp_path / "val")
     rows = scoring_rows(unseen_cohort, None, split="train")
-    patients = score_patients(bundle, rows, 32, _no_op)
+    patients = score_patients(bundle, rows, batch_size=32, advance=_no_op)
     scored = patients.predictions.merge(rows[["image_id", "target"]], on="image_id")
     y, p, alert = scored["target"].to_numpy(int), scored["melanoma_probability"].to_numpy(), scored["alert"].to_numpy()
     assert report["n_images"] == len(rows) and report["n_melanoma"] == y.sum()
@@ -96,16 +98,16 @@ def test_predict_records_the_operating_point_of_each_lesion(bundle_dir: Path, bu
     rows.loc[rows.index[:5], "age"] = np.nan
     alone = rows["patient_id"].iloc[5]
     rows.loc[rows["patient_id"] == alone, "patient_id"] = rows["image_id"]  # that patient's lesions, each alone
-    predictions = score_patients(bundle, rows, 32, _no_op).predictions.set_index("image_id")
-    config = json.loads((bundle_dir / "config.json").read_text())
+    predictions = score_patients(bundle, rows, batch_size=32, advance=_no_op).predictions.set_index("image_id")
+    stack = StackModel.load(BundleLayout(bundle_dir).stack_model.root)
     n_missing = rows[["age", "sex", "site"]].isna().sum(axis=1).to_numpy()
     assert (n_missing[:5] >= 1).all()
     expected = pd.Series(np.select([n_missing == 0, n_missing == 3], ["complete", "no_metadata"], "partial"), index=rows["image_id"])
     expected[rows.loc[rows["patient_id"] == rows["image_id"], "image_id"]] += "+single_lesion"
     assert (predictions["pattern"] == expected.reindex(predictions.index)).all()
-    source = expected.map(config["calibration"]["sources"]).reindex(predictions.index)
+    source = expected.map(stack.pattern_sources).reindex(predictions.index)
     assert (predictions["operating_point"] == source).all()
-    thresholds = source.map(lambda name: config["operating_points"][name]["threshold"])
+    thresholds = source.map(lambda name: stack.operating_points[name].threshold)
     assert (predictions["alert_threshold"] == thresholds).all()
     assert (predictions["alert"] == (predictions["melanoma_probability"] >= thresholds).astype(int)).all()
 
@@ -117,6 +119,6 @@ def test_shift_warning_fires_on_images_from_another_camera_only(bundle: Bundle, 
     assert len(cast) >= 40
     same_camera = image_folder_rows(unseen_cohort / "jpeg" / "train", unseen_cohort / "train.csv")
     other_camera = image_folder_rows(tmp_path / "cast" / "jpeg" / "train", tmp_path / "cast" / "train.csv")
-    assert score_patients(bundle, same_camera, 32, _no_op).shift_warnings == []
-    warnings = score_patients(bundle, other_camera, 32, _no_op).shift_warnings
+    assert score_patients(bundle, same_camera, batch_size=32, advance=_no_op).shift_warnings == []
+    warnings = score_patients(bundle, other_camera, batch_size=32, advance=_no_op).shift_warnings
     assert any(w.startswith("red:") for w in warnings) and any(w.startswith("blue:") for w in warnings)

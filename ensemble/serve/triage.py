@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import func, select, text
@@ -37,7 +36,7 @@ from ensemble.predict import score_patients
 from ensemble.serve.store import ImageStore, Lesion, Patient, Review, Score, database_engine, utc_now
 from errors import DataError, UserError
 from metadata.formats import SEX_ALIASES
-from metadata.schema import CANONICAL_COLUMNS, MAX_AGE, SEXES, SITE_ALIASES, SITES
+from metadata.schema import MAX_AGE, SEXES, SITE_ALIASES, SITES, canonical_table
 from rundir.io import atomic_write
 from rundir.layout import BundleLayout
 
@@ -265,15 +264,16 @@ class TriageService:
     def _score(self, lesions: list[Lesion]) -> pd.DataFrame:
         """The bundle's predictions for one patient's lesions (stored and new), in the lesions' order."""
         keys = [f"lesion{i}" for i in range(len(lesions))]
-        rows = pd.DataFrame({c: pd.Series([np.nan] * len(lesions), dtype=object) for c in CANONICAL_COLUMNS})
-        rows = rows.assign(
-            image_id=keys,
-            patient_id=[lesion.patient_id for lesion in lesions],
-            image_path=[str(self.images.path(lesion.image_sha256, lesion.image_suffix)) for lesion in lesions],
-            age=pd.Series([lesion.age for lesion in lesions], dtype=float),
-            sex=pd.Series([lesion.sex for lesion in lesions], dtype="string"),
-            site=pd.Series([lesion.site for lesion in lesions], dtype="string"),
-            split="test",
+        rows = canonical_table(
+            {
+                "image_id": pd.Series(keys, dtype="string"),
+                "patient_id": pd.Series([lesion.patient_id for lesion in lesions], dtype="string"),
+                "image_path": pd.Series([str(self.images.path(lesion.image_sha256, lesion.image_suffix)) for lesion in lesions], dtype="string"),
+                "age": pd.Series([lesion.age for lesion in lesions], dtype=float),
+                "sex": pd.Series([lesion.sex for lesion in lesions], dtype="string"),
+                "site": pd.Series([lesion.site for lesion in lesions], dtype="string"),
+                "split": pd.Series("test", index=range(len(lesions)), dtype="string"),
+            }
         )
         try:
             with self._scoring:
