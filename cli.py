@@ -191,7 +191,7 @@ def _run_data(
     """`_run_table` and the name of the data's layout."""
     from metadata.dataset import run_data
 
-    used = run_data(data, run, fmt, metadata, on_bad_image)
+    used = run_data(data, run, fmt=fmt, metadata=metadata, on_bad_image=on_bad_image)
     for note in used.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if used.newly_skipped:
@@ -312,6 +312,10 @@ def inspect(
         raise typer.Exit(1)
 
 
+# train-cnns options that say what to train on and where, not how: every other option is a CnnConfig field.
+TRAIN_CNNS_RUN_OPTIONS = frozenset({"data", "run", "models", "model", "fold", "on_bad_image", "fmt", "metadata"})
+
+
 @app.command("train-cnns")
 @recorded_stage
 def train_cnns(
@@ -358,13 +362,14 @@ def train_cnns(
 
     Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint.
     """
-    config_options = dict(locals())  # every option named like a CnnConfig field is part of the recipe
+    recipe = {name: value for name, value in locals().items() if name not in TRAIN_CNNS_RUN_OPTIONS}  # the rest is the recipe
+    from cnn.options import CnnConfig
     from cnn.pairs import describe_pairs
-    from cnn.train import CnnConfig, train_run_cnns, training_progress
+    from cnn.train import train_run_cnns, training_progress
 
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with training_progress() as progress:
-        outcome = train_run_cnns(table, run, models, CnnConfig.from_options(config_options), model, fold, progress, on_bad_image)
+        outcome = train_run_cnns(table, run, models, CnnConfig.from_options(recipe), model=model, fold=fold, progress=progress, on_bad_image=on_bad_image)
     if outcome.skipped:
         console.print(f"[yellow]skipped {outcome.skipped} unreadable image(s)[/yellow]; see {RunLayout(run).skipped}")
     if outcome.shards is not None:
@@ -397,7 +402,7 @@ def tfrecords(
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with Progress(console=console) as progress:
         task = progress.add_task("writing shards", total=len(table))
-        index = write_shards(table, run, image_size, records_per_shard, quality, lambda n: progress.advance(task, n))
+        index = write_shards(table, run, image_size=image_size, records_per_shard=records_per_shard, quality=quality, advance=lambda n: progress.advance(task, n))
     size = sum(f.stat().st_size for f in RunLayout(run).shards.glob("*.tfrec"))
     console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {RunLayout(run).shards}")
 
@@ -425,7 +430,7 @@ def features(
     table = _run_table(data, run, fmt, metadata)
     with Progress(console=console) as progress:
         task = progress.add_task("dermoscopy features", total=len(image_rows(table)))
-        counts = run_features(table, run, recipe, jobs, lambda n: progress.advance(task, n))
+        counts = run_features(table, run, recipe, n_jobs=jobs, advance=lambda n: progress.advance(task, n))
     console.print(f"features: {len(recipe.columns())} per image for {counts['images']} images in {RunLayout(run).features}")
     if counts["no_lesion_found"]:
         console.print(f"[yellow]note:[/yellow] no lesion stood out in {counts['no_lesion_found']} image(s); their features are missing (NaN)")
@@ -524,7 +529,7 @@ def submit(
     predictions = load_run_predictions(run)
     expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, data_format, None))
     path = out or run / f"submission_{submission_format}.csv"
-    frame, notes = run_submission(predictions, chosen, model, expected, path, adjust_prior=not raw_probabilities)
+    frame, notes = run_submission(predictions, chosen, model, expected, path=path, adjust_prior=not raw_probabilities)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"{chosen.title}: {len(frame)} test images from {submitted_model(chosen, predictions, model)} -> {path}")
@@ -572,7 +577,7 @@ def predict(
     from ensemble.bundle import load_bundle, version_differences
     from ensemble.predict import files_not_scored, score_patients, scoring_rows, write_predictions
 
-    rows = scoring_rows(data, images, metadata, fmt, split, recursive)
+    rows = scoring_rows(data, images, metadata=metadata, fmt=fmt, split=split, recursive=recursive)
     not_scored = files_not_scored(images, recursive) if images is not None else []
     if not_scored:
         hint = " (images in sub-folders are scored with --recursive)" if not recursive else ""
@@ -597,7 +602,7 @@ def predict(
         with Progress(console=console) as progress:
             task = progress.add_task("Grad-CAM of alerted images", total=summary["alerts"])
             index = write_explanations(
-                loaded, rows, scored.predictions, out / "explain", batch_size, lambda n: progress.advance(task, n)
+                loaded, rows, scored.predictions, out / "explain", batch_size=batch_size, advance=lambda n: progress.advance(task, n)
             )
         console.print(f"explanations: {index}")
 
@@ -652,11 +657,11 @@ def validate(
     from ensemble.predict import scoring_rows
     from ensemble.validate import validate_bundle, validation_rows, write_validation
 
-    rows, unlabelled = validation_rows(scoring_rows(data, None, metadata_csv, fmt, split), metadata)
+    rows, unlabelled = validation_rows(scoring_rows(data, None, metadata=metadata_csv, fmt=fmt, split=split), metadata)
     loaded = load_bundle(bundle)
     with Progress(console=console) as progress:
         task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
-        report = validate_bundle(loaded, rows, batch_size, lambda n: progress.advance(task, n), n_boot=bootstrap, seed=seed)
+        report = validate_bundle(loaded, rows, batch_size=batch_size, advance=lambda n: progress.advance(task, n), n_boot=bootstrap, seed=seed)
     if unlabelled:
         console.print(f"[yellow]note:[/yellow] {unlabelled} row(s) without a label were not scored")
     low, high = report["mel_auc_ci"]

@@ -55,6 +55,7 @@ def _residual_block(x: keras.KerasTensor, filters: int, name: str, pool: bool = 
 def compact_cnn(
     input_shape: tuple[int, int, int],
     weights: str | None = None,
+    *,
     width: int = 32,
     stage_multipliers: tuple[int, ...] = (1, 2, 4),
     stem_stride: int = 2,
@@ -160,6 +161,7 @@ def build_classifier(
     name: str,
     image_size: int,
     weights: str = "none",
+    *,
     n_outputs: int = 1,
     dropout: float = 0.2,
     bn_momentum: float = 0.9,

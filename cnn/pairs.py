@@ -207,7 +207,7 @@ def _detail(state: str, evidence: PairEvidence, now: float) -> str:
     return details[state]()
 
 
-def pair_status(run_dir: Path, model: str, fold: int, now: float, planned_epochs: int | None) -> PairStatus:
+def pair_status(run_dir: Path, model: str, fold: int, now: float, *, planned_epochs: int | None) -> PairStatus:
     evidence = PairEvidence.read(pair_dir(run_dir, model, fold))
     state = next((name for name, holds in STATE_RULES if holds(evidence, now)), "pending")
     progress = evidence.history if evidence.done and evidence.history else evidence.checkpoint
@@ -225,7 +225,7 @@ def run_status(run_dir: Path, now: float) -> list[PairStatus]:
         if fold_dir.is_dir() and fold_dir.name.removeprefix("fold").isdigit()
     ]
     pairs = list(dict.fromkeys(declared_pairs(run_dir) + found))
-    return [pair_status(run_dir, model, fold, now, plan["epochs"]) for model, fold in pairs]
+    return [pair_status(run_dir, model, fold, now, planned_epochs=plan["epochs"]) for model, fold in pairs]
 
 
 # --- assembling a model's folds ------------------------------------------------------------------

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cnn.options import AUGMENT_LEVELS
 from cnn.tfrecords import is_shard_source, shard_images, shuffled_shard_records
 from errors import DataError, OptionError
 from metadata.images import ImageBytesReader, exif_orientation, is_hdf5_source
@@ -270,7 +269,7 @@ def decoded_bytes(n_images: int, image_size: int) -> int:
     return n_images * image_size * image_size * BYTES_PER_PIXEL
 
 
-def choose_cache(cache: str, n_images: int, image_size: int, budget_gb: float, shards: bool = False) -> tuple[str, str]:
+def choose_cache(cache: str, n_images: int, image_size: int, budget_gb: float, *, shards: bool = False) -> tuple[str, str]:
     """The cache mode to use (`memory`, `disk` or `none`) and why, for `--cache auto` or an explicit choice.
 
     `auto` keeps the decoded images in memory when they fit the budget and streams (read and decode
@@ -372,41 +371,50 @@ class HairLines(keras.layers.Layer):
         return images * (1.0 - hair) + 40.0 * hair
 
 
-def build_augmenter(seed: int, level: str = "light", illuminants: np.ndarray | None = None) -> keras.Sequential | None:
-    """Augmentation run inside tf.data on float32 batches.
+def _light_layers(seed: int) -> list[keras.Layer]:
+    """Dermoscopy is orientation-free: flips and any rotation, plus mild brightness and contrast jitter."""
+    return [
+        keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+        keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
+        keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
+        keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
+    ]
 
-    light: dermoscopy is orientation-free, so flips and any rotation, plus mild brightness and
-    contrast jitter. strong: also keras-cv RandAugment-style colour/shape jitter, random erasing
-    (cutout), a microscope vignette and hair-like lines. `illuminants` (K, 3), at any level: each
-    image re-lit under one of them first (`IlluminantShift`).
-    """
-    if level not in AUGMENT_LEVELS:
-        raise OptionError(f"--augment {level!r}: choose one of {AUGMENT_LEVELS}.")
-    layers = [] if illuminants is None else [IlluminantShift(illuminants, seed=seed)]
-    if level != "none":
-        layers += [
-            keras_cv.layers.RandomFlip("horizontal_and_vertical", seed=seed),
-            keras_cv.layers.RandomRotation(0.5, fill_mode="reflect", seed=seed),
-            keras_cv.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed),
-            keras_cv.layers.RandomContrast(value_range=(0, 255), factor=0.1, seed=seed),
-        ]
-    if not layers:
-        return None
-    if level == "strong":
-        layers += [
-            keras_cv.layers.RandomHue(0.05, value_range=(0, 255), seed=seed),
-            keras_cv.layers.RandomSaturation((0.4, 0.6), seed=seed),  # 0.5 keeps the colours as they are
-            keras_cv.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed),
-            keras_cv.layers.RandomCutout(0.25, 0.25, fill_mode="gaussian_noise", seed=seed),
-            MicroscopeVignette(seed=seed),
-            HairLines(seed=seed),
-        ]
-    return keras.Sequential(layers, name=f"augment_{level}")
+
+def _strong_layers(seed: int) -> list[keras.Layer]:
+    """The light layers, then keras-cv RandAugment-style colour/shape jitter, random erasing (cutout), a
+    microscope vignette and hair-like lines."""
+    return [
+        *_light_layers(seed),
+        keras_cv.layers.RandomHue(0.05, value_range=(0, 255), seed=seed),
+        keras_cv.layers.RandomSaturation((0.4, 0.6), seed=seed),  # 0.5 keeps the colours as they are
+        keras_cv.layers.RandomZoom(0.15, fill_mode="reflect", seed=seed),
+        keras_cv.layers.RandomCutout(0.25, 0.25, fill_mode="gaussian_noise", seed=seed),
+        MicroscopeVignette(seed=seed),
+        HairLines(seed=seed),
+    ]
+
+
+# --augment: the training-time augmentation layers of each level, given the seed.
+AUGMENTATIONS: dict[str, Callable[[int], list[keras.Layer]]] = {"none": lambda seed: [], "light": _light_layers, "strong": _strong_layers}
+
+
+def build_augmenter(seed: int, level: str = "light", illuminants: np.ndarray | None = None) -> keras.Sequential | None:
+    """Augmentation run inside tf.data on float32 batches: the level's layers (`AUGMENTATIONS`);
+    `illuminants` (K, 3), at any level: each image re-lit under one of them first (`IlluminantShift`)."""
+    if level not in AUGMENTATIONS:
+        raise OptionError(f"--augment {level!r}: choose one of {tuple(AUGMENTATIONS)}.")
+    layers = [*([] if illuminants is None else [IlluminantShift(illuminants, seed=seed)]), *AUGMENTATIONS[level](seed)]
+    return keras.Sequential(layers, name=f"augment_{level}") if layers else None
+
+
+# --mix: the keras-cv layer that mixes a batch's images and labels (none: no mixing).
+MIXES: dict[str, Callable[..., keras.Layer] | None] = {"none": None, "mixup": keras_cv.layers.MixUp, "cutmix": keras_cv.layers.CutMix}
 
 
 def mix_batches(kind: str, seed: int) -> Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
     """MixUp or CutMix over a batch (keras-cv); labels are mixed in the same proportion."""
-    layer = {"mixup": keras_cv.layers.MixUp, "cutmix": keras_cv.layers.CutMix}[kind](seed=seed)
+    layer = MIXES[kind](seed=seed)
 
     def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         two_d = tf.reshape(labels, (tf.shape(labels)[0], -1))
@@ -427,7 +435,7 @@ def _row_indices(n_rows: int, sampler: EpochSampler | None) -> tf.data.Dataset:
 
 
 def _streamed_batches(
-    sources: list[str], labels: np.ndarray | None, image_size: int, batch_size: int, sampler: EpochSampler | None, color_constancy: str
+    sources: list[str], labels: np.ndarray | None, image_size: int, batch_size: int, *, sampler: EpochSampler | None, color_constancy: str
 ) -> tf.data.Dataset:
     """Images read and decoded every epoch, after the rows are drawn: from files and HDF5 by index, from
     TFRecord shards interleaved and shuffled in a bounded buffer (training) or in stored order."""
@@ -491,7 +499,7 @@ def image_dataset(
     if sampler is None and shuffle:
         sampler = EpochSampler(len(sources), seed)
     if cache == "none":
-        ds = _streamed_batches(sources, labels, image_size, batch_size, sampler, color_constancy)
+        ds = _streamed_batches(sources, labels, image_size, batch_size, sampler=sampler, color_constancy=color_constancy)
     else:
         store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy", color_constancy)
         ds = _cached_batches(store, labels, _row_indices(len(sources), sampler), batch_size)
@@ -500,7 +508,7 @@ def image_dataset(
             ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=AUTOTUNE)
         else:
             ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=AUTOTUNE)
-    if mix != "none" and labels is not None:
+    if MIXES[mix] is not None and labels is not None:
         ds = ds.map(mix_batches(mix, seed), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 

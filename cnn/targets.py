@@ -7,15 +7,27 @@ of a diagnosis head).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import keras
 import numpy as np
 import pandas as pd
 
-from cnn.options import CLASS_WEIGHT_CHOICES, LOSS_CHOICES, TARGET_CHOICES
+from cnn.options import TARGET_CHOICES
 from errors import DataError, OptionError
 from metadata.schema import DIAGNOSES
+
+# --loss: (binary head, multi-class head) -> the Keras loss, given the label smoothing.
+LOSSES: dict[str, tuple[Callable[..., keras.losses.Loss], Callable[..., keras.losses.Loss]]] = {
+    "bce": (keras.losses.BinaryCrossentropy, keras.losses.CategoricalCrossentropy),
+    "focal": (partial(keras.losses.BinaryFocalCrossentropy, gamma=2.0), partial(keras.losses.CategoricalFocalCrossentropy, gamma=2.0)),  # Lin et al. 2017
+}
+# --class-weight: the power of 1 / class count a class is weighted by (None: no weights). balanced: every
+# class gets the same total weight; sqrt: a milder correction that keeps the common benign classes
+# (melanoma's confounders) in view.
+CLASS_WEIGHT_POWERS: dict[str, float | None] = {"balanced": 1.0, "sqrt": 0.5, "none": None}
 
 
 @dataclass(frozen=True)
@@ -44,18 +56,14 @@ class TargetSpec:
         return np.asarray(outputs)[:, self.classes.index("MEL")]
 
     def class_weight(self, labels: np.ndarray, kind: str = "balanced") -> dict[int, float] | None:
-        """Per-class loss weights, mean 1 over the training rows.
-
-        balanced: every class gets the same total weight; sqrt: weights grow as 1/sqrt(count), a
-        milder correction that keeps the common benign classes (melanoma's confounders) in view;
-        none: plain cross-entropy.
-        """
-        if kind not in CLASS_WEIGHT_CHOICES:
-            raise OptionError(f"--class-weight {kind!r}: choose one of {CLASS_WEIGHT_CHOICES}.")
-        if kind == "none":
+        """Per-class loss weights, mean 1 over the training rows (`CLASS_WEIGHT_POWERS`; none: plain cross-entropy)."""
+        if kind not in CLASS_WEIGHT_POWERS:
+            raise OptionError(f"--class-weight {kind!r}: choose one of {tuple(CLASS_WEIGHT_POWERS)}.")
+        power = CLASS_WEIGHT_POWERS[kind]
+        if power is None:
             return None
         counts = self.class_counts(labels)
-        raw = 1.0 / np.maximum(counts, 1) ** (1.0 if kind == "balanced" else 0.5)
+        raw = 1.0 / np.maximum(counts, 1) ** power
         weights = np.where(counts > 0, raw * counts.sum() / (raw * counts).sum(), 0.0)
         return {i: float(w) for i, w in enumerate(weights)}
 
@@ -74,15 +82,10 @@ class TargetSpec:
 
     def loss(self, kind: str, label_smoothing: float) -> keras.losses.Loss:
         """Cross-entropy or focal loss (Lin et al. 2017, gamma 2) for this head."""
-        if kind not in LOSS_CHOICES:
-            raise OptionError(f"--loss {kind!r}: choose one of {LOSS_CHOICES}.")
-        if self.multiclass:
-            if kind == "focal":
-                return keras.losses.CategoricalFocalCrossentropy(gamma=2.0, label_smoothing=label_smoothing)
-            return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-        if kind == "focal":
-            return keras.losses.BinaryFocalCrossentropy(gamma=2.0, label_smoothing=label_smoothing)
-        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        if kind not in LOSSES:
+            raise OptionError(f"--loss {kind!r}: choose one of {tuple(LOSSES)}.")
+        binary, categorical = LOSSES[kind]
+        return (categorical if self.multiclass else binary)(label_smoothing=label_smoothing)
 
 
 def resolve_target(target: str, train: pd.DataFrame) -> TargetSpec:

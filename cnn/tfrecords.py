@@ -49,6 +49,7 @@ def _example(image_id: str, image: bytes) -> bytes:
 def write_shards(
     table: pd.DataFrame,
     run_dir: Path,
+    *,
     image_size: int = 0,
     records_per_shard: int = 2048,
     quality: int = 95,

@@ -24,8 +24,8 @@ import math
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cnn.backbones import build_classifier, member_backbone, parse_model_specs
-from cnn.options import DEFAULT_CACHE_BUDGET_GB
+from cnn.options import CnnConfig
 from cnn.pairs import (
     assemble_model_outputs,
     heartbeat,
@@ -64,49 +64,6 @@ log = logging.getLogger(__name__)
 
 
 CACHE_WORDS = {"memory": "cached in memory as uint8", "disk": "cached on disk as uint8", "none": "streamed, not cached"}
-
-
-@dataclass(frozen=True)
-class CnnConfig:
-    """Training recipe shared by every (model, fold) pair of a `train-cnns` call."""
-
-    image_size: int = 64  # default; each model of a run may have its own (see `parse_model_specs`)
-    epochs: int = 5
-    batch_size: int = 32
-    weights: str = "none"
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4  # AdamW's decoupled decay
-    seed: int = 0
-    tta: tuple[str, ...] = ("none", "hflip", "vflip")
-    target: str = "auto"
-    loss: str = "bce"
-    class_weight: str = "none"  # a key of CLASS_WEIGHT_CHOICES
-    label_smoothing: float = 0.0
-    augment: str = "light"
-    mix: str = "none"
-    cache: str = "auto"  # auto | memory | disk | none (see cnn.pipeline.choose_cache)
-    cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB  # decoded uint8 images kept in memory up to this size (auto)
-    negatives_per_patient: int | None = None  # each epoch: every positive, at most this many negatives per patient
-    deterministic: bool = False  # TensorFlow op determinism: identical OOF on CPU for the same seed
-    patience: int = 0  # stop after this many epochs without a better validation AUC; 0 = never
-    strategy: str = "auto"  # a key of STRATEGIES
-    mixed_precision: bool = False  # float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU
-    jit: bool | None = None  # XLA: None leaves it to Keras (on for one GPU); a no-op on a CPU
-    color_constancy: str = "none"  # a key of cnn.pipeline.COLOR_CONSTANCY, applied the same at scoring (bundle)
-    illuminant_augment: bool = False  # re-light training images under illuminants of other training images
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> CnnConfig:
-        """The recipe from a command's options: every option named like a field (others are ignored);
-        `tta` may be the command line's comma-separated list.
-
-        >>> CnnConfig.from_options({"epochs": 2, "tta": "none, hflip", "run": "runs/x"}).tta
-        ('none', 'hflip')
-        """
-        values = {f.name: options[f.name] for f in fields(cls) if f.name in options}
-        if isinstance(values.get("tta"), str):
-            values["tta"] = tuple(view.strip() for view in values["tta"].split(",") if view.strip())
-        return cls(**values)
 
 
 MEMBER_SEED_STRIDE = 1000  # seed of member `<backbone>_s<k>`: --seed + 1000 k (fold k' adds k'), so no two pairs share one
@@ -140,6 +97,7 @@ class BestEpochByAUC(keras.callbacks.Callback):
         y_val: np.ndarray,
         target: TargetSpec,
         patience: int = 0,
+        *,
         val_aucs: Sequence[float] = (),
         best_weights: list[np.ndarray] | None = None,
     ) -> None:
@@ -168,7 +126,7 @@ class BestEpochByAUC(keras.callbacks.Callback):
 class RichBatchProgress(keras.callbacks.Callback):
     """Advance two rich progress bars per batch, the (model, fold) pair's and the epoch's, each with an ETA."""
 
-    def __init__(self, progress: Progress, pair_task: int, epoch_task: int, label: str, best: BestEpochByAUC) -> None:
+    def __init__(self, progress: Progress, pair_task: int, epoch_task: int, label: str, *, best: BestEpochByAUC) -> None:
         super().__init__()
         self.progress, self.pair_task, self.epoch_task, self.label, self.best = progress, pair_task, epoch_task, label, best
 
@@ -209,7 +167,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, folder: Path, label: str, best: BestEpochByAUC, rng: list, config: CnnConfig, losses: list[float], seconds: float
+        self, folder: Path, label: str, best: BestEpochByAUC, rng: list, *, config: CnnConfig, losses: list[float], seconds: float
     ) -> None:
         super().__init__()
         self.folder, self.label, self.best, self.rng, self.config = folder, label, best, rng, config
@@ -377,7 +335,7 @@ class FoldInputs:
 
 
 def fold_inputs(
-    model_name: str, fold: int, rows: dict[str, pd.DataFrame], config: CnnConfig, target: TargetSpec, fold_dir: Path, progress: Progress
+    model_name: str, fold: int, rows: dict[str, pd.DataFrame], config: CnnConfig, *, target: TargetSpec, fold_dir: Path, progress: Progress
 ) -> FoldInputs:
     """Datasets for `rows` (train, val, test): cached within the budget or streamed (said in the log and console)."""
     cache_dir = fold_dir / CACHE_DIR
@@ -411,7 +369,7 @@ def fold_inputs(
 
 
 def compiled_model(
-    model_name: str, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, checkpoint_dir: Path, strategy: tf.distribute.Strategy
+    model_name: str, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, *, checkpoint_dir: Path, strategy: tf.distribute.Strategy
 ) -> tuple[keras.Model, list[tf.Variable], Resumed]:
     """The pair's model, compiled (AdamW, warm-up + cosine), with its last epoch checkpoint restored if any."""
     with strategy.scope():
@@ -432,7 +390,7 @@ def compiled_model(
 
 
 def write_fold_predictions(
-    model: keras.Model, fold: int, rows: dict[str, pd.DataFrame], inputs: FoldInputs, config: CnnConfig, target: TargetSpec, fold_dir: Path
+    model: keras.Model, fold: int, rows: dict[str, pd.DataFrame], inputs: FoldInputs, *, config: CnnConfig, target: TargetSpec, fold_dir: Path
 ) -> pd.DataFrame:
     """The best epoch's model, OOF and test probabilities (mean over the TTA views) of one pair; returns the OOF table."""
     atomic_write(fold_dir / MODEL_FILE, model.save)
@@ -454,6 +412,7 @@ def train_fold(
     fold: int,
     rows: dict[str, pd.DataFrame],
     config: CnnConfig,
+    *,
     target: TargetSpec,
     fold_dir: Path,
     progress: Progress,
@@ -464,19 +423,19 @@ def train_fold(
     # keras-cv layers draw from TF's global generator, which op determinism (left on by an earlier
     # --deterministic run in this process) refuses to create implicitly: seed it explicitly.
     tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
-    inputs = fold_inputs(model_name, fold, rows, config, target, fold_dir, progress)
+    inputs = fold_inputs(model_name, fold, rows, config, target=target, fold_dir=fold_dir, progress=progress)
     checkpoint_dir = fold_dir / CHECKPOINT_DIR
-    model, rng, resumed = compiled_model(model_name, config, target, inputs, checkpoint_dir, strategy)
+    model, rng, resumed = compiled_model(model_name, config, target, inputs, checkpoint_dir=checkpoint_dir, strategy=strategy)
     # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
     # drawing where an uninterrupted one would be.
     inputs.sampler.epoch = resumed.epochs_done
-    best = BestEpochByAUC(inputs.val, rows["val"]["target"].to_numpy(dtype=np.float32), target, config.patience, resumed.val_aucs, resumed.best_weights)
+    best = BestEpochByAUC(inputs.val, rows["val"]["target"].to_numpy(dtype=np.float32), target, config.patience, val_aucs=resumed.val_aucs, best_weights=resumed.best_weights)
     label = f"{model_name} fold {fold}"
     if resumed.epochs_done:
         log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
     pair_task = progress.add_task(label, total=inputs.steps * config.epochs, completed=inputs.steps * resumed.epochs_done)
     epoch_task = progress.add_task("  epoch", total=inputs.steps)
-    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config, resumed.losses, resumed.seconds)
+    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config=config, losses=resumed.losses, seconds=resumed.seconds)
     last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
     fit_started = time.perf_counter()
     model.fit(
@@ -486,13 +445,13 @@ def train_fold(
         steps_per_epoch=inputs.steps,
         shuffle=False,  # the tf.data pipeline shuffles
         class_weight=target.class_weight(inputs.y_train, config.class_weight),
-        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best)],
+        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best=best)],
         verbose=0,
     )
     images_per_second = inputs.sampler.epoch_size * (last_epoch - resumed.epochs_done) / max(time.perf_counter() - fit_started, 1e-9)
     progress.remove_task(epoch_task)
-    oof = write_fold_predictions(model, fold, rows, inputs, config, target, fold_dir)
-    history = fold_history(model_name, fold, config, target, inputs, best, checkpoint, resumed, oof, images_per_second)
+    oof = write_fold_predictions(model, fold, rows, inputs, config=config, target=target, fold_dir=fold_dir)
+    history = fold_history(model_name, fold, config, target, inputs=inputs, best=best, checkpoint=checkpoint, resumed=resumed, oof=oof, images_per_second=images_per_second)
     write_json(history, fold_dir / HISTORY_FILE)
     shutil.rmtree(fold_dir / CACHE_DIR, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
@@ -501,7 +460,7 @@ def train_fold(
 
 
 def fold_history(
-    model_name: str, fold: int, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, best: BestEpochByAUC,
+    model_name: str, fold: int, config: CnnConfig, target: TargetSpec, *, inputs: FoldInputs, best: BestEpochByAUC,
     checkpoint: EpochCheckpoint, resumed: Resumed, oof: pd.DataFrame, images_per_second: float,
 ) -> dict[str, Any]:
     """RUN/cnn/<model>/fold<k>/history.json: the recipe, per-epoch loss and validation AUC, the best epoch, the sampling."""
@@ -545,7 +504,7 @@ def _unreadable_image_error(rows: pd.DataFrame) -> DataError | None:
 
 
 def train_pair(
-    model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, config: CnnConfig, target: TargetSpec,
+    model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, *, config: CnnConfig, target: TargetSpec,
     run_dir: Path, progress: Progress, strategy: tf.distribute.Strategy,
 ) -> None:
     """Train one pair under a heartbeat, unless it is done or another live process trains it; record a failure."""
@@ -562,7 +521,7 @@ def train_pair(
         rows = {"train": train[~held_out], "val": train[held_out], "test": test}
         try:
             try:
-                train_fold(model_name, fold, rows, config, target, fold_dir, progress, strategy)
+                train_fold(model_name, fold, rows, config, target=target, fold_dir=fold_dir, progress=progress, strategy=strategy)
             except tf.errors.OpError as error:  # most often an image that changed after `folds` read it
                 unreadable = _unreadable_image_error(pd.concat(rows.values()))
                 if unreadable is None:
@@ -599,6 +558,7 @@ def train_cnns(
     folds: pd.DataFrame,
     models: dict[str, int],
     config: CnnConfig,
+    *,
     run_dir: Path,
     model: str | None = None,
     fold: int | None = None,
@@ -631,7 +591,7 @@ def train_cnns(
         for model_name, fold_id in pairs:
             # a member `<backbone>_s<k>` draws its weights, batches and augmentations from its own seeds
             model_config = replace(config, image_size=models[model_name], seed=config.seed + MEMBER_SEED_STRIDE * member_backbone(model_name)[1])
-            train_pair(model_name, fold_id, train, test, model_config, target, run_dir, progress, strategy)
+            train_pair(model_name, fold_id, train, test, config=model_config, target=target, run_dir=run_dir, progress=progress, strategy=strategy)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return assemble_finished_models(run_dir, models, fold_ids)
@@ -656,7 +616,7 @@ def training_progress() -> Progress:
 
 
 def train_run_cnns(
-    table: pd.DataFrame, run_dir: Path, models: str, config: CnnConfig, model: str | None = None, fold: int | None = None,
+    table: pd.DataFrame, run_dir: Path, models: str, config: CnnConfig, *, model: str | None = None, fold: int | None = None,
     progress: Progress | None = None, on_bad_image: str = "raise",
 ) -> TrainingOutcome:
     """The `train-cnns` stage on the run's folds: `models` as on the command line (`small:64,efficientnet_b0:128`);
@@ -672,5 +632,5 @@ def train_run_cnns(
             table, skipped = table[~table["image_id"].isin([i for i, _ in unreadable])], len(unreadable)
     sharded = shard_sources(table, run_dir)
     layout = RunLayout(run_dir)
-    aucs = train_cnns(table if sharded is None else sharded, read_table(layout.folds, "folds"), specs, config, run_dir, model, fold, progress)
+    aucs = train_cnns(table if sharded is None else sharded, read_table(layout.folds, "folds"), specs, config, run_dir=run_dir, model=model, fold=fold, progress=progress)
     return TrainingOutcome(aucs, None if sharded is None else layout.shards, unfinished_pairs(run_dir), skipped)

@@ -151,6 +151,7 @@ def write_explanations(
     rows: pd.DataFrame,
     predictions: pd.DataFrame,
     out_dir: Path,
+    *,
     batch_size: int,
     advance: Advance,
 ) -> Path:

@@ -59,8 +59,8 @@ def _metadata_table(file: Path) -> pd.DataFrame:
     parsers: dict[str, Callable[[pd.Series, str], pd.Series]] = {
         "patient_id": lambda values, _: values.astype("string").where(clean_text(values).notna()),
         "age": lambda values, header: parse_age(values, file, header),
-        "sex": lambda values, header: map_vocabulary(values, SEX_ALIASES, SEXES, file, header),
-        "site": lambda values, header: map_vocabulary(values, SITE_ALIASES, SITES, file, header),
+        "sex": lambda values, header: map_vocabulary(values, SEX_ALIASES, SEXES, file=file, column=header),
+        "site": lambda values, header: map_vocabulary(values, SITE_ALIASES, SITES, file=file, column=header),
     }
     columns = {"image_id": ids}
     for column, parse in parsers.items():
@@ -111,7 +111,7 @@ def image_folder_rows(images: Path, metadata: Path | None = None, recursive: boo
 
 
 def scoring_rows(
-    data: Path | None, images: Path | None, metadata: Path | None = None, fmt: str | None = None, split: str = "all",
+    data: Path | None, images: Path | None, *, metadata: Path | None = None, fmt: str | None = None, split: str = "all",
     recursive: bool = False,
 ) -> pd.DataFrame:
     """The rows to score: a data folder in any supported layout (`split` of it), or a folder of images."""
@@ -278,7 +278,7 @@ class Scored:
     image_features: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: the dermoscopy features, if the stack takes them
 
 
-def batch_shift_warnings(bundle: Bundle, rows: pd.DataFrame, predictions: pd.DataFrame, cnn_scores: pd.DataFrame, image_stats: list[dict[str, np.ndarray]]) -> list[str]:
+def batch_shift_warnings(bundle: Bundle, rows: pd.DataFrame, *, predictions: pd.DataFrame, cnn_scores: pd.DataFrame, image_stats: list[dict[str, np.ndarray]]) -> list[str]:
     """Where this batch looks unlike the training data (`fusion.shift`): images, CNN scores, missing metadata, alert rate."""
     reference, points = bundle.reference, bundle.operating_points
     return [
@@ -308,7 +308,7 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, *, batch_size: int, advan
     return Scored(
         predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"),
         scored.absent_features,
-        batch_shift_warnings(bundle, rows, predictions, scored.cnn_scores, image_stats),
+        batch_shift_warnings(bundle, rows, predictions=predictions, cnn_scores=scored.cnn_scores, image_stats=image_stats),
         scored.cnn_scores.set_axis(rows["image_id"]),
         pd.DataFrame() if inputs.image_features is None else inputs.image_features.set_axis(rows["image_id"]),
     )

@@ -76,7 +76,7 @@ class Bootstrap:
 
 
 def metric_entry(
-    name: str, kind: str, is_probability: bool, target: np.ndarray, score: np.ndarray, patients: np.ndarray, boot: Bootstrap
+    name: str, kind: str, is_probability: bool, target: np.ndarray, *, score: np.ndarray, patients: np.ndarray, boot: Bootstrap
 ) -> dict[str, object]:
     """Every binary metric of one model's scores, with patient-bootstrap intervals for the ranking metrics.
 
@@ -85,7 +85,7 @@ def metric_entry(
     """
     entry: dict[str, object] = {"name": name, "kind": kind}
     entry.update({metric: fn(target, score) for metric, fn in METRICS.items()})
-    intervals = bootstrap_cis({m: METRICS[m] for m in CI_METRICS}, target, score, patients, boot.n_boot, boot.seed, CI_LEVEL)
+    intervals = bootstrap_cis({m: METRICS[m] for m in CI_METRICS}, target, score, patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL)
     entry.update({f"{m}_ci": list(ci) for m, ci in intervals.items()})
     entry.update({metric: fn(target, score) if is_probability else None for metric, fn in PROBABILITY_METRICS.items()})
     ranks_patients = pd.Series(patients).value_counts().max() > TOP_N
@@ -100,7 +100,7 @@ def cv_entries(predictions: RunPredictions, boot: Bootstrap) -> list[dict[str, o
     entries = []
     for model in predictions.models:
         score = model.oof["prob"].to_numpy()
-        entry = metric_entry(model.name, model.kind, model.is_probability, target, score, patients, boot)
+        entry = metric_entry(model.name, model.kind, model.is_probability, target, score=score, patients=patients, boot=boot)
         entry["fold_auc"] = per_fold(roc_auc, target, score, folds)
         entry["fold_auc_sd"] = float(np.std(entry["fold_auc"]))
         entries.append(entry)
@@ -132,7 +132,7 @@ def stack_vs_best_cnn(predictions: RunPredictions, entries: list[dict[str, objec
             "metric": metric,
             **asdict(
                 paired_bootstrap(
-                    METRICS[metric], target, stack.oof["prob"].to_numpy(), cnn_score, patients, boot.n_boot, boot.seed, CI_LEVEL
+                    METRICS[metric], target, stack.oof["prob"].to_numpy(), cnn_score, groups=patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL
                 )
             ),
         }
@@ -174,7 +174,7 @@ def subgroup_entries(
                         "n_melanoma": int(target[rows].sum()),
                         "auc": roc_auc(target[rows], score),
                         "auc_ci": list(
-                            bootstrap_ci(roc_auc, target[rows], score, patients[rows], boot.n_boot, boot.seed, CI_LEVEL)
+                            bootstrap_ci(roc_auc, target[rows], score, patients[rows], n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL)
                         ),
                     }
                 )
@@ -198,7 +198,7 @@ def labelled_test_set_section(predictions: RunPredictions, table: pd.DataFrame, 
         "n_images": len(labelled),
         "n_melanoma": int(target.sum()),
         "entries": [
-            metric_entry(m.name, m.kind, m.is_probability, target, m.test["prob"].reindex(ids).to_numpy(), patients, boot)
+            metric_entry(m.name, m.kind, m.is_probability, target, score=m.test["prob"].reindex(ids).to_numpy(), patients=patients, boot=boot)
             for m in scored
         ],
     }
@@ -225,13 +225,13 @@ def missingness_entries(run_dir: Path, predictions: RunPredictions, entries: lis
             continue
         entry = {
             "pattern": pattern, "n": int(len(rows)), "n_melanoma": int(y.sum()),
-            "auc": roc_auc(y, prob), "auc_ci": list(bootstrap_ci(roc_auc, y, prob, patients, boot.n_boot, boot.seed, CI_LEVEL)),
+            "auc": roc_auc(y, prob), "auc_ci": list(bootstrap_ci(roc_auc, y, prob, patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL)),
             # ECE of the cross-fitted calibration: each fold calibrated without its own labels
             "ece": expected_calibration_error(y, rows["prob_cross_fitted"].to_numpy()), "versus": best,
         }
         if cnn_score is not None:
             cnn = cnn_score.reindex(rows["image_id"]).to_numpy()
-            compared = paired_bootstrap(roc_auc, y, prob, cnn, patients, boot.n_boot, boot.seed, CI_LEVEL)
+            compared = paired_bootstrap(roc_auc, y, prob, cnn, groups=patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL)
             entry.update(cnn_auc=roc_auc(y, cnn), difference=compared.difference, difference_ci=list(compared.ci), p_value=compared.p_value)
         found.append(entry)
     return found
@@ -251,12 +251,12 @@ def family_gain_section(run_dir: Path, boot: Bootstrap) -> dict[str, object] | N
     families = []
     for name in removed:
         without = scores[f"prob_without_{name}"].to_numpy()
-        compared = paired_bootstrap(roc_auc, y, with_all, without, patients, boot.n_boot, boot.seed, CI_LEVEL)
+        compared = paired_bootstrap(roc_auc, y, with_all, without, groups=patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL)
         families.append({"family": name, "auc_with": roc_auc(y, with_all), "auc_without": roc_auc(y, without), **asdict(compared)})
     alone = scores[f"prob_{FEATURES_ONLY}"].to_numpy()
     return {
         "families": families,
-        "features_only_stack": {"auc": roc_auc(y, alone), "auc_ci": list(bootstrap_ci(roc_auc, y, alone, patients, boot.n_boot, boot.seed, CI_LEVEL))},
+        "features_only_stack": {"auc": roc_auc(y, alone), "auc_ci": list(bootstrap_ci(roc_auc, y, alone, patients, n_boot=boot.n_boot, seed=boot.seed, level=CI_LEVEL))},
     }
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnn.outputs import MELANOMA, class_column, cnn_names, fold_mean_prior, training_priors
 from ensemble.blend import mean_blend, rank_blend
 from errors import OptionError, RunStateError
-from fusion.cnn_scores import cnn_names, fold_mean_prior, training_priors
 from metadata.schema import DIAGNOSES
 from rundir.completion import require_complete
 from rundir.io import read_table
@@ -25,7 +25,7 @@ BLENDS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], bool]] = {
     "mean_blend": (mean_blend, True),
     "rank_blend": (rank_blend, False),
 }
-PROBABILITY_COLUMNS = ("prob", *(f"prob_{code}" for code in DIAGNOSES))
+PROBABILITY_COLUMNS = (MELANOMA, *(class_column(code) for code in DIAGNOSES))
 WRITTEN_BY: dict[str, str] = {"cnn": "train-cnns", "stack": "stack"}  # the command that writes a kind's files
 
 
@@ -139,7 +139,7 @@ def load_run_predictions(run_dir: Path, check_complete: bool = True) -> RunPredi
         oof = rows_of(_predictions(written), rows.index, str(oof_path),
                       "it comes from other data or folds than the rest of the run; re-run the stage that wrote it.")
         test = _predictions(read_table(test_path, WRITTEN_BY[kind]).set_index("image_id")) if test_path.exists() else pd.DataFrame()
-        prior = training_priors(oof_path.parent, oof["fold"]) if kind == "cnn" else written_priors(written, oof.index)
+        prior = training_priors(run_dir, name, oof["fold"]) if kind == "cnn" else written_priors(written, oof.index)
         models.append(ModelPredictions(name, kind, True, oof, test, prior))
     cnns = [m for m in models if m.kind == "cnn"]
     blends = _blends(cnns, rows["fold"]) if len(cnns) > 1 else []

@@ -7,66 +7,17 @@ file and renamed, so a crash never leaves half a submission where the last one w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ensemble.run_files import RunPredictions, load_run_predictions
+from ensemble.submission_formats import SubmissionFormat, layout_submission_format
 from errors import DataError, OptionError, RunStateError
 from evaluation.metrics import prior_adjusted_probabilities
 from rundir.io import atomic_write
 from rundir.layout import PRIMARY_STACK, RunLayout
-
-
-@dataclass(frozen=True)
-class SubmissionFormat:
-    """A challenge's CSV: the id column, then each prediction column and the run's column it is read from."""
-
-    title: str
-    id_column: str
-    columns: dict[str, str]  # submission column -> prediction column (`prob` or `prob_<CLASS>`)
-    default_models: tuple[str, ...]  # without --model: the first of these the run has (the last one otherwise, refused by name)
-
-    @property
-    def header(self) -> list[str]:
-        return [self.id_column, *self.columns]
-
-    @property
-    def multiclass(self) -> bool:
-        return any(source != "prob" for source in self.columns.values())
-
-
-ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
-# ISIC 2018 Task 3 calls actinic keratosis / intraepithelial carcinoma AKIEC; the unified code is AK.
-ISIC2018_COLUMNS = {
-    "MEL": "prob_MEL", "NV": "prob_NV", "BCC": "prob_BCC", "AKIEC": "prob_AK", "BKL": "prob_BKL", "DF": "prob_DF", "VASC": "prob_VASC",
-}
-
-# the differential-diagnosis stack (fusion.diagnosis_stack) where the run has one: the best balanced accuracy measured here
-MULTICLASS_DEFAULTS = ("diagnosis_stack", "mean_blend")
-SUBMISSION_FORMATS: dict[str, SubmissionFormat] = {
-    "isic2020": SubmissionFormat("SIIM-ISIC 2020 (melanoma probability)", "image_name", {"target": "prob"}, (PRIMARY_STACK,)),
-    "isic2024": SubmissionFormat("ISIC 2024 (malignancy probability)", "isic_id", {"target": "prob"}, (PRIMARY_STACK,)),
-    "isic2019": SubmissionFormat("ISIC 2019 (9 diagnoses)", "image", {c: f"prob_{c}" for c in ISIC2019_CLASSES}, MULTICLASS_DEFAULTS),
-    "isic2018": SubmissionFormat("ISIC 2018 Task 3 (7 diagnoses)", "image", ISIC2018_COLUMNS, MULTICLASS_DEFAULTS),
-}
-
-
-# Data layout (a `metadata.formats` name) -> the challenge format its test split is scored in; others: isic2020.
-LAYOUT_SUBMISSIONS: dict[str, str] = {"isic-2024": "isic2024"}
-
-
-def layout_submission_format(layout: str) -> SubmissionFormat:
-    """The binary submission format of a data layout's own challenge (what `stack` writes to RUN/submission.csv)."""
-    return SUBMISSION_FORMATS[LAYOUT_SUBMISSIONS.get(layout, "isic2020")]
-
-
-def submission_format(name: str) -> SubmissionFormat:
-    if name not in SUBMISSION_FORMATS:
-        raise OptionError(f"--format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")
-    return SUBMISSION_FORMATS[name]
 
 
 def build_submission(
@@ -108,8 +59,9 @@ def build_submission(
 def validate_submission(frame: pd.DataFrame, fmt: SubmissionFormat, expected_ids: pd.Series | pd.Index) -> None:
     """Refuse a submission the challenge would reject or mis-score, naming the first offending id.
 
+    >>> from ensemble.submission_formats import SUBMISSION_FORMATS
     >>> frame = pd.DataFrame({"isic_id": ["a", "b"], "target": [0.2, 1.3]})
-    >>> validate_submission(frame, submission_format("isic2024"), ["a", "b"])
+    >>> validate_submission(frame, SUBMISSION_FORMATS["isic2024"], ["a", "b"])
     Traceback (most recent call last):
     errors.DataError: submission: id 'b' has target=1.3, not a probability in [0, 1] (1 such value(s)); submit a model whose outputs are probabilities.
     """
@@ -174,7 +126,7 @@ def submitted_model(fmt: SubmissionFormat, predictions: RunPredictions, model: s
 
 
 def run_submission(
-    predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, path: Path,
+    predictions: RunPredictions, fmt: SubmissionFormat, model: str | None, expected_ids: pd.Index, *, path: Path,
     adjust_prior: bool = True,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Build, validate and write the submission of one model of the run (the format's default when None).
@@ -198,5 +150,5 @@ def write_stack_submission(run_dir: Path, table: pd.DataFrame, layout: str) -> S
     if not len(expected):
         return None
     chosen = layout_submission_format(layout)
-    run_submission(load_run_predictions(run_dir, check_complete=False), chosen, PRIMARY_STACK, expected, RunLayout(run_dir).submission)
+    run_submission(load_run_predictions(run_dir, check_complete=False), chosen, PRIMARY_STACK, expected, path=RunLayout(run_dir).submission)
     return chosen

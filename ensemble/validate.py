@@ -54,7 +54,7 @@ class Interval:
     ci: tuple[float, float]
 
 
-def _estimate(metric: Metric, y_true: np.ndarray, y_score: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> Interval:
+def _estimate(metric: Metric, y_true: np.ndarray, y_score: np.ndarray, patients: np.ndarray, *, n_boot: int, seed: int) -> Interval:
     value = metric(y_true, y_score)
     return Interval(float(value), bootstrap_ci(metric, y_true, y_score, groups=patients, n_boot=n_boot, seed=seed))
 
@@ -66,7 +66,7 @@ def operating_point_rows(bundle: Bundle, scored: pd.DataFrame, n_boot: int, seed
         point = bundle.operating_points[name]
         y, alert, patients = rows["target"].to_numpy(int), rows["alert"].to_numpy(float), rows["patient_id"].to_numpy()
         has_both = 0 < y.sum() < len(y)
-        sensitivity = _estimate(partial(sensitivity_at, threshold=0.5), y, alert, patients, n_boot, seed) if y.any() else None
+        sensitivity = _estimate(partial(sensitivity_at, threshold=0.5), y, alert, patients, n_boot=n_boot, seed=seed) if y.any() else None
         low, high = point.oof_sensitivity_ci
         entries.append(
             {
@@ -102,7 +102,7 @@ def validation_warnings(points: list[dict[str, object]]) -> list[str]:
 
 
 def validate_bundle(
-    bundle: Bundle, rows: pd.DataFrame, batch_size: int, advance: Advance, n_boot: int = 1000, seed: int = 0
+    bundle: Bundle, rows: pd.DataFrame, *, batch_size: int, advance: Advance, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, object]:
     """Score labelled `rows` with the bundle; the validation report as a JSON-ready dict."""
     scored_patients = score_patients(bundle, rows, batch_size=batch_size, advance=advance)
@@ -114,9 +114,9 @@ def validate_bundle(
         raise DataError(f"the labelled rows hold {int(y.sum())} melanoma(s) in {len(y)} images; an AUC needs both classes.")
     cnn_scores = scored_patients.cnn_scores.reindex(scored["image_id"])
     cnn_only = cnn_scores.mean(axis=1).to_numpy()
-    auc = _estimate(roc_auc, y, probability, patients, n_boot, seed)
+    auc = _estimate(roc_auc, y, probability, patients, n_boot=n_boot, seed=seed)
     points = operating_point_rows(bundle, scored, n_boot, seed)
-    sensitivity = _estimate(partial(sensitivity_at, threshold=0.5), y, alert, patients, n_boot, seed)
+    sensitivity = _estimate(partial(sensitivity_at, threshold=0.5), y, alert, patients, n_boot=n_boot, seed=seed)
     promised = scored.loc[y == 1, "operating_point"].map({n: p.oof_sensitivity for n, p in bundle.operating_points.items()})
     return {
         "bundle": str(bundle.path.resolve()),

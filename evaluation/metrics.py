@@ -307,6 +307,7 @@ def bootstrap_values(
     y_true: np.ndarray,
     y_score: np.ndarray,
     groups: np.ndarray | None = None,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> np.ndarray:
@@ -315,7 +316,7 @@ def bootstrap_values(
     curve_metric = CURVE_METRICS.get(metric)
     if curve_metric is None:
         return np.array([metric(y_true[i], y_score[i]) for i in bootstrap_samples(len(y_true), groups, n_boot, seed)])
-    return bootstrap_curve_values([curve_metric], y_true, y_score, groups, n_boot, seed)[0]
+    return bootstrap_curve_values([curve_metric], y_true, y_score, groups, n_boot=n_boot, seed=seed)[0]
 
 
 def bootstrap_curve_values(
@@ -323,6 +324,7 @@ def bootstrap_curve_values(
     y_true: np.ndarray,
     y_score: np.ndarray,
     groups: np.ndarray | None = None,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> list[np.ndarray]:
@@ -337,15 +339,16 @@ def bootstrap_cis(
     y_true: np.ndarray,
     y_score: np.ndarray,
     groups: np.ndarray | None = None,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of several named metrics on the same resamples (ROC-curve metrics share the curves)."""
     on_curves = {name: CURVE_METRICS[m] for name, m in metrics.items() if m in CURVE_METRICS}
-    values = dict(zip(on_curves, bootstrap_curve_values(list(on_curves.values()), y_true, y_score, groups, n_boot, seed)))
+    values = dict(zip(on_curves, bootstrap_curve_values(list(on_curves.values()), y_true, y_score, groups, n_boot=n_boot, seed=seed)))
     others = {name: m for name, m in metrics.items() if name not in on_curves}
-    values.update({name: bootstrap_values(m, y_true, y_score, groups, n_boot, seed) for name, m in others.items()})
+    values.update({name: bootstrap_values(m, y_true, y_score, groups, n_boot=n_boot, seed=seed) for name, m in others.items()})
     return {name: _percentile_interval(values[name], level) for name in metrics}
 
 
@@ -362,12 +365,13 @@ def bootstrap_ci(
     y_true: np.ndarray,
     y_score: np.ndarray,
     groups: np.ndarray | None = None,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric`; resamples without both classes are skipped."""
-    return bootstrap_cis({"metric": metric}, y_true, y_score, groups, n_boot, seed, level)["metric"]
+    return bootstrap_cis({"metric": metric}, y_true, y_score, groups, n_boot=n_boot, seed=seed, level=level)["metric"]
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,7 @@ def paired_bootstrap(
     y_true: np.ndarray,
     score_a: np.ndarray,
     score_b: np.ndarray,
+    *,
     groups: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -395,8 +400,8 @@ def paired_bootstrap(
     p is twice the smaller share of resampled differences on either side of 0, counted with the
     usual +1 so a finite bootstrap never claims p = 0.
     """
-    differences = bootstrap_values(metric, y_true, score_a, groups, n_boot, seed) - bootstrap_values(
-        metric, y_true, score_b, groups, n_boot, seed
+    differences = bootstrap_values(metric, y_true, score_a, groups, n_boot=n_boot, seed=seed) - bootstrap_values(
+        metric, y_true, score_b, groups, n_boot=n_boot, seed=seed
     )
     differences = differences[np.isfinite(differences)]
     smaller_tail = min(int((differences <= 0).sum()), int((differences >= 0).sum()))

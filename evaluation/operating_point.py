@@ -81,6 +81,7 @@ def choose_operating_point(
     y_score: np.ndarray,
     patients: np.ndarray,
     sensitivity: float = 0.95,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,

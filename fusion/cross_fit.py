@@ -29,6 +29,7 @@ def cross_fit(
     predict: Callable[[Model, pd.DataFrame], np.ndarray],
     features: pd.DataFrame,
     folds: np.ndarray,
+    *,
     test_features: pd.DataFrame,
     also_score: dict[str, pd.DataFrame] | None = None,
 ) -> CrossFit[Model]:

@@ -49,7 +49,7 @@ class DiagnosisStack:
 
 
 def cross_val_diagnosis_stack(
-    features: pd.DataFrame, diagnosis: pd.Series, classes: tuple[str, ...], folds: np.ndarray, test_features: pd.DataFrame,
+    features: pd.DataFrame, diagnosis: pd.Series, classes: tuple[str, ...], folds: np.ndarray, *, test_features: pd.DataFrame,
     c: float = DIAGNOSIS_STACK_C,
 ) -> DiagnosisStack:
     """Fit one multinomial logistic regression per fold on the other folds' rows (imputation and
@@ -80,7 +80,7 @@ def cross_val_diagnosis_stack(
         probs[:, model.classes_] = model.predict_proba(frame)
         return probs
 
-    result = cross_fit(fit, predict, features, folds, test_features)
+    result = cross_fit(fit, predict, features, folds, test_features=test_features)
     return DiagnosisStack(tuple(classes), result.oof, result.test, fold_priors)
 
 

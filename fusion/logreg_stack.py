@@ -56,6 +56,6 @@ def cross_val_logreg(
     result = cross_fit(
         lambda rows, fold: logreg_pipeline().fit(train_features[rows], target[rows]),
         lambda model, features: model.predict_proba(features)[:, 1],
-        train_features, folds, test_features,
+        train_features, folds, test_features=test_features,
     )
     return LogregStackResult(oof_probs=result.oof, test_probs=result.test)

@@ -187,7 +187,7 @@ STACK_SCORER = "stack"
 
 
 def _choose_scorers(
-    scores: np.ndarray, target: np.ndarray, pattern: np.ndarray, sources: set[str], alternatives: dict[str, np.ndarray]
+    scores: np.ndarray, target: np.ndarray, pattern: np.ndarray, sources: set[str], *, alternatives: dict[str, np.ndarray]
 ) -> dict[str, str]:
     """Per pattern source, the scorer that ranks its own masked OOF rows best: the stack, or one CNN alone.
 
@@ -223,13 +223,13 @@ class PatternCalibration:
 
     @classmethod
     def fit(
-        cls, scores: np.ndarray, target: np.ndarray, folds: np.ndarray, pattern: np.ndarray, alternatives: dict[str, np.ndarray] | None = None
+        cls, scores: np.ndarray, target: np.ndarray, folds: np.ndarray, pattern: np.ndarray, *, alternatives: dict[str, np.ndarray] | None = None
     ) -> PatternCalibration:
         """`alternatives`: CNN scores (column -> standardised log-odds per row) a pattern may be scored by instead of the stack."""
         scores, target, folds, pattern = (np.asarray(a) for a in (scores, target, folds, pattern))
         sources = pattern_sources(pd.Series(pattern), pd.Series(target))
         alternatives = {c: np.asarray(v, dtype=float) for c, v in (alternatives or {}).items()}
-        scorers = _choose_scorers(scores, target, pattern, set(sources.values()), alternatives)
+        scorers = _choose_scorers(scores, target, pattern, set(sources.values()), alternatives=alternatives)
         scores = cls(sources, {}, {}, scorers).chosen_scores(scores, pattern, alternatives)
 
         def fitted(rows: np.ndarray) -> dict[str, PlattCalibration]:

@@ -135,7 +135,7 @@ class StackModel:
         calibration fitted without it, for an honest calibration error)."""
         # a lesion's CNN scores are never masked: each masked row takes its image's
         cnn_of_masked = {c: scores[c].set_axis(image_ids).reindex(masked["image_id"]).to_numpy() for c in scores}
-        calibration = PatternCalibration.fit(masked["score"], masked["target"], masked["fold"], masked["pattern"], cnn_of_masked)
+        calibration = PatternCalibration.fit(masked["score"], masked["target"], masked["fold"], masked["pattern"], alternatives=cnn_of_masked)
         masked["score"] = calibration.chosen_scores(masked["score"], masked["pattern"], cnn_of_masked)
         masked["scorer"] = masked["pattern"].map(calibration.sources).map(calibration.scorers)
         masked["prob"] = calibration.apply(masked["score"], masked["pattern"])

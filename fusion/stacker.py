@@ -145,5 +145,5 @@ def cross_val_stack(
         training = [train_features[rows], *(copy[rows] for copy in masked_features.values())]
         return model.fit(pd.concat(training, ignore_index=True), np.tile(target[rows], len(training)))
 
-    result = cross_fit(fit, LightGBMStacker.predict, train_features, folds, test_features, masked_features)
+    result = cross_fit(fit, LightGBMStacker.predict, train_features, folds, test_features=test_features, also_score=masked_features)
     return StackResult(oof_probs=result.oof, test_probs=result.test, models=result.models, masked_oof=result.extra_oof)

@@ -131,7 +131,7 @@ def diagnosis_stack_tables(inputs: StackInputs, scores: tuple[pd.DataFrame, pd.D
         build_stack_features(rows, pd.concat([cnn, by_class], axis=1), images)
         for rows, cnn, by_class, images in zip((train, test), scores, class_scores, (inputs.train_images, inputs.test_images))
     )
-    stack = cross_val_diagnosis_stack(train_features, train["diagnosis"], classes, train["fold"].to_numpy(), test_features)
+    stack = cross_val_diagnosis_stack(train_features, train["diagnosis"], classes, train["fold"].to_numpy(), test_features=test_features)
     oof, test_table = diagnosis_tables(train[KEYS], test[["image_id", "patient_id"]], stack)
     return dict(zip(STACK_OUTPUTS[DIAGNOSIS_STACK], (oof, test_table)))
 
@@ -153,7 +153,7 @@ def read_stack_inputs(table: pd.DataFrame, run_dir: Path) -> StackInputs:
 
 
 def scoring_reference(
-    train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size: int | None, color_constancy: str = "none", seed: int = 0
+    train: pd.DataFrame, cnn_scores: pd.DataFrame, image_size: int | None, *, color_constancy: str = "none", seed: int = 0
 ) -> dict[str, object]:
     """What `predict` compares a batch with (see `fusion.shift`): image statistics of a seeded sample of
     training images as the first CNN sees them (its size and colour constancy), CNN score moments,
@@ -198,7 +198,8 @@ def fit_run_stack(table: pd.DataFrame, run_dir: Path, *, num_boost_round: int = 
     inputs = read_stack_inputs(table, run_dir)
     fit = fit_stack(inputs, num_boost_round=num_boost_round, seed=seed)
     train_scores = fit.model.training_features_[fit.model.cnn_columns]
-    fit.scoring_reference = scoring_reference(inputs.train, train_scores, *_first_cnn_input(run_dir), seed=seed)
+    image_size, color_constancy = _first_cnn_input(run_dir)
+    fit.scoring_reference = scoring_reference(inputs.train, train_scores, image_size, color_constancy=color_constancy, seed=seed)
     return fit
 
 

@@ -140,7 +140,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
 
 
-def run_data(data: Path, run_dir: Path, fmt: str | None = None, metadata: Path | None = None, on_bad_image: str = "raise") -> RunData:
+def run_data(data: Path, run_dir: Path, *, fmt: str | None = None, metadata: Path | None = None, on_bad_image: str = "raise") -> RunData:
     """The canonical table of `data` as the run in `run_dir` uses it.
 
     Images with no file are skipped (with `on_bad_image="skip"`) and recorded; images the run skipped

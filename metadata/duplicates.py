@@ -81,6 +81,7 @@ def _fingerprint_chunk(task: tuple[list[str], list[str]]) -> tuple[list[ImageFin
 def fingerprint_images(
     image_ids: Sequence[str],
     paths: Sequence[str],
+    *,
     on_error: str = "raise",
     advance: Callable[[], None] | None = None,
     workers: int | None = None,

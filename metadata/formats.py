@@ -75,7 +75,7 @@ def _diagnosis(values: pd.Series, file: Path, column: str) -> pd.Series:
     """Unified diagnosis codes. ISIC's "unknown" diagnosis is a class (UNK: benign, no specific
     diagnosis), not a missing value as `clean_text` would read it; empty cells stay missing."""
     text = values.astype("string").str.strip()
-    return map_vocabulary(text.mask(text.str.lower() == "unknown", "UNK"), DIAGNOSIS_ALIASES, DIAGNOSES, file, column)
+    return map_vocabulary(text.mask(text.str.lower() == "unknown", "UNK"), DIAGNOSIS_ALIASES, DIAGNOSES, file=file, column=column)
 
 
 def _not_this_layout(root: Path, layout: str, wanted: str) -> DataError:
@@ -131,7 +131,7 @@ def _siim2020_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """train.csv / test.csv (or ISIC_2020_Training_GroundTruth*.csv) beside jpeg/{train,test} or {train,test}/."""
     files = _siim2020_files(root)
     if "train" not in files:
-        raise _not_this_layout(root, "siim-isic-2020", "train.csv or ISIC_2020_Training_GroundTruth*.csv")
+        raise _not_this_layout(root, "isic2020", "train.csv or ISIC_2020_Training_GroundTruth*.csv")
     parts = []
     for split, file in files.items():
         raw = read_csv(file, allow_no_rows=split == "test")  # an empty test list: train without a test split
@@ -152,8 +152,8 @@ def _siim2020_load(root: Path, metadata: Path | None) -> pd.DataFrame:
                 target=_binary_target(raw, file, split),
                 diagnosis=diagnosis,
                 age=parse_age(raw["age_approx"], file, "age_approx"),
-                sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file, "sex"),
-                site=map_vocabulary(raw["anatom_site_general_challenge"], SITE_ALIASES, SITES, file, "anatom_site_general_challenge"),
+                sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file=file, column="sex"),
+                site=map_vocabulary(raw["anatom_site_general_challenge"], SITE_ALIASES, SITES, file=file, column="anatom_site_general_challenge"),
                 source=pd.Series("isic2020", index=raw.index),
             )
         )
@@ -187,7 +187,7 @@ def _isic2019_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     """ISIC_2019_Training_GroundTruth.csv (+ _Metadata.csv) beside ISIC_2019_Training_Input/ or images/."""
     truth_file = root / "ISIC_2019_Training_GroundTruth.csv"
     if not truth_file.exists():
-        raise _not_this_layout(root, "isic-2019", truth_file.name)
+        raise _not_this_layout(root, "isic2019", truth_file.name)
     truth = read_csv(truth_file)
     require_columns(truth, ("image", *DIAGNOSES), truth_file)
     meta_file = metadata or root / "ISIC_2019_Training_Metadata.csv"
@@ -205,10 +205,10 @@ def _isic2019_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         target=targets_from_diagnosis(diagnosis),
         diagnosis=diagnosis,
         age=parse_age(merged.get("age_approx", pd.Series("", index=merged.index)), meta_file, "age_approx"),
-        sex=map_vocabulary(merged.get(sex_column, pd.Series("", index=merged.index)), SEX_ALIASES, SEXES, meta_file, sex_column),
+        sex=map_vocabulary(merged.get(sex_column, pd.Series("", index=merged.index)), SEX_ALIASES, SEXES, file=meta_file, column=sex_column),
         site=map_vocabulary(
-            merged.get("anatom_site_general", pd.Series("", index=merged.index)), SITE_ALIASES, SITES, meta_file,
-            "anatom_site_general",
+            merged.get("anatom_site_general", pd.Series("", index=merged.index)), SITE_ALIASES, SITES, file=meta_file,
+            column="anatom_site_general",
         ),
         source=_contributor(lesion, "isic2019"),
     )
@@ -249,8 +249,8 @@ def _ham_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         require_columns(raw, ("lesion_id", "image_id", "dx", "age", "sex", "localization"), meta_file)
         diagnosis = _diagnosis(raw["dx"], meta_file, "dx")
         ages = parse_age(raw["age"], meta_file, "age", zero_is_missing=True)
-        sex = map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, meta_file, "sex")
-        site = map_vocabulary(raw["localization"], SITE_ALIASES, SITES, meta_file, "localization")
+        sex = map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file=meta_file, column="sex")
+        site = map_vocabulary(raw["localization"], SITE_ALIASES, SITES, file=meta_file, column="localization")
         lesion = _optional_id(raw, "lesion_id")
         ids = raw["image_id"]
     else:
@@ -311,7 +311,7 @@ def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
     (`iddx_*`, `mel_*`, `lesion_id`) are not carried over.
     """
     if not (root / "train-metadata.csv").exists():
-        raise _not_this_layout(root, "isic-2024", "train-metadata.csv")
+        raise _not_this_layout(root, "isic2024", "train-metadata.csv")
     parts = []
     for split in ("train", "test"):
         file = root / f"{split}-metadata.csv"
@@ -335,8 +335,8 @@ def _isic2024_load(root: Path, metadata: Path | None) -> pd.DataFrame:
                 target=_binary_target(raw, file, split),
                 diagnosis=pd.Series(pd.NA, index=raw.index),
                 age=parse_age(raw["age_approx"], file, "age_approx"),
-                sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file, "sex"),
-                site=map_vocabulary(raw["anatom_site_general"], SITE_ALIASES, SITES, file, "anatom_site_general"),
+                sex=map_vocabulary(raw["sex"], SEX_ALIASES, SEXES, file=file, column="sex"),
+                site=map_vocabulary(raw["anatom_site_general"], SITE_ALIASES, SITES, file=file, column="anatom_site_general"),
                 source=("isic2024:" + attribution).fillna("isic2024"),
                 **{k: v.astype(float) for k, v in extras.items()},
             )
@@ -403,8 +403,8 @@ def _class_folders_load(root: Path, metadata: Path | None) -> pd.DataFrame:
         target=targets_from_diagnosis(diagnosis),
         diagnosis=diagnosis,
         age=parse_age(merged.get("age_approx", empty), meta_file, "age_approx"),
-        sex=map_vocabulary(merged.get(sex_column, empty), SEX_ALIASES, SEXES, meta_file, sex_column),
-        site=map_vocabulary(merged.get("anatom_site_general", empty), SITE_ALIASES, SITES, meta_file, "anatom_site_general"),
+        sex=map_vocabulary(merged.get(sex_column, empty), SEX_ALIASES, SEXES, file=meta_file, column=sex_column),
+        site=map_vocabulary(merged.get("anatom_site_general", empty), SITE_ALIASES, SITES, file=meta_file, column="anatom_site_general"),
         source=_contributor(lesion, "isic-classes"),
     )
 
@@ -412,9 +412,9 @@ def _class_folders_load(root: Path, metadata: Path | None) -> pd.DataFrame:
 DATASET_FORMATS: dict[str, DatasetFormat] = {
     fmt.name: fmt
     for fmt in (
-        DatasetFormat("siim-isic-2020", "train.csv/test.csv or ISIC_2020_Training_GroundTruth*.csv + jpeg/{train,test}", _siim2020_detect, _siim2020_load, has_patients=True),
-        DatasetFormat("isic-2024", "train-metadata.csv/test-metadata.csv + train-image.hdf5 or folder", _isic2024_detect, _isic2024_load, has_patients=True),
-        DatasetFormat("isic-2019", "ISIC_2019_Training_GroundTruth.csv (+ _Metadata.csv) + images", _isic2019_detect, _isic2019_load),
+        DatasetFormat("isic2020", "train.csv/test.csv or ISIC_2020_Training_GroundTruth*.csv + jpeg/{train,test}", _siim2020_detect, _siim2020_load, has_patients=True),
+        DatasetFormat("isic2024", "train-metadata.csv/test-metadata.csv + train-image.hdf5 or folder", _isic2024_detect, _isic2024_load, has_patients=True),
+        DatasetFormat("isic2019", "ISIC_2019_Training_GroundTruth.csv (+ _Metadata.csv) + images", _isic2019_detect, _isic2019_load),
         DatasetFormat("ham10000", "HAM10000_metadata.csv and/or ISIC 2018 one-hot ground truth + images/", _ham_detect, _ham_load),
         DatasetFormat("class-folders", "Train/<class>/*.jpg, Test/<class>/*.jpg (+ --metadata CSV)", _class_folders_detect, _class_folders_load),
     )

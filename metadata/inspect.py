@@ -21,7 +21,7 @@ def _pairs_across_splits(pairs: pd.DataFrame, split_of: pd.Series) -> pd.DataFra
 
 
 def inspect_dataset(
-    root: Path, format_name: str | None = None, metadata: Path | None = None, max_distance: int = NEAR_DUPLICATE_BITS,
+    root: Path, format_name: str | None = None, metadata: Path | None = None, *, max_distance: int = NEAR_DUPLICATE_BITS,
     advance: Callable[[], None] | None = None,
 ) -> dict:
     """A JSON-ready summary of the data; `trainable` is False when training would fail or mislead.

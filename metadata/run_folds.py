@@ -44,13 +44,13 @@ class FoldsResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, result: FoldsResult, advance: Callable[[], None] | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, result: FoldsResult, *, advance: Callable[[], None] | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Fingerprint every image (recording unreadable ones as skipped); the table left and its duplicate pairs."""
     with_images = table["image_path"].notna()
     if not with_images.any():
         return table, None
     fingerprints, unreadable = fingerprint_images(
-        table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), options.on_bad_image, advance=advance
+        table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), on_error=options.on_bad_image, advance=advance
     )
     if unreadable:
         record_skipped(run_dir, pd.DataFrame(unreadable, columns=["image_id", "reason"]))
@@ -64,7 +64,7 @@ def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, resul
 
 
 def write_run_folds(
-    table: pd.DataFrame, data_dir: Path, run_dir: Path, options: FoldOptions = FoldOptions(), advance: Callable[[], None] | None = None
+    table: pd.DataFrame, data_dir: Path, run_dir: Path, options: FoldOptions = FoldOptions(), *, advance: Callable[[], None] | None = None
 ) -> FoldsResult:
     """Assign and write the folds of `table` (the run's view of the data in `data_dir`).
 
@@ -74,7 +74,7 @@ def write_run_folds(
     that would chain more than `max_linked_patients` patients are cut and counted.
     """
     result = FoldsResult()  # notes and warnings gather on the way; the folds come last
-    table, pairs = _image_pairs(table, run_dir, options, result, advance)
+    table, pairs = _image_pairs(table, run_dir, options, result, advance=advance)
     published = published_duplicate_pairs(data_dir, table["image_id"])
     if published is not None:
         listed, absent = published

@@ -119,7 +119,7 @@ def clean_text(values: pd.Series) -> pd.Series:
 
 
 def map_vocabulary(
-    values: pd.Series, aliases: dict[str, str], vocabulary: tuple[str, ...], file: Path, column: str
+    values: pd.Series, aliases: dict[str, str], vocabulary: tuple[str, ...], *, file: Path, column: str
 ) -> pd.Series:
     """Map spellings onto a vocabulary; refuse unknown values, naming the file, row and value."""
     text = clean_text(values)

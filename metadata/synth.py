@@ -119,7 +119,7 @@ def _draw_hairs(image: np.ndarray, xx: np.ndarray, yy: np.ndarray, rng: np.rando
     return image
 
 
-def _draw_freckles(image: np.ndarray, xx: np.ndarray, yy: np.ndarray, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _draw_freckles(image: np.ndarray, xx: np.ndarray, yy: np.ndarray, colour: np.ndarray, *, rng: np.random.Generator) -> np.ndarray:
     """Small pale spots of the lesion's pigment scattered on the skin (Poisson(1.5) of them)."""
     for _ in range(rng.poisson(1.5)):
         (y0, x0), radius = rng.uniform(-0.95, 0.95, 2), rng.uniform(0.03, 0.08)
@@ -158,7 +158,7 @@ def render_lesion(look: LesionLook, size: int, rng: np.random.Generator) -> np.n
     gradient = (xx * np.cos(light) + yy * np.sin(light)) * rng.uniform(8, 30)
     skin = look.skin[None, None, :] + (_smooth_noise(rng, size, 5) * 24 + _smooth_noise(rng, size, 3) * 30 + gradient)[..., None]
     image = skin * (1 - mask[..., None]) + lesion * mask[..., None]
-    image = _draw_freckles(image, xx, yy, look.colour, rng)
+    image = _draw_freckles(image, xx, yy, look.colour, rng=rng)
     image = _draw_hairs(image, xx, yy, rng)
     image += rng.normal(0, 3, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -297,7 +297,7 @@ def tbp_features(lesions: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
     )
 
 
-def render_jpegs(lesions: pd.DataFrame, image_size: int, seed: int, colour_cast: tuple[float, float, float], start: int = 0) -> list[bytes]:
+def render_jpegs(lesions: pd.DataFrame, image_size: int, *, seed: int, colour_cast: tuple[float, float, float], start: int = 0) -> list[bytes]:
     """JPEG bytes of each lesion; lesion i's pixels are drawn from its own seeded generator, so the
     images do not depend on how the cohort is split between workers."""
     out = []
@@ -315,7 +315,7 @@ def render_jpegs(lesions: pd.DataFrame, image_size: int, seed: int, colour_cast:
 
 def _render_task(task: tuple[pd.DataFrame, int, int, tuple[float, float, float], int]) -> list[bytes]:
     lesions, image_size, seed, colour_cast, start = task
-    return render_jpegs(lesions, image_size, seed, colour_cast, start)
+    return render_jpegs(lesions, image_size, seed=seed, colour_cast=colour_cast, start=start)
 
 
 def rendered_images(lesions: pd.DataFrame, config: SynthConfig) -> Iterator[tuple[int, list[bytes]]]:

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from cnn.backbones import BACKBONES, build_classifier, get_backbone
+from cnn.options import CnnConfig
 from cnn.pipeline import build_augmenter, image_dataset, predict_tta
-from cnn.train import CnnConfig, best_epoch, changed_options, should_stop
+from cnn.train import best_epoch, changed_options, should_stop
 from errors import UserError
 
 
@@ -208,3 +209,40 @@ def test_a_checkpoint_resumes_only_under_the_options_that_wrote_it() -> None:
     older = {k: v for k, v in saved.items() if k != "weight_decay"}
     assert changed_options(older, CnnConfig(epochs=12, learning_rate=1e-3)) == {}
     assert changed_options(older, CnnConfig(epochs=12, learning_rate=1e-3, weight_decay=0.05)) == {"weight_decay": 1e-4}
+
+
+def test_each_tf_free_copy_of_a_registry_equals_the_registry() -> None:
+    """`cnn.options` lists every registry's keys without TensorFlow, for the CLI and config checks: a
+    key added to a registry but not to its copy would be refused before training starts."""
+    from cnn import options
+    from cnn.pipeline import AUGMENTATIONS, COLOR_CONSTANCY, MIXES, TTA_VIEWS
+    from cnn.targets import CLASS_WEIGHT_POWERS, LOSSES
+    from cnn.train import STRATEGIES
+
+    pairs = {
+        "COLOR_CONSTANCY_CHOICES": COLOR_CONSTANCY, "AUGMENT_LEVELS": AUGMENTATIONS, "TTA_VIEW_CHOICES": TTA_VIEWS, "MIX_CHOICES": MIXES,
+        "LOSS_CHOICES": LOSSES, "CLASS_WEIGHT_CHOICES": CLASS_WEIGHT_POWERS, "STRATEGY_CHOICES": STRATEGIES,
+    }
+    for name, registry in pairs.items():
+        assert getattr(options, name) == tuple(registry), name
+
+
+def test_a_recipe_is_checked_when_it_is_built() -> None:
+    with pytest.raises(UserError, match="--augment 'heavy'"):
+        CnnConfig(augment="heavy")
+    with pytest.raises(UserError, match="--epochs 0"):
+        CnnConfig(epochs=0)
+    with pytest.raises(UserError, match="--tta"):
+        CnnConfig.from_options({"tta": "none,spin"})
+    with pytest.raises(TypeError, match="no field"):  # a renamed option is a bug, never a silent default
+        CnnConfig.from_options({"epoch": 3})
+
+
+def test_every_recipe_field_is_a_train_cnns_option() -> None:
+    import inspect
+    from dataclasses import fields
+
+    from cli import TRAIN_CNNS_RUN_OPTIONS, train_cnns
+
+    parameters = set(inspect.signature(inspect.unwrap(train_cnns)).parameters)
+    assert {f.name for f in fields(CnnConfig)} == parameters - TRAIN_CNNS_RUN_OPTIONS

@@ -87,10 +87,10 @@ def test_the_diagnosis_stack_learns_from_other_folds_only() -> None:
     labels = pd.Series(rng.choice(["MEL", "NV", "BKL"], 240))
     features = pd.DataFrame({"cue": labels.map({"MEL": 0.0, "NV": 1.0, "BKL": 2.0}) + rng.normal(0, 0.5, 240), "noise": rng.normal(size=240)})
     folds = np.arange(240) % 4
-    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "BKL"), folds, features.iloc[:0])
+    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "BKL"), folds, test_features=features.iloc[:0])
     relabelled = labels.copy()
     relabelled[folds == 2] = rng.permutation(relabelled[folds == 2].to_numpy())
-    again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, features.iloc[:0])
+    again = cross_val_diagnosis_stack(features, relabelled, ("MEL", "NV", "BKL"), folds, test_features=features.iloc[:0])
     np.testing.assert_array_equal(stack.oof_probs[folds == 2], again.oof_probs[folds == 2])
     assert not np.array_equal(stack.oof_probs[folds == 0], again.oof_probs[folds == 0])  # the other folds did learn from them
 
@@ -117,7 +117,7 @@ def test_a_class_missing_from_a_folds_training_rows_gets_probability_and_prior_z
     labels = pd.Series(["MEL", "NV"] * 30 + ["DF", "DF"])
     folds = np.array([0, 1, 2] * 20 + [2, 2])  # every dermatofibroma in fold 2: its fold model never saw one
     features = pd.DataFrame({"cue": np.arange(62) % 2 + (labels == "DF") * 3.0})
-    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "DF"), folds, features.iloc[:3])
+    stack = cross_val_diagnosis_stack(features, labels, ("MEL", "NV", "DF"), folds, test_features=features.iloc[:3])
     assert (stack.oof_probs[folds == 2, 2] == 0).all() and stack.fold_priors[2][2] == 0
     np.testing.assert_allclose([p.sum() for p in stack.fold_priors.values()], 1.0)
     adjusted = prior_adjusted_probabilities(stack.oof_probs[folds == 2], stack.fold_priors[2])

@@ -64,7 +64,7 @@ def _write_isic2019(root: Path, images: bool = True) -> Path:
 
 def test_isic2019_is_detected_and_unified(tmp_path: Path) -> None:
     loaded = load_dataset(_write_isic2019(tmp_path))
-    assert loaded.format_name == "isic-2019"
+    assert loaded.format_name == "isic2019"
     table = _by_id(loaded.table)
     assert list(loaded.table.columns[: len(CANONICAL_COLUMNS)]) == list(CANONICAL_COLUMNS)
     assert table["diagnosis"].astype(str).tolist() == ["NV", "MEL", "BCC", "UNK"]
@@ -87,7 +87,7 @@ def test_isic2019_is_detected_and_unified(tmp_path: Path) -> None:
 
 def test_isic2019_metadata_only_has_no_image_paths(tmp_path: Path) -> None:
     loaded = load_dataset(_write_isic2019(tmp_path, images=False))
-    assert loaded.format_name == "isic-2019"
+    assert loaded.format_name == "isic2019"
     assert len(loaded.table) == 4
     assert loaded.table["image_path"].isna().all()
     assert loaded.skipped.empty
@@ -211,7 +211,7 @@ def _write_isic2024(root: Path, as_void: bool = True) -> dict[str, bytes]:
 def test_isic2024_hdf5_images_and_numeric_extras(tmp_path: Path, as_void: bool) -> None:
     images = _write_isic2024(tmp_path, as_void)
     loaded = load_dataset(tmp_path)
-    assert loaded.format_name == "isic-2024"
+    assert loaded.format_name == "isic2024"
     table = _by_id(loaded.table)
     assert table["split"].value_counts().to_dict() == {"train": 3, "test": 2}
     assert table.loc[table["split"] == "train", "target"].tolist() == [0, 1, 0]
@@ -350,7 +350,7 @@ SIIM2020 = pd.DataFrame(
 def test_siim2020_ground_truth_alone_is_metadata_only(tmp_path: Path) -> None:
     SIIM2020.to_csv(tmp_path / "ISIC_2020_Training_GroundTruth_v2.csv", index=False)
     loaded = load_dataset(tmp_path)
-    assert loaded.format_name == "siim-isic-2020"
+    assert loaded.format_name == "isic2020"
     table = _by_id(loaded.table)
     assert len(table) == 4 and (table["split"] == "train").all()
     assert table["image_path"].isna().all()
@@ -387,9 +387,9 @@ def test_named_format_without_its_files_is_refused(tmp_path: Path, name: str) ->
 
 def test_named_format_is_used_instead_of_detection(tmp_path: Path) -> None:
     SIIM2020.to_csv(tmp_path / "train.csv", index=False)
-    _write_isic2019(tmp_path, images=False)  # detection alone would pick siim-isic-2020 first
-    assert load_dataset(tmp_path).format_name == "siim-isic-2020"
-    assert load_dataset(tmp_path, format_name="isic-2019").format_name == "isic-2019"
+    _write_isic2019(tmp_path, images=False)  # detection alone would pick isic2020 first
+    assert load_dataset(tmp_path).format_name == "isic2020"
+    assert load_dataset(tmp_path, format_name="isic2019").format_name == "isic2019"
 
 
 def test_folder_matching_no_layout_is_refused(tmp_path: Path) -> None:
@@ -422,7 +422,7 @@ def test_skip_drops_and_records_missing_images(tmp_path: Path) -> None:
     # a second record adds, without repeating ids
     merged = record_skipped(run, pd.DataFrame({"image_id": ["ISIC_0000001", "ISIC_0000003"], "reason": ["x", "y"]}))
     assert merged["image_id"].tolist() == ["ISIC_0000001", "ISIC_0000003"]
-    full = load_dataset(tmp_path / "data", format_name="isic-2019", on_bad_image="skip").table
+    full = load_dataset(tmp_path / "data", format_name="isic2019", on_bad_image="skip").table
     assert drop_skipped(full, run)["image_id"].tolist() == ["ISIC_0000000", "ISIC_0000002"]
     assert drop_skipped(full, tmp_path / "other-run").equals(full)
 

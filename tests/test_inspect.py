@@ -66,7 +66,7 @@ def _siim2020(root: Path) -> Path:
 
 def test_clean_data_is_trainable(tmp_path: Path) -> None:
     summary = inspect_dataset(_siim2020(tmp_path))
-    assert summary["format"] == "siim-isic-2020"
+    assert summary["format"] == "isic2020"
     assert summary["trainable"] is True and summary["errors"] == []
     assert summary["rows"] == {"test": 3, "train": 3}
     assert summary["melanoma"] == {"train": 1}
@@ -132,8 +132,8 @@ def test_cli_inspect_clean_data_writes_json(tmp_path: Path, run_inspect) -> None
     result = run_inspect("--data", str(_siim2020(tmp_path / "data")), "--json", str(out))
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
-    assert summary["trainable"] is True and summary["format"] == "siim-isic-2020"
-    assert "siim-isic-2020" in result.output
+    assert summary["trainable"] is True and summary["format"] == "isic2020"
+    assert "isic2020" in result.output
 
 
 def test_cli_inspect_untrainable_data_exits_1(tmp_path: Path, run_inspect) -> None:

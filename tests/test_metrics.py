@@ -256,9 +256,9 @@ def test_bootstrap_ci_skips_resamples_without_both_classes() -> None:
 def test_bootstrap_cis_contain_the_estimate_and_share_resamples() -> None:
     y, s = _random_binary(5)
     patients = np.arange(len(y)) // 4
-    intervals = bootstrap_cis({"auc": roc_auc, "pauc": pauc_above_tpr, "ap": average_precision}, y, s, patients, 200, 3)
-    assert intervals["auc"] == bootstrap_ci(roc_auc, y, s, patients, 200, 3)
-    assert intervals["ap"] == bootstrap_ci(average_precision, y, s, patients, 200, 3)
+    intervals = bootstrap_cis({"auc": roc_auc, "pauc": pauc_above_tpr, "ap": average_precision}, y, s, patients, n_boot=200, seed=3)
+    assert intervals["auc"] == bootstrap_ci(roc_auc, y, s, patients, n_boot=200, seed=3)
+    assert intervals["ap"] == bootstrap_ci(average_precision, y, s, patients, n_boot=200, seed=3)
     for name, metric in (("auc", roc_auc), ("pauc", pauc_above_tpr), ("ap", average_precision)):
         low, high = intervals[name]
         assert low < metric(y, s) < high
@@ -271,8 +271,8 @@ def test_patient_resampling_widens_the_interval_when_lesions_are_correlated() ->
     patient_label = rng.random(60) < 0.3
     y = np.repeat(patient_label, 10).astype(int)
     s = np.repeat(rng.normal(size=60) + patient_label, 10) + 0.1 * rng.normal(size=600)
-    by_image = np.diff(bootstrap_ci(roc_auc, y, s, None, 500, 0))[0]
-    by_patient = np.diff(bootstrap_ci(roc_auc, y, s, patients, 500, 0))[0]
+    by_image = np.diff(bootstrap_ci(roc_auc, y, s, None, n_boot=500, seed=0))[0]
+    by_patient = np.diff(bootstrap_ci(roc_auc, y, s, patients, n_boot=500, seed=0))[0]
     assert by_patient > 2 * by_image
 
 
@@ -280,12 +280,12 @@ def test_paired_bootstrap() -> None:
     y, s = _random_binary(7)
     patients = np.arange(len(y)) // 3
     noise = np.random.default_rng(8).normal(size=len(y))
-    same = paired_bootstrap(roc_auc, y, s, s.copy(), patients, n_boot=300)
+    same = paired_bootstrap(roc_auc, y, s, s.copy(), groups=patients, n_boot=300)
     assert same.difference == 0 and same.p_value == 1.0
-    better = paired_bootstrap(roc_auc, y, s, s + 3 * noise, patients, n_boot=300)
+    better = paired_bootstrap(roc_auc, y, s, s + 3 * noise, groups=patients, n_boot=300)
     assert better.difference == pytest.approx(roc_auc(y, s) - roc_auc(y, s + 3 * noise))
     assert better.ci[0] > 0 and better.p_value < 0.01
-    worse = paired_bootstrap(roc_auc, y, s + 3 * noise, s, patients, n_boot=300)
+    worse = paired_bootstrap(roc_auc, y, s + 3 * noise, s, groups=patients, n_boot=300)
     assert worse.difference == pytest.approx(-better.difference) and worse.p_value == better.p_value
 
 

@@ -125,7 +125,7 @@ def test_a_pattern_the_stack_ranks_worse_than_a_cnn_is_scored_by_that_cnn() -> N
     pattern = np.where(np.arange(n) % 2 == 0, "complete", "no_metadata+single_lesion")
     stack = np.where(pattern == "complete", 1 / (1 + np.exp(-(3 * target + rng.normal(0, 1, n)))), rng.random(n))  # noise when masked
     folds = np.arange(n) % 3
-    calibration = PatternCalibration.fit(stack, target, folds, pattern, {"cnn_small": good_cnn})
+    calibration = PatternCalibration.fit(stack, target, folds, pattern, alternatives={"cnn_small": good_cnn})
     assert calibration.scorers["complete"] == "stack" and calibration.scorers["no_metadata+single_lesion"] == "cnn_small"
     chosen = calibration.chosen_scores(stack, pattern, {"cnn_small": good_cnn})
     masked = pattern == "no_metadata+single_lesion"

@@ -34,14 +34,14 @@ def test_isic9_class_folders() -> None:
 
 def test_isic2020_metadata_only() -> None:
     summary = inspect_dataset(SHARED_DATA / "isic2020")
-    assert summary["format"] == "siim-isic-2020" and summary["metadata_only"]
+    assert summary["format"] == "isic2020" and summary["metadata_only"]
     assert summary["rows"] == {"train": 33126}
     assert summary["patients"] == 2056 and summary["melanoma"]["train"] == 584
 
 
 def test_isic2019_metadata_only() -> None:
     summary = inspect_dataset(SHARED_DATA / "isic2019")
-    assert summary["format"] == "isic-2019" and summary["metadata_only"]
+    assert summary["format"] == "isic2019" and summary["metadata_only"]
     assert summary["rows"] == {"train": 25331}
     assert summary["diagnosis_counts"]["MEL"] == 4522
 

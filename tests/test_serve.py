@@ -33,7 +33,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _service(bundle_dir: Path, database: str, store: Path, **limits: int) -> TriageService:
-    return TriageService(bundle_dir, database, store, UploadLimits(**limits) if limits else UploadLimits())
+    return TriageService(bundle_dir, database, store, limits=UploadLimits(**limits) if limits else UploadLimits())
 
 
 @pytest.fixture

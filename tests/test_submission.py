@@ -11,13 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ensemble.run_files import load_run_predictions
-from ensemble.submission import (
-    ISIC2019_CLASSES,
-    SUBMISSION_FORMATS,
-    build_submission,
-    validate_submission,
-    write_submission,
-)
+from ensemble.submission import build_submission, validate_submission, write_submission
+from ensemble.submission_formats import ISIC2019_CLASSES, SUBMISSION_FORMATS
 from errors import UserError
 from metadata.dataset import load_dataset
 from rundir.io import write_table

@@ -238,11 +238,11 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
 
     @app.post(f"{API}/patients/{{patient_id}}/lesions")
     def upload_lesions(
-        patient_id: str, who: Actor, files: Annotated[list[UploadFile], File()],
+        patient_id: str, *, who: Actor, files: Annotated[list[UploadFile], File()],
         age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
     ) -> dict:
         """Store one or more images as lesions of the patient, then re-score all the patient's lesions."""
-        return service.add_lesions(patient_id, _uploads(service, files), age, sex, site, who)
+        return service.add_lesions(patient_id, _uploads(service, files), age=age, sex=sex, site=site, actor=who)
 
     @app.get(f"{API}/patients/{{patient_id}}")
     def get_patient(patient_id: str, who: Actor) -> dict:
@@ -260,7 +260,7 @@ def _add_api_routes(app: FastAPI, service: TriageService) -> None:
     @app.post(f"{API}/lesions/{{lesion_id}}/review")
     def post_review(lesion_id: LesionId, review: ReviewIn, who: Actor) -> dict:
         """Record an outcome: biopsy, benign or follow-up, with a note."""
-        return service.review(lesion_id, review.outcome, review.note, who, review.score_id)
+        return service.review(lesion_id, review.outcome, note=review.note, actor=who, score_id=review.score_id)
 
     @app.get(f"{API}/lesions/{{lesion_id}}/gradcam.png", response_class=Response)
     def gradcam(lesion_id: LesionId, who: Actor) -> Response:
@@ -303,10 +303,10 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
 
     @app.post("/upload")
     def upload_form(
-        who: Actor, patient_id: Annotated[str, Form()], files: Annotated[list[UploadFile], File()],
+        who: Actor, patient_id: Annotated[str, Form()], *, files: Annotated[list[UploadFile], File()],
         age: Annotated[str | None, Form()] = None, sex: Annotated[str | None, Form()] = None, site: Annotated[str | None, Form()] = None,
     ) -> Response:
-        service.add_lesions(patient_id, _uploads(service, files), age, sex, site, who)
+        service.add_lesions(patient_id, _uploads(service, files), age=age, sex=sex, site=site, actor=who)
         return RedirectResponse(f"/patients/{quote(patient_id, safe='')}", status_code=303)
 
     @app.get("/patients/{patient_id}", response_class=HTMLResponse)
@@ -322,7 +322,7 @@ def _add_pages(app: FastAPI, service: TriageService) -> None:
 
     @app.post("/lesions/{lesion_id}/review")
     def review_form(
-        lesion_id: LesionId, who: Actor, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "", score_id: Annotated[int | None, Form()] = None,
+        lesion_id: LesionId, who: Actor, *, outcome: Annotated[str, Form()], note: Annotated[str, Form()] = "", score_id: Annotated[int | None, Form()] = None,
     ) -> Response:
-        service.review(lesion_id, outcome, note, who, score_id)
+        service.review(lesion_id, outcome, note=note, actor=who, score_id=score_id)
         return RedirectResponse("/worklist", status_code=303)

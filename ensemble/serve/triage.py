@@ -161,7 +161,7 @@ def lesion_json(lesion: Lesion, score: Score | None) -> dict[str, object]:
 class TriageService:
     """One loaded bundle, one database, one image store."""
 
-    def __init__(self, bundle_path: Path, database_url: str, store_dir: Path, limits: UploadLimits = UploadLimits(), batch_size: int = 32) -> None:
+    def __init__(self, bundle_path: Path, database_url: str, store_dir: Path, *, limits: UploadLimits = UploadLimits(), batch_size: int = 32) -> None:
         self.bundle = load_bundle(Path(bundle_path))  # checksums verified
         self.bundle_sha256 = file_sha256(BundleLayout(bundle_path).manifest)
         self.bundle_version = f"{self.bundle.manifest['created']} (format {self.bundle.manifest['format_version']})"
@@ -186,7 +186,7 @@ class TriageService:
             return self._patient_locks.setdefault(patient_id, threading.Lock())
 
     def add_lesions(
-        self, patient_id: str, uploads: list[tuple[str, bytes]], age: str | None = None, sex: str | None = None,
+        self, patient_id: str, uploads: list[tuple[str, bytes]], *, age: str | None = None, sex: str | None = None,
         site: str | None = None, actor: str = "anonymous",
     ) -> dict[str, object]:
         """Store the uploaded images as lesions of `patient_id` (with this request's metadata), re-score
@@ -214,7 +214,7 @@ class TriageService:
                 with self.sessions() as session:
                     known = session.scalars(select(Lesion).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
                 predictions = self._score([*known, *new])
-                if self._write_scored(patient_id, [lesion.lesion_id for lesion in known], new, predictions, actor):
+                if self._write_scored(patient_id, [lesion.lesion_id for lesion in known], new, predictions, actor=actor):
                     return self.patient(patient_id)
         raise UploadError(503, f"patient {patient_id!r} is being updated by other uploads; try again.")
 
@@ -229,7 +229,7 @@ class TriageService:
             session.flush()
         session.get(Patient, patient_id, with_for_update=True)
 
-    def _write_scored(self, patient_id: str, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, actor: str) -> bool:
+    def _write_scored(self, patient_id: str, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, *, actor: str) -> bool:
         """Write the new lesions and every lesion's score in one transaction; False (nothing written)
         when the patient's lesions changed since they were scored."""
         try:
@@ -238,12 +238,12 @@ class TriageService:
                 current = session.scalars(select(Lesion.lesion_id).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)).all()
                 if list(current) != known_ids:
                     raise _LesionsChanged
-                self._add_scored(session, known_ids, new, predictions, actor)
+                self._add_scored(session, known_ids, new, predictions, actor=actor)
         except _LesionsChanged:
             return False
         return True
 
-    def _add_scored(self, session: Session, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, actor: str) -> None:
+    def _add_scored(self, session: Session, known_ids: list[int], new: list[Lesion], predictions: pd.DataFrame, *, actor: str) -> None:
         session.add_all(new)
         session.flush()
         scored_at = utc_now()  # one time for the whole scoring: the patient's latest scores belong together
@@ -321,7 +321,7 @@ class TriageService:
             )
             return [lesion_json(lesion, score) for lesion, score in session.execute(query).all()]
 
-    def review(self, lesion_id: int, outcome: str, note: str = "", actor: str = "anonymous", score_id: int | None = None) -> dict[str, object]:
+    def review(self, lesion_id: int, outcome: str, *, note: str = "", actor: str = "anonymous", score_id: int | None = None) -> dict[str, object]:
         """Record a dermatologist's outcome for a lesion (added to its history, never overwritten), with
         the score they saw: `score_id` (one of the lesion's), or its latest when not given."""
         if outcome not in REVIEW_OUTCOMES:

@@ -106,7 +106,7 @@ def finished_recipe(run_dir: Path) -> FeatureRecipe | None:
 
 
 def run_features(
-    table: pd.DataFrame, run_dir: Path, recipe: FeatureRecipe, n_jobs: int | None = None, advance: Callable[[int], None] | None = None
+    table: pd.DataFrame, run_dir: Path, recipe: FeatureRecipe, *, n_jobs: int | None = None, advance: Callable[[int], None] | None = None
 ) -> dict[str, int]:
     """Compute (or resume) the recipe's features for every image of `table` and write them under RUN/features;
     nothing is recomputed when the run already has them for the same recipe and images.
