@@ -35,8 +35,10 @@ from cnn.options import (
     STRATEGY_CHOICES,
     TARGET_CHOICES,
 )
+from ensemble.submission_formats import SUBMISSION_FORMATS
 from errors import RunStateError, UserError
-from metadata.dataset import BAD_IMAGE_POLICIES
+from metadata.dataset import BAD_IMAGE_POLICIES, SPLITS
+from metadata.formats import DATASET_FORMATS
 from rundir.completion import writing
 from rundir.config import ConfigError, command_options, read_config, resolve_config, split_config_argument
 from rundir.layout import RunLayout
@@ -111,17 +113,41 @@ def _writable_folder(folder: Path) -> Path:
     return folder
 
 
-DataOption = Annotated[Path, typer.Option("--data", help="Data folder in any supported layout (see `inspect`).")]
-RunOption = Annotated[Path, typer.Option("--run", help="Run directory for folds, models, predictions, reports.", callback=_writable_folder)]
-SeedOption = Annotated[int, typer.Option("--seed", help="Random seed.")]
-FormatOption = Annotated[Optional[str], typer.Option("--format", help="Data layout name; auto-detected when omitted.")]  # noqa: UP007
-MetadataOption = Annotated[
-    Optional[Path], typer.Option("--metadata", help="Metadata CSV joined by image id (class-folder data).")  # noqa: UP007
-]
-BadImageOption = Annotated[
-    Literal[BAD_IMAGE_POLICIES],
-    typer.Option("--on-bad-image", help="raise: stop at a missing/corrupt image; skip: drop it, listed in RUN."),
-]
+# Options shared by several commands, each with one meaning wherever it appears: one `typer.Option`
+# per name, so a run config's top-level key reaches every command that has it meaning the same thing.
+# An option that means different things to different commands (`--out`, `--image-size`, ...) is
+# declared per command, and a config file may set it only in that command's [section].
+DATA = typer.Option("--data", help="Data folder in any supported layout (see `inspect`).")
+RUN = typer.Option("--run", help="Run directory for folds, models, predictions, reports.", callback=_writable_folder)
+SEED = typer.Option("--seed", help="Random seed.")
+FORMAT = typer.Option("--format", help="The data's layout; auto-detected when omitted.")
+METADATA = typer.Option("--metadata", help="Metadata CSV joined by image id: patient_id, age, sex, site (class-folder data, a folder of images).")
+BAD_IMAGE = typer.Option("--on-bad-image", help="raise: stop at a missing/corrupt image; skip: drop it, listed in RUN.")
+BUNDLE = typer.Option("--bundle", help="Bundle folder written by `export` (checksums verified).")
+SPLIT = typer.Option("--split", help="Rows of --data: all, train or test.")
+BOOTSTRAP = typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")
+PATIENTS = typer.Option("--patients", min=1, help="Synthetic patients (train + test).")
+COLOR_CONSTANCY = typer.Option(
+    "--color-constancy",
+    help="Colour normalisation after decoding, kept in the bundle and applied alike at scoring: none, shades-of-gray (p=6), "
+    "or shades-of-gray-cropped (the dark dermoscope border cropped first).",
+)
+
+DATA_LAYOUTS = tuple(DATASET_FORMATS)
+SUBMISSION_FORMAT_NAMES = tuple(SUBMISSION_FORMATS)
+METADATA_MODE_CHOICES = ("as-given", "none")  # ensemble.validate.METADATA_MODES, without its imports
+DataOption = Annotated[Path, DATA]
+OptionalDataOption = Annotated[Optional[Path], DATA]  # noqa: UP007
+RunOption = Annotated[Path, RUN]
+SeedOption = Annotated[int, SEED]
+FormatOption = Annotated[Optional[Literal[DATA_LAYOUTS]], FORMAT]  # noqa: UP007
+MetadataOption = Annotated[Optional[Path], METADATA]  # noqa: UP007
+BadImageOption = Annotated[Literal[BAD_IMAGE_POLICIES], BAD_IMAGE]
+BundleOption = Annotated[Path, BUNDLE]
+SplitOption = Annotated[Literal[SPLITS], SPLIT]
+BootstrapOption = Annotated[int, BOOTSTRAP]
+PatientsOption = Annotated[int, PATIENTS]
+ColorConstancyOption = Annotated[Literal[COLOR_CONSTANCY_CHOICES], COLOR_CONSTANCY]
 
 
 # OS errors a user fixes on their side: a folder they cannot write, a full or read-only disk.
@@ -202,8 +228,8 @@ def _run_data(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the cohort into.")],
-    patients: Annotated[int, typer.Option(help="Number of patients (train + test), unless --images is given.")] = 200,
-    images: Annotated[Optional[int], typer.Option("--images", min=1, help="Number of training images (patients follow).")] = None,  # noqa: UP007
+    patients: PatientsOption = 200,
+    train_images: Annotated[Optional[int], typer.Option("--train-images", min=1, help="Number of training images instead (patients follow).")] = None,  # noqa: UP007
     layout: Annotated[
         Literal["isic2020", "isic2024"],
         typer.Option("--layout", help="isic2020: train.csv + jpeg/; isic2024: *-metadata.csv + *-image.hdf5 with tbp_lv_* columns."),
@@ -217,7 +243,7 @@ def synth(
     """Write a synthetic cohort in a competition layout (SIIM-ISIC 2020 or ISIC 2024), rendered on every core."""
     from metadata.synth import SynthConfig, generate_cohort
 
-    config = SynthConfig(patients=patients, image_size=image_size, seed=seed, layout=layout, images=images, prevalence=prevalence)
+    config = SynthConfig(patients=patients, image_size=image_size, seed=seed, layout=layout, images=train_images, prevalence=prevalence)
     with Progress(transient=True) as progress:
         task = progress.add_task("synth: drawing lesions")
         cohort = generate_cohort(out, config, advance=lambda n, total: progress.update(task, total=total, advance=n))
@@ -351,7 +377,7 @@ def train_cnns(
     strategy: Annotated[Literal[STRATEGY_CHOICES], typer.Option("--strategy", help="tf.distribute: auto (mirrored over 2+ GPUs), mirrored, multiworker (TF_CONFIG), tpu, none.")] = "auto",
     mixed_precision: Annotated[bool, typer.Option("--mixed-precision", help="float16 (GPU) / bfloat16 (TPU) compute; a no-op on a CPU.")] = False,
     jit: Annotated[Optional[bool], typer.Option("--jit/--no-jit", help="XLA on or off (default: Keras decides); a no-op on a CPU.")] = None,  # noqa: UP007
-    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation after decoding (kept in the bundle): none, shades-of-gray (p=6), or shades-of-gray-cropped (the dark dermoscope border cropped first).")] = "none",
+    color_constancy: ColorConstancyOption = "none",
     illuminant_augment: Annotated[bool, typer.Option("--illuminant-augment", help="Re-light training images under the illuminants (Shades of Gray) of other training images.")] = False,
     on_bad_image: BadImageOption = "raise",
     fmt: FormatOption = None,
@@ -414,7 +440,7 @@ def features(
     run: RunOption,
     families: Annotated[str, typer.Option("--families", help="Feature families, comma-separated: shape,color,texture.")] = "shape,color,texture",
     image_size: Annotated[int, typer.Option("--image-size", min=32, help="Images are resized to this square before the lesion is segmented.")] = 128,
-    color_constancy: Annotated[Literal[COLOR_CONSTANCY_CHOICES], typer.Option("--color-constancy", help="Colour normalisation before the features (kept in the bundle).")] = "none",
+    color_constancy: ColorConstancyOption = "none",
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Worker processes (default: every core).")] = None,  # noqa: UP007
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
@@ -455,16 +481,16 @@ def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int)
 @app.command()
 def report(
     run: RunOption,
-    data: Annotated[
-        Optional[Path],  # noqa: UP007
-        typer.Option("--data", help="The run's data: adds subgroup AUCs, multi-class metrics and a labelled test set's table."),
-    ] = None,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")] = 1000,
+    data: OptionalDataOption = None,
+    bootstrap: BootstrapOption = 1000,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md (+ RUN/figures/) from the run's OOF predictions."""
+    """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md (+ RUN/figures/) from the run's OOF predictions.
+
+    With the run's --data: subgroup AUCs, multi-class metrics and a labelled test set's table too.
+    """
     _write_report(run, _run_table(data, run, fmt, metadata) if data is not None else None, bootstrap, seed)
 
 
@@ -500,35 +526,36 @@ def stack(
 def submit(
     run: RunOption,
     submission_format: Annotated[
-        str,
+        Literal[SUBMISSION_FORMAT_NAMES],
         typer.Option(
-            "--format", help="isic2020 (image_name,target), isic2024 (isic_id,target), isic2019 or isic2018 (image + a column per diagnosis)."
+            "--submission-format", help="isic2020 (image_name,target), isic2024 (isic_id,target), isic2019 or isic2018 (image + a column per diagnosis)."
         ),
     ],
     model: Annotated[
         Optional[str],  # noqa: UP007
         typer.Option("--model", help="Model whose test predictions to submit; default lightgbm_stack (multi-class: mean_blend)."),
     ] = None,
-    data: Annotated[
-        Optional[Path],  # noqa: UP007
-        typer.Option("--data", help="The run's data; its test split is the id list to check (default: the ids every model predicted)."),
-    ] = None,
-    data_format: Annotated[Optional[str], typer.Option("--data-format", help="Layout of --data; auto-detected when omitted.")] = None,  # noqa: UP007
+    data: OptionalDataOption = None,
+    fmt: FormatOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write; default RUN/submission_<format>.csv.")] = None,  # noqa: UP007
     raw_probabilities: Annotated[
         bool,
         typer.Option("--raw-probabilities", help="isic2018/2019: submit the probabilities as predicted, not divided by the training class prior."),
     ] = False,
 ) -> None:
-    """Write a validated competition submission CSV (atomically) from the run's test predictions."""
+    """Write a validated competition submission CSV (atomically) from the run's test predictions.
+
+    With the run's --data, its test split is the id list the submission is checked against (default:
+    the ids every model predicted).
+    """
     from ensemble.run_files import load_run_predictions
     from ensemble.submission import expected_test_ids, run_submission, submitted_model
     from ensemble.submission import submission_format as find_format
 
     chosen = find_format(submission_format)
     predictions = load_run_predictions(run)
-    expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, data_format, None))
-    path = out or run / f"submission_{submission_format}.csv"
+    expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, fmt, None))
+    path = out or RunLayout(run).submission_file(submission_format)
     frame, notes = run_submission(predictions, chosen, model, expected, path=path, adjust_prior=not raw_probabilities)
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
@@ -559,15 +586,12 @@ def export(
 
 @app.command()
 def predict(
-    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle folder written by `export`.")],
+    bundle: BundleOption,
     out: Annotated[Path, typer.Option("--out", help="Folder for predictions.csv, summary.json and explain/.")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Data folder in any supported layout.")] = None,  # noqa: UP007
+    data: OptionalDataOption = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="A folder of images (each its own patient unless --metadata names patients).")] = None,  # noqa: UP007
-    metadata: Annotated[
-        Optional[Path],  # noqa: UP007
-        typer.Option("--metadata", help="CSV by image id: patient_id, age, sex, site (any may be missing); with --data as in `folds`."),
-    ] = None,
-    split: Annotated[str, typer.Option("--split", help="With --data: all, train or test rows.")] = "all",
+    metadata: MetadataOption = None,
+    split: SplitOption = "all",
     recursive: Annotated[bool, typer.Option("--recursive", help="With --images: score the images in its sub-folders too.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and scored at a time (bounds memory).")] = 32,
     explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM overlay of every alerted image; an HTML page per patient.")] = False,
@@ -609,7 +633,7 @@ def predict(
 
 @app.command()
 def serve(
-    bundle: Annotated[Path, typer.Option("--bundle", help="An exported bundle (`export`); loaded once, checksums verified.")],
+    bundle: BundleOption,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on; 127.0.0.1 keeps the service on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     database: Annotated[str, typer.Option("--database", help="SQLAlchemy URL: sqlite:///FILE (default) or postgresql+psycopg://... for several instances.")] = "sqlite:///triage/triage.db",
@@ -637,18 +661,17 @@ def serve(
 
 @app.command()
 def validate(
-    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle folder written by `export`.")],
-    data: Annotated[Path, typer.Option("--data", help="A labelled data folder in any supported layout, not seen by the run.")],
-    metadata: Annotated[
-        str, typer.Option("--metadata", help="as-given: score with the data's age/sex/site/patients; none: without them (each image its own patient).")
+    bundle: BundleOption,
+    data: DataOption,
+    metadata_mode: Annotated[
+        Literal[METADATA_MODE_CHOICES],
+        typer.Option("--metadata-mode", help="as-given: score with the data's age/sex/site/patients; none: without them (each image its own patient)."),
     ] = "as-given",
-    metadata_csv: Annotated[
-        Optional[Path], typer.Option("--metadata-csv", help="Metadata CSV joined by image id (class-folder data), as `folds --metadata`.")  # noqa: UP007
-    ] = None,
-    split: Annotated[str, typer.Option("--split", help="all, train or test rows of --data (labelled ones are scored).")] = "all",
+    metadata: MetadataOption = None,
+    split: SplitOption = "all",
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for validation.json and validation.md.")] = None,  # noqa: UP007
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images decoded and scored at a time (bounds memory).")] = 32,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")] = 1000,
+    bootstrap: BootstrapOption = 1000,
     fmt: FormatOption = None,
     seed: SeedOption = 0,
 ) -> None:
@@ -657,7 +680,7 @@ def validate(
     from ensemble.predict import scoring_rows
     from ensemble.validate import validate_bundle, validation_rows, write_validation
 
-    rows, unlabelled = validation_rows(scoring_rows(data, None, metadata=metadata_csv, fmt=fmt, split=split), metadata)
+    rows, unlabelled = validation_rows(scoring_rows(data, None, metadata=metadata, fmt=fmt, split=split), metadata_mode)
     loaded = load_bundle(bundle)
     with Progress(console=console) as progress:
         task = progress.add_task("scoring images", total=len(rows) * len(loaded.cnns))
@@ -666,7 +689,7 @@ def validate(
         console.print(f"[yellow]note:[/yellow] {unlabelled} row(s) without a label were not scored")
     low, high = report["mel_auc_ci"]
     console.print(
-        f"{report['n_images']} images, {report['n_melanoma']} melanomas (metadata {metadata}): melanoma AUC {report['mel_auc']:.3f} "
+        f"{report['n_images']} images, {report['n_melanoma']} melanomas (metadata {metadata_mode}): melanoma AUC {report['mel_auc']:.3f} "
         f"[{low:.3f}, {high:.3f}] (CNNs alone {report['mel_auc_cnn_only']:.3f}; bundle OOF {report['bundle_oof_auc'] or float('nan'):.3f}), "
         f"sensitivity at the alert {report['sensitivity_at_alert']:.3f} (promised {report['promised_sensitivity']:.3f}), "
         f"specificity {report['specificity_at_alert']:.3f}, alert rate {report['alert_rate']:.3f}, ECE {report['ece']:.3f}"
@@ -704,7 +727,7 @@ def status(run: RunOption) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory; the synthetic data goes to OUT/data.")] = Path("runs/demo"),
-    patients: Annotated[int, typer.Option(help="Synthetic patients.")] = 160,
+    patients: PatientsOption = 160,
     seed: SeedOption = 0,
 ) -> None:
     """Whole pipeline on a small synthetic cohort: synth, 3 folds, two CNNs, stack, report (< 5 min on 2 CPUs)."""

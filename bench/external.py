@@ -108,8 +108,8 @@ def main() -> None:
     }
     for key, (data, metadata) in validations.items():
         out = args.run / f"validation_{key}"
-        joined = ["--metadata-csv", str(args.isic2019_metadata)] if data == external else []
-        seconds.update(run_cli_steps([["validate", "--bundle", str(bundle), "--data", str(data), *joined, "--metadata", metadata, "--out", str(out)]]))
+        joined = ["--metadata", str(args.isic2019_metadata)] if data == external else []
+        seconds.update(run_cli_steps([["validate", "--bundle", str(bundle), "--data", str(data), *joined, "--metadata-mode", metadata, "--out", str(out)]]))
         report = json.loads((out / "validation.json").read_text())
         conditions[key] = {**{k: report[k] for k in KEYS}, "mel_auc_ci": report["mel_auc_ci"], "mel_auc_per_cnn": report["mel_auc_per_cnn"],
                            "sensitivity_at_alert_ci": report["sensitivity_at_alert_ci"], "alert_rate": report["alert_rate"],

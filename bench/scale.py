@@ -2,7 +2,7 @@
 
     python bench/scale.py [--sizes 10000,50000,200000] [--image-size 64] [--root runs/bench_scale]
 
-For each size N (training images): `synth --layout isic2024 --images N`, `folds`, `train-cnns` on
+For each size N (training images): `synth --layout isic2024 --train-images N`, `folds`, `train-cnns` on
 fold 0 for 1 epoch of `small` with `--negatives-per-patient 50` and without, `stack` (no CNN:
 metadata, `tbp_lv_*` columns and patient context; it writes the report), `report` again alone, and
 `predict` on the test split with one bundle trained (every fold, 1 epoch) on the smallest cohort. Every stage runs in its own process;
@@ -85,7 +85,7 @@ def main() -> None:
     bundle = args.root / "bundle"
     for n in sizes:
         data, base = args.root / f"data_{n}", args.root / f"run_{n}"
-        record(n, "synth", ["synth", "--out", str(data), "--layout", "isic2024", "--images", str(n), "--image-size",
+        record(n, "synth", ["synth", "--out", str(data), "--layout", "isic2024", "--train-images", str(n), "--image-size",
                             str(args.image_size), "--prevalence", "0.01", "--seed", "0"])
         record(n, "folds", ["folds", "--data", str(data), "--run", str(base), "--k", str(args.k)])
         for sampled in (False, True):

@@ -93,7 +93,7 @@ def read_cnn_outputs(run_dir: Path, name: str) -> tuple[pd.DataFrame, pd.DataFra
     return read_table(oof_file, WRITTEN_BY), read_table(test_file, WRITTEN_BY)
 
 
-def aligned(table: pd.DataFrame, image_ids: pd.Series, source: Path, split: str) -> pd.DataFrame:
+def aligned(table: pd.DataFrame, image_ids: pd.Series, source: Path | str, split: str) -> pd.DataFrame:
     """`table`'s rows (it has `image_id`) in the order of `image_ids`, indexed like them; refuses an image without a prediction."""
     missing = ~image_ids.isin(table["image_id"])
     if missing.any():

@@ -19,19 +19,18 @@ import tensorflow as tf
 from cnn.outputs import class_column, fold_column
 from cnn.pipeline import named_image_batches, predict_tta
 from ensemble.bundle import Bundle, CnnMember
-from errors import DataError
+from errors import DataError, OptionError
 from evaluation.metrics import prior_adjusted_probabilities
 from fusion.image_features.stage import compute_image_features
 from fusion.missingness import METADATA_FIELDS
 from fusion.shift import alert_rate_warning, concat_statistics, image_statistics, missing_rate_warnings, shift_warnings
 from fusion.stack_model import StackModel, StackPrediction
-from metadata.dataset import load_dataset
+from metadata.dataset import SPLITS, load_dataset
 from metadata.formats import IMAGE_SUFFIXES, SEX_ALIASES
 from metadata.schema import SEXES, SITE_ALIASES, SITES, canonical_table, clean_text, map_vocabulary, parse_age, read_csv
 from rundir.io import atomic_write, write_json
 
 Advance = Callable[[int], None]
-SPLITS = ("all", "train", "test")
 # Accepted headers of a `--metadata` CSV for `--images`, per canonical column (the layouts' spellings).
 METADATA_HEADERS: dict[str, tuple[str, ...]] = {
     "image_id": ("image_id", "image_name", "isic_id", "image"),
@@ -120,7 +119,7 @@ def scoring_rows(
     if images is not None:
         return image_folder_rows(images, metadata, recursive)
     if split not in SPLITS:
-        raise DataError(f"--split {split!r}: choose one of {SPLITS}.")
+        raise OptionError(f"--split {split!r}: choose one of {SPLITS}.")
     table = load_dataset(data, fmt, metadata).table
     rows = table if split == "all" else table[table["split"] == split]
     if rows.empty:
@@ -240,7 +239,7 @@ def judge_lesions(stack: StackModel, rows: pd.DataFrame, inputs: LesionInputs) -
     >>> melanoma = rng.random(n) < 0.3
     >>> train = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k // 3}" for k in range(n)],
     ...     "age": 60.0, "sex": "male", "site": "torso", "target": melanoma.astype(int), "fold": np.arange(n) % 3})
-    >>> oof = {"small": train[["fold"]].assign(prob=np.clip(0.4 * melanoma + 0.6 * rng.random(n), 0.01, 0.99))}
+    >>> oof = {"small": train[["image_id", "fold"]].assign(prob=np.clip(0.4 * melanoma + 0.6 * rng.random(n), 0.01, 0.99))}
     >>> stack = StackModel(num_boost_round=20).fit(train, cnn_oof=oof)
     >>> stack = stack.with_operating_points(stack.masked_oof_, n_boot=20)
     >>> new = pd.DataFrame({"image_id": ["a", "b"], "patient_id": ["x", "x"], "age": [70.0, 70.0], "sex": "male", "site": None})

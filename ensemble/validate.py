@@ -10,6 +10,7 @@ outside its promised interval.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,30 +21,31 @@ import pandas as pd
 from cnn.outputs import stack_column
 from ensemble.bundle import Bundle
 from ensemble.predict import Advance, score_patients
-from errors import DataError
+from errors import DataError, OptionError
 from evaluation.metrics import Metric, bootstrap_ci, expected_calibration_error, roc_auc
 from evaluation.operating_point import sensitivity_at, specificity_at
 from fusion.missingness import each_lesion_alone, without_metadata
 from rundir.io import write_json, write_text
 
-METADATA_MODES = ("as-given", "none")
+
+def _without_metadata(rows: pd.DataFrame) -> pd.DataFrame:
+    """As `predict --images` without a metadata CSV scores them: no age, sex, site or further metadata
+    columns, each image its own patient (a clinic uploading photos without a form)."""
+    return each_lesion_alone(without_metadata(rows))
 
 
-def validation_rows(rows: pd.DataFrame, metadata: str) -> tuple[pd.DataFrame, int]:
-    """The labelled rows to score and how many unlabelled ones were left out.
+# --metadata-mode: how the labelled rows reach the bundle.
+METADATA_MODES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"as-given": lambda rows: rows, "none": _without_metadata}
 
-    `metadata="none"` scores them as `predict --images` without a metadata CSV would: no age, sex,
-    site or further metadata columns, each image its own patient (a clinic uploading photos without a form).
-    """
-    if metadata not in METADATA_MODES:
-        raise DataError(f"--metadata {metadata!r}: choose one of {METADATA_MODES}.")
+
+def validation_rows(rows: pd.DataFrame, metadata_mode: str) -> tuple[pd.DataFrame, int]:
+    """The labelled rows to score, as `metadata_mode` has them (`METADATA_MODES`), and how many unlabelled ones were left out."""
+    if metadata_mode not in METADATA_MODES:
+        raise OptionError(f"--metadata-mode {metadata_mode!r}: choose one of {tuple(METADATA_MODES)}.")
     labelled = rows["target"].notna()
     if not labelled.any():
         raise DataError("no row of this data has a melanoma label; `validate` needs a labelled set (use `predict` to score it).")
-    chosen = rows[labelled].reset_index(drop=True)
-    if metadata == "none":
-        chosen = each_lesion_alone(without_metadata(chosen))
-    return chosen, int((~labelled).sum())
+    return METADATA_MODES[metadata_mode](rows[labelled].reset_index(drop=True)), int((~labelled).sum())
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def cross_fit(
 
     >>> X = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0]})
     >>> result = cross_fit(lambda rows, fold: X["x"][rows].mean(), lambda mean, f: f["x"].to_numpy() - mean,
-    ...                    X, np.array([0, 0, 1, 1]), X.iloc[:1])
+    ...                    X, np.array([0, 0, 1, 1]), test_features=X.iloc[:1])
     >>> result.oof.tolist(), result.test.tolist()
     ([-2.5, -1.5, 1.5, 2.5], [-1.5])
     """

@@ -60,7 +60,7 @@ def cross_val_diagnosis_stack(
     >>> rng = np.random.default_rng(0)
     >>> labels = pd.Series(rng.choice(["MEL", "NV", "BKL"], 300))
     >>> X = pd.DataFrame({"cue": labels.map({"MEL": 0.0, "NV": 1.0, "BKL": 2.0}) + rng.normal(0, 0.3, 300)})
-    >>> stack = cross_val_diagnosis_stack(X, labels, ("MEL", "NV", "BKL"), np.arange(300) % 3, X.iloc[:0])
+    >>> stack = cross_val_diagnosis_stack(X, labels, ("MEL", "NV", "BKL"), np.arange(300) % 3, test_features=X.iloc[:0])
     >>> stack.oof_probs.shape, bool(np.allclose(stack.oof_probs.sum(axis=1), 1.0))
     ((300, 3), True)
     >>> float((np.array(["MEL", "NV", "BKL"])[stack.oof_probs.argmax(axis=1)] == labels).mean()) > 0.9

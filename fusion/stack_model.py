@@ -19,7 +19,7 @@ private, `save`/`load` write and read text files (no pickles). The out-of-fold r
 ...     "image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k // 3}" for k in range(n)],
 ...     "age": rng.uniform(20, 80, n).round(), "sex": rng.choice(["female", "male"], n), "site": "torso",
 ...     "target": melanoma.astype(int), "fold": np.arange(n) % 3})
->>> cnn_oof = {"small": rows[["fold"]].assign(prob=np.clip(0.3 * melanoma + 0.7 * rng.random(n), 0.01, 0.99))}
+>>> cnn_oof = {"small": rows[["image_id", "fold"]].assign(prob=np.clip(0.3 * melanoma + 0.7 * rng.random(n), 0.01, 0.99))}
 >>> model = StackModel(num_boost_round=20).fit(rows, cnn_oof=cnn_oof)
 >>> round(model.oof_auc_, 2)
 0.82
@@ -40,6 +40,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from cnn.outputs import aligned
 from errors import DataError, OptionError, RunStateError
 from evaluation.metrics import roc_auc
 from evaluation.operating_point import OperatingPoint, choose_operating_point
@@ -106,12 +107,14 @@ class StackModel:
         as given plus their masked copies (`fusion.missingness`), then each pattern's scorer and
         calibration on their OOF scores.
 
-        `cnn_oof`: each CNN's OOF table (`fold`, `prob`), rows aligned with `rows`; `image_features`:
-        the dermoscopy features of `rows` (computed by `feature_recipe`), or None.
+        `cnn_oof`: each CNN's OOF table as `train-cnns` wrote it (`image_id`, `fold`, `prob`; every
+        image of `rows`, in any order: the fold models' scales are fitted on it as written);
+        `image_features`: the dermoscopy features of `rows` (computed by `feature_recipe`), or None.
         """
         self._scales = CnnScales.fit(cnn_oof)
         self._feature_recipe = feature_recipe
-        scores = self._scales.oof_scores(cnn_oof).set_axis(rows.index) if cnn_oof else pd.DataFrame(index=rows.index)
+        by_row = {name: aligned(table, rows["image_id"], f"the OOF table of CNN {name}", "train") for name, table in cnn_oof.items()}
+        scores = self._scales.oof_scores(by_row).set_axis(rows.index) if cnn_oof else pd.DataFrame(index=rows.index)
         features = build_stack_features(rows, scores, image_features)
         copies = [c for c in masked_copies(rows, self.seed) if c.design != "complete"]
         target, folds = rows["target"].to_numpy(dtype=int), rows["fold"].to_numpy()
@@ -225,7 +228,8 @@ class StackModel:
         calibration = self._require_calibration()
         scores = self.cnn_scores(cnn_outputs).set_axis(rows.index) if self._scales.by_cnn else pd.DataFrame(index=rows.index)
         built = build_stack_features(rows, scores, image_features)
-        stack_score = np.mean([booster.predict(built.reindex(columns=self._features)) for booster in self._boosters.values()], axis=0)
+        features = built.reindex(columns=self._features)
+        stack_score = np.mean([booster.predict(features) for booster in self._boosters.values()], axis=0) if len(rows) else np.empty(0)
         pattern = missingness_pattern(rows).to_numpy()
         score = calibration.chosen_scores(stack_score, pattern, _columns(scores))
         source = pd.Series(pattern, index=rows.index).map(calibration.sources)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from cnn.outputs import cnn_names, run_cnn_outputs
+from cnn.outputs import cnn_names, read_cnn_outputs, run_cnn_outputs
 from cnn.pairs import require_finished_cnns
 from fusion.cnn_scores import cnn_class_score_table
 from fusion.diagnosis_stack import cross_val_diagnosis_stack, diagnosis_classes, diagnosis_tables
@@ -47,8 +47,9 @@ OPTIONAL_STACK_FILES = (FAMILY_GAIN_FILE, *STACK_OUTPUTS[DIAGNOSIS_STACK])
 @dataclass(frozen=True)
 class StackInputs:
     """What the stack is fitted on, in memory: the run's training rows (with `fold`) and test rows, each
-    CNN's tables aligned with them (OOF: `fold`, `prob`; test: `prob_fold<k>`), the diagnosis heads'
-    class scores (`fusion.cnn_scores.cnn_class_score_table`), and the dermoscopy features."""
+    CNN's OOF table as written (`image_id`, `fold`, `prob`) and test table aligned with the test rows
+    (`prob_fold<k>`), the diagnosis heads' class scores (`fusion.cnn_scores.cnn_class_score_table`),
+    and the dermoscopy features."""
 
     train: pd.DataFrame
     test: pd.DataFrame
@@ -82,7 +83,7 @@ def fit_stack(inputs: StackInputs, *, num_boost_round: int = 300, seed: int = 0)
     >>> train = pd.DataFrame({"image_id": [f"i{k}" for k in range(n)], "patient_id": [f"p{k // 4}" for k in range(n)],
     ...     "age": 50.0, "sex": "male", "site": "torso", "target": (rng.random(n) < 0.3).astype(int), "fold": np.arange(n) % 3})
     >>> test = train.head(4).drop(columns=["target", "fold"]).assign(image_id=["t0", "t1", "t2", "t3"], patient_id="q")
-    >>> cnn_oof = {"small": train[["fold"]].assign(prob=np.clip(0.4 * train["target"] + 0.6 * rng.random(n), 0.01, 0.99))}
+    >>> cnn_oof = {"small": train[["image_id", "fold"]].assign(prob=np.clip(0.4 * train["target"] + 0.6 * rng.random(n), 0.01, 0.99))}
     >>> cnn_test = {"small": pd.DataFrame({f"prob_fold{k}": [0.9, 0.1, 0.5, 0.3] for k in range(3)}, index=test.index)}
     >>> fit = fit_stack(StackInputs(train, test, cnn_oof, cnn_test), num_boost_round=20)
     >>> sorted(fit.tables), fit.tables["test.parquet"].columns.tolist()
@@ -146,7 +147,7 @@ def read_stack_inputs(table: pd.DataFrame, run_dir: Path) -> StackInputs:
     train = attach_folds(table, read_table(folds_file, "folds"), str(folds_file))
     test = table[table["split"] == "test"].reset_index(drop=True)
     return StackInputs(
-        train, test, run_cnn_outputs(run_dir, "train", train["image_id"]), run_cnn_outputs(run_dir, "test", test["image_id"]),
+        train, test, {name: read_cnn_outputs(run_dir, name)[0] for name in cnn_names(run_dir)}, run_cnn_outputs(run_dir, "test", test["image_id"]),
         (cnn_class_score_table(run_dir, "train", train["image_id"]), cnn_class_score_table(run_dir, "test", test["image_id"])),
         read_run_features(run_dir, train["image_id"]), read_run_features(run_dir, test["image_id"]), finished_recipe(run_dir),
     )

@@ -21,6 +21,7 @@ from rundir.io import atomic_write
 from rundir.layout import RunLayout
 
 BAD_IMAGE_POLICIES = ("raise", "skip")
+SPLITS = ("all", "train", "test")  # the rows of a data folder a command can take
 
 
 @dataclass

@@ -55,6 +55,7 @@ class OptionSpec:
 
     parameter: str  # the command function's parameter name
     annotation: Any  # its type, without Annotated and Optional
+    declaration: Any = None  # the `typer.Option` that declares it: one object per meaning, shared by the commands that share the meaning
 
     def check(self, value: Any, where: str) -> None:
         if get_origin(self.annotation) is Literal:
@@ -100,7 +101,8 @@ def command_options(function: Callable[..., Any]) -> dict[str, OptionSpec]:
         hint = hints[parameter]
         metadata = hint.__metadata__ if get_origin(hint) is Annotated else ()
         base = get_args(hint)[0] if metadata else hint
-        options[_option_key(parameter, metadata)] = OptionSpec(parameter, _without_none(base))
+        declaration = next((m for m in metadata if hasattr(m, "param_decls")), None)
+        options[_option_key(parameter, metadata)] = OptionSpec(parameter, _without_none(base), declaration)
     return options
 
 
@@ -138,6 +140,7 @@ def resolve_config(config: dict[str, Any], commands: dict[str, dict[str, OptionS
             f"{source}: unknown key {unshared[0]!r}{_did_you_mean(unshared[0], every_key)}; "
             f"top-level keys are options of some command: {', '.join(every_key)}."
         )
+    _refuse_ambiguous_keys(shared, commands, source)
     defaults = {}
     for name, options in commands.items():
         section = sections.get(name, {})
@@ -153,6 +156,18 @@ def resolve_config(config: dict[str, Any], commands: dict[str, dict[str, OptionS
             options[key].check(value, f"{source}: {where}")
         defaults[name] = {options[key].parameter: value for key, (_, value) in chosen.items()}
     return defaults
+
+
+def _refuse_ambiguous_keys(shared: dict[str, Any], commands: dict[str, dict[str, OptionSpec]], source: str) -> None:
+    """A top-level key reaches every command that has the option: refuse one whose option means different
+    things to different commands (each command declares its own `--out`, say), naming the commands."""
+    for key in sorted(shared):
+        declarations = {name: options[key].declaration for name, options in commands.items() if key in options}
+        if len({id(d) for d in declarations.values()}) > 1:
+            raise ConfigError(
+                f"{source}: top-level key {key!r} means different things to {', '.join(declarations)}; "
+                f"put it in the section of the command it is for, e.g. [{next(iter(declarations))}] {key} = ..."
+            )
 
 
 def split_config_argument(args: list[str]) -> tuple[Path | None, list[str]]:

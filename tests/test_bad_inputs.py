@@ -87,7 +87,7 @@ def test_a_single_class_training_set_is_refused_at_folds(tiny_cohort: Path, tmp_
 def test_a_run_that_is_a_file_is_refused_before_any_work(tiny_cohort: Path, tmp_path: Path) -> None:
     not_a_folder = tmp_path / "run.txt"
     not_a_folder.write_text("x")
-    for command in (["folds", "--data", str(tiny_cohort)], ["stack", "--data", str(tiny_cohort)], ["status"], ["submit", "--format", "isic2020"]):
+    for command in (["folds", "--data", str(tiny_cohort)], ["stack", "--data", str(tiny_cohort)], ["status"], ["submit", "--submission-format", "isic2020"]):
         result = runner.invoke(app, [*command, "--run", str(not_a_folder)])
         assert result.exit_code == 2 and "is a file; name a folder" in _flat(result.output), (command, result.output)
 
@@ -175,3 +175,19 @@ def test_a_zero_byte_image_names_the_flag_not_the_python_argument(tiny_cohort: P
     result = runner.invoke(app, ["folds", "--data", str(data), "--run", str(tmp_path / "run"), "--no-dedup"])
     output = _flat(result.output)
     assert result.exit_code == 2 and victim.stem in output and "--on-bad-image skip" in output and "on_error" not in output
+
+
+def test_a_bug_shows_its_traceback_and_a_users_mistake_does_not(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal KeyError is a bug to report, not a message to act on; a missing stage output is the user's to fix."""
+    import metadata.run_folds
+
+    runner = CliRunner(env={"COLUMNS": "300"})
+    mistake = runner.invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(tmp_path / "fresh")])
+    assert mistake.exit_code == 2 and "Traceback" not in mistake.output and "run `folds` first" in _flat(mistake.output), mistake.output
+
+    def internal_error(*args: object, **kwargs: object) -> None:
+        raise KeyError("prob_MEL")
+
+    monkeypatch.setattr(metadata.run_folds, "triple_stratified_folds", internal_error)
+    bug = runner.invoke(app, ["folds", "--data", str(tiny_cohort), "--run", str(tmp_path / "run")])
+    assert bug.exit_code == 1 and "Traceback" in bug.output and "this is a bug" in _flat(bug.output), bug.output

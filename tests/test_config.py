@@ -102,3 +102,34 @@ def test_every_option_of_every_command_can_come_from_a_config() -> None:
 def test_config_argument_is_taken_out_of_the_command_line(args: list[str], path: str | None, rest: list[str]) -> None:
     found, remaining = split_config_argument(args)
     assert (str(found) if found else None, remaining) == (path, rest)
+
+
+@pytest.mark.parametrize("command", ["folds", "submit", "predict"])
+def test_a_key_with_a_value_of_another_vocabulary_is_refused_naming_it(tmp_path: Path, command: str) -> None:
+    """`format` is the data's layout for every command: an ISIC 2024 run config written with the old
+    spelling reaches no command as anything else (submit's own format is `submission-format`)."""
+    config = tmp_path / "run.toml"
+    config.write_text('format = "isic-2024"\n')
+    result = RUNNER.invoke(app, [command, "--config", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "format = 'isic-2024'" in output and "'isic2024'" in output, output
+
+
+def test_a_top_level_key_that_means_different_things_to_different_commands_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('out = "somewhere"\n')
+    result = RUNNER.invoke(app, ["export", "--config", str(config)])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "top-level key 'out' means different things to synth, submit, export" in output, output
+    config.write_text('[export]\nout = "somewhere"\n')  # in its command's section it has one meaning
+    assert resolve_config({"export": {"out": "somewhere"}}, _commands(), "run.toml")["export"] == {"out": "somewhere"}
+
+
+def test_each_shared_key_means_one_thing() -> None:
+    """The keys several commands take from a config's top level are declared once and shared."""
+    declarations: dict[str, set[int]] = {}
+    for options in _commands().values():
+        for key, spec in options.items():
+            declarations.setdefault(key, set()).add(id(spec.declaration))
+    shared = sorted(key for key, found in declarations.items() if len(found) == 1 and sum(key in o for o in _commands().values()) > 1)
+    assert {"data", "run", "seed", "format", "metadata", "bundle", "color-constancy"} <= set(shared), shared

@@ -29,7 +29,7 @@ def test_predict_writes_the_differential_diagnosis_of_the_diagnosis_heads(tiny_c
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["stack", *common, "--rounds", "20"]).exit_code == 0
     _the_diagnosis_stack_is_reported(run)
-    submitted = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019", "--data", str(data)])
+    submitted = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2019", "--data", str(data)])
     assert submitted.exit_code == 0, submitted.output
     assert "from diagnosis_stack" in " ".join(submitted.output.split())  # the multi-class formats' default where the run has it
     submission = pd.read_csv(run / "submission_isic2019.csv").set_index("image")

@@ -78,7 +78,7 @@ def test_stack_interrupted_at_every_write_leaves_the_old_run_the_new_one_or_a_re
         assert result.exit_code == 130 and "interrupted" in result.output, result.output
         assert "Traceback" not in result.output
         readers = {
-            "submit": ["submit", "--run", str(run), "--format", "isic2020"],
+            "submit": ["submit", "--run", str(run), "--submission-format", "isic2020"],
             "report": ["report", "--run", str(run), "--bootstrap", "20"],
         }
         refused = {name: runner.invoke(app, command) for name, command in readers.items()}

@@ -49,7 +49,7 @@ def test_isic2024_round_trip(cohort_2024: Path, tmp_path: Path) -> None:
         ["folds", *common, "--k", "3"],
         ["train-cnns", *common, "--models", "small", "--image-size", "16", "--epochs", "1", "--negatives-per-patient", "20"],
         ["stack", *common],
-        ["submit", "--run", str(run), "--format", "isic2024"],
+        ["submit", "--run", str(run), "--submission-format", "isic2024"],
         ["export", "--run", str(run), "--out", str(bundle)],
         ["predict", "--bundle", str(bundle), "--data", str(cohort_2024), "--split", "test", "--out", str(tmp_path / "pred")],
     ]

@@ -141,7 +141,7 @@ def test_submit_command(cohort_dir: Path, tmp_path: Path) -> None:
         _cnn_outputs(run, name, table, ISIC2019_TRAINING_CLASSES, seed)
     runner = CliRunner()
 
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019", "--data", str(cohort_dir)])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2019", "--data", str(cohort_dir)])
     assert result.exit_code == 0, result.output
     submission = pd.read_csv(run / "submission_isic2019.csv")
     assert list(submission.columns) == ["image", *ISIC2019_CLASSES] and sorted(submission["image"]) == test_ids
@@ -164,7 +164,7 @@ def test_submit_command(cohort_dir: Path, tmp_path: Path) -> None:
     members = [loaded.model(n).class_prior for n in ("small", "mobilenet_v3_small")]
     pd.testing.assert_frame_equal(loaded.model("mean_blend").class_prior, (members[0] + members[1]) / 2)
     assert loaded.model("rank_blend").class_prior is None  # ranks are not probabilities: no prior to divide by
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019"])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2019"])
     assert result.exit_code == 0 and "mean_blend's probabilities are divided by its training class prior" in _said(result.output)
     blend_prior = np.mean(list(fold_priors.values()), axis=0)
     columns = [f"prob_{c}" for c in ISIC2019_TRAINING_CLASSES]
@@ -172,24 +172,24 @@ def test_submit_command(cohort_dir: Path, tmp_path: Path) -> None:
     expected = pd.DataFrame(blended / blended.sum(axis=1, keepdims=True), index=probs[0].index, columns=ISIC2019_TRAINING_CLASSES)
     adjusted = pd.read_csv(run / "submission_isic2019.csv").set_index("image")
     np.testing.assert_allclose(adjusted[ISIC2019_TRAINING_CLASSES], expected.reindex(adjusted.index), rtol=1e-6)
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2019", "--raw-probabilities"])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2019", "--raw-probabilities"])
     assert result.exit_code == 0
     np.testing.assert_allclose(pd.read_csv(run / "submission_isic2019.csv")["MEL"], submission["MEL"])
 
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2020"])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020"])
     assert result.exit_code == 2 and "no model 'lightgbm_stack'" in _said(result.output) and "--model" in result.output
     out = tmp_path / "small.csv"
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2020", "--model", "small", "--out", str(out)])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020", "--model", "small", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert pd.read_csv(out).columns.tolist() == ["image_name", "target"]
 
     # A model whose test predictions are from other data is refused, with or without --data.
     stale = pd.read_parquet(run / "cnn" / "small" / "test.parquet").iloc[1:]
     write_table(stale, run / "cnn" / "small" / "test.parquet")
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2020", "--model", "mobilenet_v3_small"])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020", "--model", "mobilenet_v3_small"])
     assert result.exit_code == 2 and "predicted different test images" in _said(result.output)
     with_data = ["--data", str(cohort_dir)]
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "isic2020", "--model", "small", *with_data])
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020", "--model", "small", *with_data])
     assert result.exit_code == 2 and "1 test id(s) missing" in _said(result.output)
     result = runner.invoke(app, ["submit", "--run", str(run), "--format", "kaggle"])
     assert result.exit_code == 2 and "choose one of ['isic2018', 'isic2019', 'isic2020', 'isic2024']" in _said(result.output)

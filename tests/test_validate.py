@@ -88,7 +88,7 @@ def test_validation_warns_when_the_promise_breaks(bundle_dir: Path, unseen_cohor
 
 
 def test_validation_without_metadata_judges_every_lesion_as_alone_and_unknown(bundle_dir: Path, unseen_cohort: Path, tmp_path: Path) -> None:
-    report = _validate(bundle_dir, unseen_cohort, tmp_path / "none", "--metadata", "none")
+    report = _validate(bundle_dir, unseen_cohort, tmp_path / "none", "--metadata-mode", "none")
     assert [p["pattern"] for p in report["operating_points"]] == ["no_metadata+single_lesion"]
     assert report["n_patients"] == report["n_images"]
 
