@@ -550,9 +550,8 @@ def submit(
     """
     from ensemble.run_files import load_run_predictions
     from ensemble.submission import expected_test_ids, run_submission, submitted_model
-    from ensemble.submission import submission_format as find_format
 
-    chosen = find_format(submission_format)
+    chosen = SUBMISSION_FORMATS[submission_format]
     predictions = load_run_predictions(run)
     expected = expected_test_ids(predictions, None if data is None else _run_table(data, run, fmt, None))
     path = out or RunLayout(run).submission_file(submission_format)

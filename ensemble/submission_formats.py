@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cnn.outputs import MELANOMA, class_column
-from errors import OptionError
 from rundir.layout import PRIMARY_STACK
 
 
@@ -58,9 +57,3 @@ def layout_submission_format(layout: str) -> SubmissionFormat:
     submissions), else SIIM-ISIC 2020's."""
     own = SUBMISSION_FORMATS.get(layout)
     return own if own is not None and not own.multiclass else SUBMISSION_FORMATS[BINARY_DEFAULT]
-
-
-def submission_format(name: str) -> SubmissionFormat:
-    if name not in SUBMISSION_FORMATS:
-        raise OptionError(f"--submission-format {name!r}: choose one of {sorted(SUBMISSION_FORMATS)}.")
-    return SUBMISSION_FORMATS[name]
