@@ -49,9 +49,18 @@ def stack_column(name: str) -> str:
     return f"{STACK_PREFIX}{name}"
 
 
+def is_class_column(column: str) -> bool:
+    return column.startswith(CLASS_PREFIX) and not column.startswith(FOLD_PREFIX)
+
+
+def class_of(column: str) -> str:
+    """The class of a `prob_<CLASS>` column."""
+    return column.removeprefix(CLASS_PREFIX)
+
+
 def diagnosis_classes(table: pd.DataFrame) -> list[str]:
     """The classes of a table's `prob_<CLASS>` columns, in column order (none for a melanoma head)."""
-    return [c.removeprefix(CLASS_PREFIX) for c in table.columns if c.startswith(CLASS_PREFIX) and not c.startswith(FOLD_PREFIX)]
+    return [class_of(c) for c in table.columns if is_class_column(c)]
 
 
 def fold_columns(table: pd.DataFrame) -> dict[int, str]:

@@ -24,12 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from cnn.outputs import WRITTEN_BY, fold_mean_test_table
 from errors import RunStateError
 from rundir.io import read_json, read_table, write_json, write_table
-from rundir.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, TEST_FILE, RunLayout
+from rundir.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, RunLayout
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belongs to a dead or stuck process
@@ -231,19 +231,16 @@ def run_status(run_dir: Path, now: float) -> list[PairStatus]:
 # --- assembling a model's folds ------------------------------------------------------------------
 
 
-def assemble_model_outputs(model_dir: Path, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Concatenate per-fold OOF tables and average per-fold test probabilities."""
-    oof = pd.concat([read_table(model_dir / f"fold{f}" / OOF_FILE, "train-cnns") for f in folds])
-    tests = [read_table(model_dir / f"fold{f}" / TEST_FILE, "train-cnns") for f in folds]
-    test = tests[0][["image_id", "patient_id"]].copy()
-    for f, frame in zip(folds, tests):
-        test[f"prob_fold{f}"] = frame["prob"].to_numpy()
-    test["prob"] = test[[f"prob_fold{f}" for f in folds]].mean(axis=1)
-    class_columns = [c for c in tests[0].columns if c.startswith("prob_")]
-    for column in class_columns:
-        test[column] = np.mean([frame[column].to_numpy() for frame in tests], axis=0)
-    write_table(oof.reset_index(drop=True), model_dir / OOF_FILE)
-    write_table(test, model_dir / TEST_FILE)
+def assemble_model_outputs(run_dir: Path, model: str, folds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate a model's per-fold OOF tables and average its fold models' test probabilities (`cnn.outputs`)."""
+    layout = RunLayout(run_dir)
+    outputs = {f: layout.fold_outputs(model, f) for f in folds}
+    oof = pd.concat([read_table(oof_file, WRITTEN_BY) for oof_file, _ in outputs.values()])
+    tests = {f: read_table(test_file, WRITTEN_BY) for f, (_, test_file) in outputs.items()}
+    test = fold_mean_test_table(next(iter(tests.values()))[["image_id", "patient_id"]], tests)
+    oof_file, test_file = layout.cnn_outputs(model)
+    write_table(oof.reset_index(drop=True), oof_file)
+    write_table(test, test_file)
     return oof, test
 
 
@@ -264,4 +261,4 @@ def require_finished_cnns(run_dir: Path) -> None:
     for model in (plan or {"models": {}})["models"]:
         model_dir = RunLayout(run_dir).model_dir(model)
         if not (model_dir / OOF_FILE).exists():
-            assemble_model_outputs(model_dir, plan["folds"])
+            assemble_model_outputs(run_dir, model, plan["folds"])

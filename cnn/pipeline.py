@@ -500,9 +500,28 @@ def image_dataset(
         sampler = EpochSampler(len(sources), seed)
     if cache == "none":
         ds = _streamed_batches(sources, labels, image_size, batch_size, sampler=sampler, color_constancy=color_constancy)
-    else:
-        store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy", color_constancy)
-        ds = _cached_batches(store, labels, _row_indices(len(sources), sampler), batch_size)
+        return _augmented(ds, labels, augment=augment, mix=mix, seed=seed)
+    store = decoded_store(sources, image_size, None if cache == "memory" else f"{cache}.npy", color_constancy)
+    return array_dataset(store, labels, batch_size, sampler=sampler, augment=augment, mix=mix, seed=seed)
+
+
+def array_dataset(
+    images: np.ndarray, labels: np.ndarray | None, batch_size: int, *, sampler: EpochSampler | None = None,
+    augment: keras.Sequential | None = None, mix: str = "none", seed: int = 0,
+) -> tf.data.Dataset:
+    """`image_dataset` over images already decoded (uint8, N x S x S x 3, colour-normalised): the
+    memory cache, and what a model is fitted on without files (`cnn.train.fit_fold`).
+
+    >>> images = np.zeros((5, 8, 8, 3), np.uint8)
+    >>> [tuple(batch.shape) for batch in array_dataset(images, None, 2)]
+    [(2, 8, 8, 3), (2, 8, 8, 3), (1, 8, 8, 3)]
+    """
+    ds = _cached_batches(images, labels, _row_indices(len(images), sampler), batch_size)
+    return _augmented(ds, labels, augment=augment, mix=mix, seed=seed)
+
+
+def _augmented(ds: tf.data.Dataset, labels: np.ndarray | None, *, augment: keras.Sequential | None, mix: str, seed: int) -> tf.data.Dataset:
+    """Batches with the training-time augmentation and mixing (`mix` needs labels), prefetched."""
     if augment is not None:
         if labels is None:
             ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=AUTOTUNE)

@@ -37,6 +37,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from cnn.backbones import build_classifier, member_backbone, parse_model_specs
 from cnn.options import CnnConfig
+from cnn.outputs import MELANOMA, probability_columns
 from cnn.pairs import (
     assemble_model_outputs,
     heartbeat,
@@ -48,7 +49,7 @@ from cnn.pairs import (
     unfinished_pairs,
     write_plan,
 )
-from cnn.pipeline import EpochSampler, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta, training_illuminants
+from cnn.pipeline import EpochSampler, array_dataset, build_augmenter, choose_cache, first_undecodable, image_dataset, predict_tta, training_illuminants
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source, shard_sources
 from errors import DataError, OptionError, RunStateError
@@ -126,9 +127,10 @@ class BestEpochByAUC(keras.callbacks.Callback):
 class RichBatchProgress(keras.callbacks.Callback):
     """Advance two rich progress bars per batch, the (model, fold) pair's and the epoch's, each with an ETA."""
 
-    def __init__(self, progress: Progress, pair_task: int, epoch_task: int, label: str, *, best: BestEpochByAUC) -> None:
+    def __init__(self, progress: Progress, pair_task: int, epoch_task: int, label: str) -> None:
         super().__init__()
-        self.progress, self.pair_task, self.epoch_task, self.label, self.best = progress, pair_task, epoch_task, label, best
+        self.progress, self.pair_task, self.epoch_task, self.label = progress, pair_task, epoch_task, label
+        self.best_auc = -np.inf
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.progress.reset(self.epoch_task, description=f"  epoch {epoch + 1}")
@@ -138,8 +140,9 @@ class RichBatchProgress(keras.callbacks.Callback):
         self.progress.advance(self.epoch_task)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        aucs = self.best.val_aucs
-        best = f"best val AUC {aucs[best_epoch(aucs)]:.3f}" if aucs else ""
+        auc = (logs or {}).get("val_auc", np.nan)  # BestEpochByAUC, which runs first, puts it there
+        self.best_auc = max(self.best_auc, auc) if not np.isnan(auc) else self.best_auc
+        best = f"best val AUC {self.best_auc:.3f}" if np.isfinite(self.best_auc) else ""
         self.progress.update(self.pair_task, description=f"{self.label} epoch {epoch + 1} {best}")
 
 
@@ -160,14 +163,15 @@ def random_state_variables(*layers: keras.Layer | None) -> list:
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch save what resuming needs: weights + optimizer state, RNG states, AUCs, losses.
+    """After each epoch record the loss and (with a `folder`) save what resuming needs: weights +
+    optimizer state, RNG states, AUCs, losses.
 
     Files are per epoch; `state.json`, written last, names the epoch to resume from. The best epoch's
     weights are kept too, since the fold's model is its best epoch, not its last.
     """
 
     def __init__(
-        self, folder: Path, label: str, best: BestEpochByAUC, rng: list, *, config: CnnConfig, losses: list[float], seconds: float
+        self, folder: Path | None, label: str, best: BestEpochByAUC, rng: list, *, config: CnnConfig, losses: list[float], seconds: float
     ) -> None:
         super().__init__()
         self.folder, self.label, self.best, self.rng, self.config = folder, label, best, rng, config
@@ -178,6 +182,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.losses.append(float((logs or {})["loss"]))
         done, best = epoch + 1, best_epoch(self.best.val_aucs) + 1
+        if self.folder is not None:
+            self._save(done, best)
+        log.info(
+            "%s epoch %d/%d: loss %.4f, val AUC %.4f (best %.4f, epoch %d)", self.label, done, self.config.epochs,
+            self.losses[-1], self.best.val_aucs[-1], self.best.val_aucs[best - 1], best,
+        )
+
+    def _save(self, done: int, best: int) -> None:
         atomic_write(self.folder / f"epoch{done}.weights.h5", self.model.save_weights)
         atomic_write(self.folder / f"epoch{done}.rng.npz", lambda tmp: np.savez(tmp, *[v.numpy() for v in self.rng]))
         write_json(
@@ -194,10 +206,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for stale in self.folder.glob("epoch*"):
             if stale.name.split(".")[0] not in (f"epoch{done}", f"epoch{best}"):
                 stale.unlink(missing_ok=True)
-        log.info(
-            "%s epoch %d/%d: loss %.4f, val AUC %.4f (best %.4f, epoch %d)", self.label, done, self.config.epochs,
-            self.losses[-1], self.best.val_aucs[-1], self.best.val_aucs[best - 1], best,
-        )
 
 
 @dataclass(frozen=True)
@@ -225,10 +233,10 @@ def changed_options(saved: dict, config: CnnConfig) -> dict:
     return {k: earlier[k] for k in current if k not in RESUMABLE_CHANGES and earlier[k] != current[k]}
 
 
-def restore_checkpoint(folder: Path, model: keras.Model, rng: list, config: CnnConfig) -> Resumed:
+def restore_checkpoint(folder: Path | None, model: keras.Model, rng: list, config: CnnConfig) -> Resumed:
     """Load the last epoch checkpoint into `model` (optimizer included) and `rng`; nothing when there is none."""
-    state_file = folder / CHECKPOINT_STATE
-    if not state_file.exists():
+    state_file = None if folder is None else folder / CHECKPOINT_STATE
+    if state_file is None or not state_file.exists():
         return Resumed([], [], None, 0.0)
     state = json.loads(state_file.read_text())
     changed = changed_options(state["config"], config)
@@ -313,10 +321,7 @@ def jit_compile(jit: bool | None) -> bool | str:
 
 def _probability_columns(outputs: np.ndarray, target: TargetSpec) -> dict[str, np.ndarray]:
     """`prob` (melanoma) and, for a diagnosis head, one `prob_<CLASS>` column per class."""
-    columns = {"prob": target.melanoma_prob(outputs)}
-    if target.multiclass:
-        columns.update({f"prob_{c}": outputs[:, i] for i, c in enumerate(target.classes)})
-    return columns
+    return probability_columns(outputs, target.classes, target.melanoma_prob(outputs))
 
 
 @dataclass
@@ -369,7 +374,7 @@ def fold_inputs(
 
 
 def compiled_model(
-    model_name: str, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, *, checkpoint_dir: Path, strategy: tf.distribute.Strategy
+    model_name: str, config: CnnConfig, target: TargetSpec, inputs: FoldInputs, *, checkpoint_dir: Path | None, strategy: tf.distribute.Strategy
 ) -> tuple[keras.Model, list[tf.Variable], Resumed]:
     """The pair's model, compiled (AdamW, warm-up + cosine), with its last epoch checkpoint restored if any."""
     with strategy.scope():
@@ -401,10 +406,78 @@ def write_fold_predictions(
     if len(test):
         test = test.assign(**_probability_columns(predict_tta(model, inputs.test, config.tta), target))
     else:
-        test = test.assign(prob=np.array([], dtype=float))
+        test = test.assign(**{MELANOMA: np.array([], dtype=float)})
     write_table(oof, fold_dir / OOF_FILE)
     write_table(test, fold_dir / TEST_FILE)
     return oof
+
+
+def array_fold_inputs(
+    train_images: np.ndarray, y_train: np.ndarray, val_images: np.ndarray, *, config: CnnConfig, fold: int = 0, test_images: np.ndarray | None = None,
+) -> FoldInputs:
+    """A fold's inputs from images decoded in memory (uint8, N x S x S x 3 at the recipe's size, colours
+    as the recipe normalises them) and the training labels (`TargetSpec.labels`): the recipe's
+    augmentation, mixing and epoch sampling, no files."""
+    augmenter = build_augmenter(config.seed + fold, config.augment)
+    sampler = EpochSampler(len(train_images), config.seed + fold)
+    train = array_dataset(train_images, y_train, config.batch_size, sampler=sampler, augment=augmenter, mix=config.mix, seed=config.seed + fold)
+    val, test = (array_dataset(images, None, config.batch_size) for images in (val_images, val_images[:0] if test_images is None else test_images))
+    return FoldInputs(train, val, test, sampler, augmenter, y_train, math.ceil(sampler.epoch_size / config.batch_size), "memory", "images given in memory")
+
+
+@dataclass
+class FittedFold:
+    """A member fitted on one fold: the model at its best epoch, the epochs' validation AUCs and losses,
+    what an earlier attempt had done, and this attempt's training speed."""
+
+    model: keras.Model
+    best: BestEpochByAUC
+    record: EpochCheckpoint
+    resumed: Resumed
+    images_per_second: float
+
+
+def fit_fold(
+    model_name: str, inputs: FoldInputs, y_val: np.ndarray, *, config: CnnConfig, target: TargetSpec, fold: int = 0,
+    strategy: tf.distribute.Strategy | None = None, checkpoint_dir: Path | None = None, progress: Progress | None = None,
+) -> FittedFold:
+    """Build and fit a member's classifier on a fold's inputs (warm-up + cosine AdamW), keeping its best
+    epoch by validation melanoma AUC: the computing core of `train-cnns`, on inputs in memory or
+    streamed. With `checkpoint_dir` it resumes from the last epoch saved there and saves each epoch.
+
+    >>> from cnn.targets import TargetSpec
+    >>> rng = np.random.default_rng(0)
+    >>> images, labels = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), np.array([0.0, 1.0] * 8)
+    >>> config = CnnConfig(image_size=32, epochs=1, batch_size=8)
+    >>> fitted = fit_fold("small", array_fold_inputs(images, labels, images[:8], config=config), labels[:8], config=config, target=TargetSpec(("MEL",)))
+    >>> fitted.model.output_shape, len(fitted.best.val_aucs)
+    ((None, 1), 1)
+    """
+    model, rng, resumed = compiled_model(model_name, config, target, inputs, checkpoint_dir=checkpoint_dir, strategy=strategy or tf.distribute.get_strategy())
+    # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
+    # drawing where an uninterrupted one would be.
+    inputs.sampler.epoch = resumed.epochs_done
+    best = BestEpochByAUC(inputs.val, y_val, target, config.patience, val_aucs=resumed.val_aucs, best_weights=resumed.best_weights)
+    label = f"{model_name} fold {fold}"
+    if resumed.epochs_done:
+        log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
+    record = EpochCheckpoint(checkpoint_dir, label, best, rng, config=config, losses=resumed.losses, seconds=resumed.seconds)
+    callbacks: list[keras.callbacks.Callback] = [best, record]
+    if progress is not None:
+        pair_task = progress.add_task(label, total=inputs.steps * config.epochs, completed=inputs.steps * resumed.epochs_done)
+        epoch_task = progress.add_task("  epoch", total=inputs.steps)
+        callbacks.append(RichBatchProgress(progress, pair_task, epoch_task, label))
+    last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
+    fit_started = time.perf_counter()
+    model.fit(
+        inputs.train, epochs=last_epoch, initial_epoch=resumed.epochs_done, steps_per_epoch=inputs.steps,
+        shuffle=False,  # the tf.data pipeline shuffles
+        class_weight=target.class_weight(inputs.y_train, config.class_weight), callbacks=callbacks, verbose=0,
+    )
+    images_per_second = inputs.sampler.epoch_size * (last_epoch - resumed.epochs_done) / max(time.perf_counter() - fit_started, 1e-9)
+    if progress is not None:
+        progress.remove_task(epoch_task)
+    return FittedFold(model, best, record, resumed, images_per_second)
 
 
 def train_fold(
@@ -418,52 +491,31 @@ def train_fold(
     progress: Progress,
     strategy: tf.distribute.Strategy,
 ) -> None:
-    """Train one (model, fold) pair on `rows` (train, val, test), resuming its last epoch checkpoint; keep its best epoch, write its outputs."""
+    """Train one (model, fold) pair on `rows` (train, val, test): read its images, `fit_fold` (resuming its
+    last epoch checkpoint), write its best epoch's model and outputs."""
     keras.utils.set_random_seed(config.seed + fold)
     # keras-cv layers draw from TF's global generator, which op determinism (left on by an earlier
     # --deterministic run in this process) refuses to create implicitly: seed it explicitly.
     tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
     inputs = fold_inputs(model_name, fold, rows, config, target=target, fold_dir=fold_dir, progress=progress)
-    checkpoint_dir = fold_dir / CHECKPOINT_DIR
-    model, rng, resumed = compiled_model(model_name, config, target, inputs, checkpoint_dir=checkpoint_dir, strategy=strategy)
-    # Epoch e reads the sampler's draw e (Keras opens one iterator per epoch); a resumed run starts
-    # drawing where an uninterrupted one would be.
-    inputs.sampler.epoch = resumed.epochs_done
-    best = BestEpochByAUC(inputs.val, rows["val"]["target"].to_numpy(dtype=np.float32), target, config.patience, val_aucs=resumed.val_aucs, best_weights=resumed.best_weights)
-    label = f"{model_name} fold {fold}"
-    if resumed.epochs_done:
-        log.info("%s: resuming after epoch %d of %d", label, resumed.epochs_done, config.epochs)
-    pair_task = progress.add_task(label, total=inputs.steps * config.epochs, completed=inputs.steps * resumed.epochs_done)
-    epoch_task = progress.add_task("  epoch", total=inputs.steps)
-    checkpoint = EpochCheckpoint(checkpoint_dir, label, best, rng, config=config, losses=resumed.losses, seconds=resumed.seconds)
-    last_epoch = resumed.epochs_done if should_stop(resumed.val_aucs, config.patience) else config.epochs
-    fit_started = time.perf_counter()
-    model.fit(
-        inputs.train,
-        epochs=last_epoch,
-        initial_epoch=resumed.epochs_done,
-        steps_per_epoch=inputs.steps,
-        shuffle=False,  # the tf.data pipeline shuffles
-        class_weight=target.class_weight(inputs.y_train, config.class_weight),
-        callbacks=[best, checkpoint, RichBatchProgress(progress, pair_task, epoch_task, label, best=best)],
-        verbose=0,
+    y_val = rows["val"]["target"].to_numpy(dtype=np.float32)
+    fitted = fit_fold(
+        model_name, inputs, y_val, config=config, target=target, fold=fold, strategy=strategy, checkpoint_dir=fold_dir / CHECKPOINT_DIR, progress=progress,
     )
-    images_per_second = inputs.sampler.epoch_size * (last_epoch - resumed.epochs_done) / max(time.perf_counter() - fit_started, 1e-9)
-    progress.remove_task(epoch_task)
-    oof = write_fold_predictions(model, fold, rows, inputs, config=config, target=target, fold_dir=fold_dir)
-    history = fold_history(model_name, fold, config, target, inputs=inputs, best=best, checkpoint=checkpoint, resumed=resumed, oof=oof, images_per_second=images_per_second)
+    oof = write_fold_predictions(fitted.model, fold, rows, inputs, config=config, target=target, fold_dir=fold_dir)
+    history = fold_history(model_name, fold, config, target, inputs=inputs, fitted=fitted, oof=oof)
     write_json(history, fold_dir / HISTORY_FILE)
     shutil.rmtree(fold_dir / CACHE_DIR, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("%s done: best val AUC %.4f at epoch %d", label, history["best_val_auc"], history["best_epoch"] + 1)
+    shutil.rmtree(fold_dir / CHECKPOINT_DIR, ignore_errors=True)
+    log.info("%s fold %d done: best val AUC %.4f at epoch %d", model_name, fold, history["best_val_auc"], history["best_epoch"] + 1)
 
 
 def fold_history(
-    model_name: str, fold: int, config: CnnConfig, target: TargetSpec, *, inputs: FoldInputs, best: BestEpochByAUC,
-    checkpoint: EpochCheckpoint, resumed: Resumed, oof: pd.DataFrame, images_per_second: float,
+    model_name: str, fold: int, config: CnnConfig, target: TargetSpec, *, inputs: FoldInputs, fitted: FittedFold, oof: pd.DataFrame,
 ) -> dict[str, Any]:
     """RUN/cnn/<model>/fold<k>/history.json: the recipe, per-epoch loss and validation AUC, the best epoch, the sampling."""
+    best, resumed = fitted.best, fitted.resumed
     chosen = best_epoch(best.val_aucs)
     return {
         "model": model_name,
@@ -472,11 +524,11 @@ def fold_history(
         "classes": list(target.classes),
         # what the prior-adjusted (balanced-accuracy) decision divides by; see evaluation.metrics
         "training_prior": target.training_prior(inputs.y_train, config.class_weight).tolist() if target.multiclass else None,
-        "loss": checkpoint.losses,
+        "loss": fitted.record.losses,
         "val_auc": best.val_aucs,
         "best_epoch": chosen,
         "best_val_auc": best.val_aucs[chosen],
-        "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy()),
+        "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof[MELANOMA].to_numpy()),
         "resumed_after_epoch": resumed.epochs_done,
         "sampling": {
             "negatives_per_patient": config.negatives_per_patient,
@@ -485,9 +537,9 @@ def fold_history(
             "cache": inputs.cache_mode,
             "cache_reason": inputs.cache_reason,
             # this attempt's epochs (each with its validation pass) over their wall time
-            "images_per_second": images_per_second,
+            "images_per_second": fitted.images_per_second,
         },
-        "seconds": resumed.seconds + time.perf_counter() - checkpoint.started,
+        "seconds": resumed.seconds + time.perf_counter() - fitted.record.started,
     }
 
 
@@ -548,8 +600,8 @@ def assemble_finished_models(run_dir: Path, models: dict[str, int], fold_ids: li
     for model_name in models:
         if all(is_done(run_dir, model_name, fold) for fold in fold_ids):
             with writing(run_dir, f"train-cnns.{model_name}"):  # its OOF and test tables together or not at all
-                oof, _ = assemble_model_outputs(RunLayout(run_dir).model_dir(model_name), fold_ids)
-            aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof["prob"].to_numpy())
+                oof, _ = assemble_model_outputs(run_dir, model_name, fold_ids)
+            aucs[model_name] = roc_auc(oof["target"].to_numpy(), oof[MELANOMA].to_numpy())
     return aucs
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cnn.outputs import class_column
 from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_table
 from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
 from ensemble.provenance import run_provenance
@@ -146,7 +147,7 @@ def multiclass_entries(predictions: RunPredictions, oof_rows: pd.DataFrame) -> l
     diagnosis = oof_rows["diagnosis"].astype("string").to_numpy(dtype=object, na_value=None)
 
     def summary(model: ModelPredictions) -> dict[str, object]:
-        probs = model.oof[[f"prob_{c}" for c in model.classes]].to_numpy()
+        probs = model.oof[[class_column(c) for c in model.classes]].to_numpy()
         prior = None if model.class_prior is None else model.class_prior[model.classes].to_numpy()
         return {"name": model.name, "classes": model.classes, **multiclass_summary(diagnosis, probs, model.classes, prior)}
 

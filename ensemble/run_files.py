@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnn.outputs import MELANOMA, class_column, cnn_names, fold_mean_prior, training_priors
+from cnn.outputs import MELANOMA, class_column, cnn_names, diagnosis_classes, fold_mean_prior, training_priors
 from ensemble.blend import mean_blend, rank_blend
 from errors import OptionError, RunStateError
 from metadata.schema import DIAGNOSES
@@ -47,7 +47,7 @@ class ModelPredictions:
     @property
     def classes(self) -> list[str]:
         """Diagnosis classes of a multi-class model, in its column order; empty for a binary one."""
-        return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
+        return diagnosis_classes(self.oof)
 
     @property
     def prior_of_test_predictions(self) -> pd.Series | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cnn.outputs import class_column, class_of, diagnosis_classes
 from ensemble.run_files import RunPredictions, load_run_predictions
 from ensemble.submission_formats import SubmissionFormat, layout_submission_format
 from errors import DataError, OptionError, RunStateError
@@ -31,7 +32,7 @@ def build_submission(
     prior-adjusted (see `prior_adjusted_probabilities`): ISIC 2018/2019 score the argmax by balanced
     accuracy, and a model trained on the natural class mix otherwise argmaxes the common classes.
     """
-    predicted = {c for c in test.columns if c.startswith("prob_")}
+    predicted = {class_column(c) for c in diagnosis_classes(test)}
     if fmt.multiclass and not predicted:
         raise OptionError(
             f"{model} predicts melanoma only; {fmt.title} needs a probability per diagnosis: "
@@ -44,7 +45,7 @@ def build_submission(
     notes = [f"{model} has no {column} output: the column is 0 for every image." for column in filled]
     if fmt.multiclass and class_prior is not None:
         sources = sorted(predicted)
-        adjusted = prior_adjusted_probabilities(test[sources].to_numpy(dtype=float), class_prior[[s.removeprefix("prob_") for s in sources]])
+        adjusted = prior_adjusted_probabilities(test[sources].to_numpy(dtype=float), class_prior[[class_of(s) for s in sources]])
         test = test.assign(**dict(zip(sources, adjusted.T)))
         notes.append(f"{model}'s probabilities are divided by its training class prior and renormalised, so each image's "
                      "highest column is the balanced-accuracy decision (--raw-probabilities submits them as predicted).")

@@ -303,13 +303,7 @@ CURVE_METRICS: dict[Metric, CurveMetric] = {
 
 
 def bootstrap_values(
-    metric: Metric,
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    groups: np.ndarray | None = None,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
+    metric: Metric, y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0,
 ) -> np.ndarray:
     """The metric on each of `n_boot` resamples (NaN where a resample lacks a class); same seed, same resamples."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
@@ -320,13 +314,7 @@ def bootstrap_values(
 
 
 def bootstrap_curve_values(
-    curve_metrics: list[CurveMetric],
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    groups: np.ndarray | None = None,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
+    curve_metrics: list[CurveMetric], y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0,
 ) -> list[np.ndarray]:
     """Several ROC-curve metrics on the same resamples, each resample's curve built once."""
     chunks = bootstrap_weights(len(y_true), groups, n_boot, seed)
@@ -335,14 +323,7 @@ def bootstrap_curve_values(
 
 
 def bootstrap_cis(
-    metrics: dict[str, Metric],
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    groups: np.ndarray | None = None,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
+    metrics: dict[str, Metric], y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of several named metrics on the same resamples (ROC-curve metrics share the curves)."""
     on_curves = {name: CURVE_METRICS[m] for name, m in metrics.items() if m in CURVE_METRICS}
@@ -361,14 +342,7 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
 
 
 def bootstrap_ci(
-    metric: Metric,
-    y_true: np.ndarray,
-    y_score: np.ndarray,
-    groups: np.ndarray | None = None,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
+    metric: Metric, y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric`; resamples without both classes are skipped."""
     return bootstrap_cis({"metric": metric}, y_true, y_score, groups, n_boot=n_boot, seed=seed, level=level)["metric"]
@@ -384,15 +358,7 @@ class PairedBootstrap:
 
 
 def paired_bootstrap(
-    metric: Metric,
-    y_true: np.ndarray,
-    score_a: np.ndarray,
-    score_b: np.ndarray,
-    *,
-    groups: np.ndarray | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
+    metric: Metric, y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, *, groups: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
 ) -> PairedBootstrap:
     """Is A better than B beyond resampling noise? Both are scored on the same resamples, so the
     patient-to-patient variation they share cancels out of the difference.

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
+from cnn.outputs import MELANOMA, class_column
 from cnn.targets import resolve_target
 from errors import DataError
 from fusion.cross_fit import cross_fit
@@ -88,12 +89,12 @@ def diagnosis_tables(labelled: pd.DataFrame, unlabelled: pd.DataFrame, stack: Di
     """The OOF and test tables of a diagnosis stack: the key columns given, `prob` (melanoma),
     `prob_<CLASS>` and the `prior_<CLASS>` the balanced-accuracy decision divides by (the test rows':
     the fold models' mean, as their probabilities are)."""
-    prob_columns = [f"prob_{c}" for c in stack.classes]
+    prob_columns = [class_column(c) for c in stack.classes]
     prior_columns = [f"prior_{c}" for c in stack.classes]
 
     def table(keys: pd.DataFrame, probs: np.ndarray, priors: np.ndarray) -> pd.DataFrame:
         frame = pd.concat([keys.reset_index(drop=True), pd.DataFrame(probs, columns=prob_columns), pd.DataFrame(priors, columns=prior_columns)], axis=1)
-        return frame.assign(prob=frame["prob_MEL"])
+        return frame.assign(**{MELANOMA: frame[class_column("MEL")]})
 
     oof_priors = np.stack([stack.fold_priors[int(f)] for f in labelled["fold"]])
     test_prior = np.mean(list(stack.fold_priors.values()), axis=0)

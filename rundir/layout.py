@@ -67,13 +67,18 @@ PRIMARY_STACK = "lightgbm_stack"  # the stack that writes RUN/submission.csv
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """The paths of one run directory."""
+class Folder:
+    """A folder whose files a layout names (`root` may be given as a string)."""
 
     root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class RunLayout(Folder):
+    """The paths of one run directory."""
 
     @property
     def folds(self) -> Path:
@@ -197,13 +202,8 @@ class RunLayout:
 
 
 @dataclass(frozen=True)
-class StackModelLayout:
+class StackModelLayout(Folder):
     """The files of a fitted stack model (fusion.stack_model): one LightGBM text model per fold and its JSON state."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     def booster(self, fold: int) -> Path:
         return self.root / f"model_fold{int(fold)}.txt"
@@ -218,7 +218,7 @@ class StackModelLayout:
 
 
 @dataclass(frozen=True)
-class BundleLayout:
+class BundleLayout(Folder):
     """The paths of an exported bundle (ensemble.bundle):
 
         BUNDLE/manifest.json              format, library versions, SHA-256 of every other file
@@ -226,11 +226,6 @@ class BundleLayout:
         BUNDLE/cnn/<model>/fold<k>.keras  inference-only Keras models
         BUNDLE/stack/                     the fitted stack model (StackModelLayout), operating points included
     """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def manifest(self) -> Path:

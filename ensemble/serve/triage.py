@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from cnn.outputs import class_of, is_class_column
 from ensemble.bundle import file_sha256, load_bundle
 from ensemble.explain import bundle_gradcams, overlay_png
 from ensemble.predict import score_patients
@@ -283,7 +284,7 @@ class TriageService:
         return predictions.set_index("image_id").loc[keys]
 
     def _score_row(self, lesion_id: int, row: object, actor: str, scored_at: datetime) -> Score:
-        classes = {name.removeprefix("prob_"): float(getattr(row, name)) for name in row._fields if name.startswith("prob_")}
+        classes = {class_of(name): float(getattr(row, name)) for name in row._fields if is_class_column(name)}
         return Score(
             lesion_id=lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
             melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
