@@ -36,7 +36,7 @@ from cnn.options import (
     TARGET_CHOICES,
 )
 from ensemble.submission_formats import SUBMISSION_FORMATS
-from errors import RunStateError, UserError
+from errors import OptionError, RunStateError, UserError
 from metadata.dataset import BAD_IMAGE_POLICIES, SPLITS
 from metadata.formats import DATASET_FORMATS
 from rundir.completion import writing
@@ -126,6 +126,7 @@ BAD_IMAGE = typer.Option("--on-bad-image", help="raise: stop at a missing/corrup
 BUNDLE = typer.Option("--bundle", help="Bundle folder written by `export` (checksums verified).")
 SPLIT = typer.Option("--split", help="Rows of --data: all, train or test.")
 BOOTSTRAP = typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")
+DATABASE = typer.Option("--database", help="The triage service's database, a SQLAlchemy URL: sqlite:///FILE (default runs/triage/triage.db) or postgresql+psycopg://...")
 PATIENTS = typer.Option("--patients", min=1, help="Synthetic patients (train + test).")
 COLOR_CONSTANCY = typer.Option(
     "--color-constancy",
@@ -146,6 +147,7 @@ BadImageOption = Annotated[Literal[BAD_IMAGE_POLICIES], BAD_IMAGE]
 BundleOption = Annotated[Path, BUNDLE]
 SplitOption = Annotated[Literal[SPLITS], SPLIT]
 BootstrapOption = Annotated[int, BOOTSTRAP]
+DatabaseOption = Annotated[Optional[str], DATABASE]  # noqa: UP007
 PatientsOption = Annotated[int, PATIENTS]
 ColorConstancyOption = Annotated[Literal[COLOR_CONSTANCY_CHOICES], COLOR_CONSTANCY]
 
@@ -632,30 +634,50 @@ def predict(
 
 @app.command()
 def serve(
-    bundle: BundleOption,
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on; 127.0.0.1 keeps the service on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
-    database: Annotated[str, typer.Option("--database", help="SQLAlchemy URL: sqlite:///FILE (default) or postgresql+psycopg://... for several instances.")] = "sqlite:///triage/triage.db",
+    bundle: Annotated[Optional[Path], BUNDLE] = None,  # noqa: UP007
+    host: Annotated[Optional[str], typer.Option("--host", help="Interface to listen on; 127.0.0.1 keeps the service on this machine.")] = None,  # noqa: UP007
+    port: Annotated[Optional[int], typer.Option("--port")] = None,  # noqa: UP007
+    database: DatabaseOption = None,
     store: Annotated[Optional[Path], typer.Option("--store", help="Folder of the uploaded images (default: beside the SQLite file; required for other databases).")] = None,  # noqa: UP007
-    token: Annotated[Optional[str], typer.Option("--token", envvar="MELANOMA_TRIAGE_TOKEN", help="Access tokens, label=secret comma-separated (or one bare secret); every call and page then needs one.")] = None,  # noqa: UP007
+    token: Annotated[Optional[str], typer.Option("--token", help="Access tokens, label=secret comma-separated (24+ characters each); every call and page then needs one.")] = None,  # noqa: UP007
+    settings_file: Annotated[Optional[Path], typer.Option("--settings", help="A TOML file of the service's settings (flags and MELANOMA_TRIAGE_* variables win).")] = None,  # noqa: UP007
 ) -> None:
     """The triage service: upload a patient's lesions, see them ranked with alerts and differential diagnoses, review the worklist.
 
-    JSON API under /api/v1 (schema /openapi.json, docs /docs), pages at /, /patients/ID and /worklist.
+    JSON API under /api/v1 (bearer token; schema /openapi.json), pages at /, /patients/ID and /worklist
+    (sign in at /login). Every read of a patient's data is recorded; one JSON access-log line per request goes to stderr.
     """
     import uvicorn
 
-    from ensemble.serve.app import create_app, parse_tokens
-    from ensemble.serve.store import default_image_store
-    from ensemble.serve.triage import TriageService
+    from triage.http.app import create_app
+    from triage.settings import LOOPBACK, Settings
 
-    store = store or default_image_store(database)
-    tokens = parse_tokens(token)
-    if host not in ("127.0.0.1", "localhost", "::1") and not tokens:
-        console.print(f"[yellow]warning:[/yellow] listening on {host} without --token: anyone who can reach it can read and upload")
-    service = TriageService(bundle, database, store)
-    console.print(f"serving {bundle} on http://{host}:{port} (database {database.split('@')[-1]}, images {store})")
-    uvicorn.run(create_app(service, tokens), host=host, port=port, log_level="warning")
+    settings = Settings.load(file=settings_file, bundle=bundle, host=host, port=port, database=database, store=store, tokens=token)
+    if settings.host not in LOOPBACK and not settings.token_labels:
+        raise OptionError(f"--host {settings.host}: a service others can reach needs --token (or MELANOMA_TRIAGE_TOKENS); it holds patient data.")
+    _log_json_lines("triage")
+    service_app = create_app(settings)
+    console.print(f"serving {settings.bundle} on http://{settings.host}:{settings.port} (database {settings.database.split('@')[-1]}, images {settings.image_store})")
+    uvicorn.run(service_app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+def _log_json_lines(logger: str) -> None:
+    """The service's log (its access log among it) as plain lines on stderr, each access record a JSON object."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+
+
+@app.command()
+def migrate(database: Annotated[str, DATABASE]) -> None:
+    """Take the triage service's database to this version's schema (a database of any earlier version; its rows kept)."""
+    from triage.db.engine import database_engine
+    from triage.db.engine import migrate as upgrade
+
+    before, now = upgrade(database_engine(database))
+    console.print(f"database {database.split('@')[-1]}: {before} -> revision {now}")
 
 
 @app.command()

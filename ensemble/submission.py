@@ -138,8 +138,8 @@ def run_submission(
     name = submitted_model(fmt, predictions, model)
     try:
         chosen = predictions.model(name)
-    except KeyError as error:
-        raise OptionError(f"{error.args[0]} Pass --model.") from error
+    except OptionError as error:
+        raise OptionError(f"{error} Pass --model.") from error
     frame, notes = build_submission(fmt, name, chosen.test, chosen.prior_of_test_predictions if adjust_prior else None)
     return write_submission(frame, fmt, expected_ids, path), notes
 

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rundir.layout import RunLayout
 
 CLI_LOGGER = "cli"
-PIPELINE_LOGGERS = (CLI_LOGGER, "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble")
+PIPELINE_LOGGERS = (CLI_LOGGER, "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble", "triage")
 
 
 @contextmanager

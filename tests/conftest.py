@@ -68,56 +68,16 @@ def bundle_dir(pipeline_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _postgres_binaries() -> Path | None:
-    """The folder of Debian's PostgreSQL server binaries (initdb, pg_ctl), if installed."""
-    import shutil
-
-    found = shutil.which("initdb") or shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return versions[-1].parent if versions else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """A throwaway PostgreSQL server on loopback (Debian's `postgresql` package), as a SQLAlchemy URL."""
-    import shutil
-    import socket
-    import subprocess
+    """A throwaway PostgreSQL server on loopback (`tests/pgserver.py`), as a SQLAlchemy URL."""
+    from pgserver import NoPostgres, throwaway_postgres
 
-    binaries = _postgres_binaries()
-    if binaries is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    folder = tmp_path_factory.mktemp("postgres")
-    data, sockets = folder / "data", folder / "sockets"
-    sockets.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode != 0:
-            pytest.skip("running as root without a postgres user to run the server as")
-        shutil.chown(folder, "postgres")
-        shutil.chown(sockets, "postgres")
-        folder.chmod(0o755)
-        for parent in folder.parents:  # the server user must reach its folder
-            if parent == Path("/"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(folder / "log.txt"), "start"], check=True, capture_output=True)
     try:
-        import psycopg
-
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as connection:
-            connection.execute("CREATE DATABASE triage")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/triage"
-    finally:
-        subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        with throwaway_postgres(tmp_path_factory.mktemp("postgres")) as url:
+            yield url
+    except NoPostgres as why:
+        pytest.skip(str(why))
 
 
 SYSTEM_CHROMIUM = Path("/usr/bin/chromium")

@@ -5,7 +5,6 @@ import importlib
 from pathlib import Path
 
 import pytest
-
 from test_layers import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]

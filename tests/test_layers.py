@@ -1,4 +1,4 @@
-"""Each stage imports only the layers below it: errors -> rundir -> evaluation -> metadata -> cnn -> fusion -> ensemble -> cli.py."""
+"""Each stage imports only the layers below it: errors -> rundir -> evaluation -> metadata -> cnn -> fusion -> ensemble -> triage -> cli.py."""
 
 import ast
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("errors", "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble")
+LAYERS = ("errors", "rundir", "evaluation", "metadata", "cnn", "fusion", "ensemble", "triage")
 
 
 def first_party_imports(path: Path) -> set[str]:
@@ -51,6 +51,7 @@ def test_no_function_is_longer_than_60_lines() -> None:
 
 
 MAX_POSITIONAL = 4
+FRAMEWORK_HOOKS = {"settings_customise_sources"}  # signatures a library dictates and calls positionally
 
 
 def _package_functions() -> list[tuple[Path, ast.FunctionDef | ast.AsyncFunctionDef]]:
@@ -68,7 +69,7 @@ def test_no_signature_takes_five_or_more_positional_parameters() -> None:
     crowded = []
     for path, node in _package_functions():
         positional = [a.arg for a in (*node.args.posonlyargs, *node.args.args) if a.arg not in ("self", "cls")]
-        if len(positional) > MAX_POSITIONAL and path.name != "cli.py":
+        if len(positional) > MAX_POSITIONAL and path.name != "cli.py" and node.name not in FRAMEWORK_HOOKS:
             crowded.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({', '.join(positional)})")
     assert not crowded, f"signatures with more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only): {crowded}"
 

@@ -121,4 +121,4 @@ def test_a_failing_pair_records_its_error_for_status(tiny_cohort: Path, tmp_path
     failure = json.loads((run / "cnn" / "mobilenet_v3_small" / "fold0" / "failed.json").read_text())
     assert "needs images of at least 32 px" in failure["error"] and "Traceback" in failure["traceback"]
     states = {(p.fold, p.state, p.detail.split(":")[0]) for p in run_status(run, time.time())}
-    assert states == {(0, "failed", "ValueError"), (1, "pending", "")}
+    assert states == {(0, "failed", "OptionError"), (1, "pending", "")}

@@ -1,0 +1,295 @@
+"""The triage service's logic, without HTTP: store a patient's lesions, score the patient, keep every
+score and review, list the alerts a dermatologist must see, and record every read of a patient's data.
+
+An upload costs the new lesions' CNN passes (kept per image content and bundle, `triage.lesions`) and
+then, under a lock on the patient (PostgreSQL: an advisory lock; SQLite: the database's write lock,
+a bounded wait), one short transaction that re-scores the whole patient from kept inputs, writes
+the new lesions and every lesion's score, and moves each lesion's pointer to its current score. Two
+uploads for one patient, from one instance or two, queue on that lock: neither is refused, and the
+second scores a patient that includes the first's lesions. A failed upload stores no row (its image
+file, content-addressed, is swept later if nothing refers to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from cnn.outputs import class_of, is_class_column
+from ensemble.bundle import Bundle, file_sha256, load_bundle
+from ensemble.explain import bundle_gradcams, overlay_png
+from ensemble.predict import judge_lesions, lesion_inputs
+from errors import DataError
+from metadata.schema import canonical_table
+from rundir.io import atomic_write
+from rundir.layout import BundleLayout
+from triage.db.engine import database_engine, migrate, ping, require_current, schema_state
+from triage.db.models import Lesion, LesionInputs, Patient, ReadRecord, Review, Score, utc_now
+from triage.errors import Busy, Invalid, NotFound, TooLarge, Unavailable
+from triage.lesions import assembled_inputs, inputs_records
+from triage.schemas import LesionMetadata, LesionOut, PatientOut, ReviewIn, ReviewOut, WorklistOut
+from triage.store import ImageStore
+from triage.uploads import UploadLimits, checked_image, checked_patient_id, stored_file_name
+
+LOG = logging.getLogger(__name__)
+LOCK_WAIT_SECONDS = 30  # how long an upload waits for another on the same patient (PostgreSQL; SQLite's busy timeout is the same)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Who reads, through which route, under which request: what every read of a patient's data records."""
+
+    actor: str
+    route: str
+    request_id: str
+
+
+class TriageService:
+    """One loaded bundle, one database (at the code's schema), one image store."""
+
+    def __init__(self, *, bundle_path: Path, database_url: str, store_dir: Path, limits: UploadLimits = UploadLimits(), batch_size: int = 32) -> None:
+        self.bundle: Bundle = load_bundle(Path(bundle_path))  # checksums verified
+        self.bundle_sha256 = file_sha256(BundleLayout(bundle_path).manifest)
+        self.bundle_version = f"{self.bundle.manifest['created']} (format {self.bundle.manifest['format_version']})"
+        self.engine = database_engine(database_url)
+        if schema_state(self.engine) == "empty":  # a new database starts at the code's schema; one with data is migrated by hand
+            migrate(self.engine)
+        require_current(self.engine, database_url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.images = ImageStore(store_dir)
+        self.limits, self.batch_size = limits, batch_size
+        self._models = threading.Lock()  # one CNN pass at a time: the models are shared
+        self._gradcams: list | None = None
+        self.images_scored = 0  # images this process ran through the CNNs (each content once per bundle)
+        self.sweep_orphans()
+
+    def ready(self) -> bool:
+        """The database answers (the bundle loaded when the service was made)."""
+        return ping(self.engine)
+
+    # --- uploads -------------------------------------------------------------------------------
+
+    def add_lesions(self, patient_id: str, uploads: list[tuple[str, bytes]], metadata: LesionMetadata, *, actor: str, reader: Reader) -> PatientOut:
+        """Store the uploaded images as lesions of `patient_id` (with this request's metadata), score the
+        patient, and return it with the new scores (a read of the patient, recorded)."""
+        checked_patient_id(patient_id)
+        if not uploads:
+            raise Invalid("no image in the field `files`.")
+        if len(uploads) > self.limits.max_files:
+            raise TooLarge(f"{len(uploads)} images in one request; at most {self.limits.max_files}.")
+        suffixes = [checked_image(name, content, self.limits) for name, content in uploads]
+        # content-addressed and never deleted here: another upload may share the file (unreferenced ones: `sweep_orphans`)
+        new = [
+            Lesion(patient_id=patient_id, image_sha256=self.images.put(content, suffix)[0], image_suffix=suffix, file_name=stored_file_name(name),
+                   uploaded_by=actor, **metadata.model_dump())
+            for (name, content), suffix in zip(uploads, suffixes)
+        ]
+        with self.sessions.begin() as session:  # before the lock: the slow part, each image once per bundle
+            stored = list(session.scalars(select(Lesion).where(Lesion.patient_id == patient_id)))
+            self._keep_inputs(session, [*stored, *new])
+        try:
+            with self.sessions.begin() as session:
+                self._lock_patient(session, patient_id)
+                self._score_patient(session, patient_id, new, actor)
+                return self._patient(session, patient_id, reader)
+        except OperationalError as error:
+            if "locked" in str(error).lower() or "lock timeout" in str(error).lower():
+                raise Busy(f"patient {patient_id!r} stayed locked by other uploads for over {LOCK_WAIT_SECONDS} s; try again.") from error
+            raise
+
+    def _keep_inputs(self, session: Session, lesions: list[Lesion]) -> None:
+        """Compute and keep the CNN outputs and features of the images not yet scored under this bundle
+        (normally only the new ones; every stored one after the bundle changed)."""
+        shas = {lesion.image_sha256 for lesion in lesions}
+        known = set(session.scalars(select(LesionInputs.image_sha256).where(LesionInputs.bundle_sha256 == self.bundle_sha256, LesionInputs.image_sha256.in_(shas))))
+        todo = list(dict.fromkeys(lesion.image_sha256 for lesion in lesions if lesion.image_sha256 not in known))
+        if not todo:
+            return
+        suffix = {lesion.image_sha256: lesion.image_suffix for lesion in lesions}
+        sources = [str(self.images.path(sha, suffix[sha])) for sha in todo]
+        try:
+            with self._models:
+                computed = lesion_inputs(self.bundle, sources, batch_size=self.batch_size, advance=lambda n: None)
+                self.images_scored += len(todo)
+        except DataError as error:  # an image Pillow opened but the CNN pipeline cannot decode
+            raise Invalid("an image could not be decoded by the models; upload it as a plain JPEG or PNG.") from error
+        rows = [{"image_sha256": sha, "bundle_sha256": self.bundle_sha256, "computed_at": utc_now(), **record} for sha, record in zip(todo, inputs_records(computed))]
+        session.execute(self._insert(LesionInputs).values(rows).on_conflict_do_nothing())
+
+    def _insert(self, table: type) -> object:
+        return {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[self.engine.dialect.name](table)
+
+    def _lock_patient(self, session: Session, patient_id: str) -> None:
+        """Hold the patient for this transaction: other uploads for it wait (a bounded wait), then see its lesions."""
+        if self.engine.dialect.name == "postgresql":
+            session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT_SECONDS}s'"))
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(patient_id.encode()) - 2**31})
+        # SQLite: this first write takes the database's write lock for the transaction
+        session.execute(self._insert(Patient).values(patient_id=patient_id, created_at=utc_now()).on_conflict_do_nothing())
+
+    def _score_patient(self, session: Session, patient_id: str, new: list[Lesion], actor: str) -> None:
+        """Score the patient's lesions (stored and new) from their kept inputs; write the new lesions, a
+        score per lesion (one time for the whole scoring) and each lesion's pointer to it."""
+        known = list(session.scalars(select(Lesion).where(Lesion.patient_id == patient_id).order_by(Lesion.lesion_id)))
+        session.add_all(new)
+        session.flush()
+        lesions = [*known, *new]
+        self._keep_inputs(session, lesions)  # nothing to do unless another instance added a lesion under another bundle
+        kept = {r.image_sha256: r for r in session.scalars(select(LesionInputs).where(
+            LesionInputs.bundle_sha256 == self.bundle_sha256, LesionInputs.image_sha256.in_({lesion.image_sha256 for lesion in lesions})))}
+        records = [{"cnn_outputs": kept[lesion.image_sha256].cnn_outputs, "image_features": kept[lesion.image_sha256].image_features,
+                    "diagnosis": kept[lesion.image_sha256].diagnosis} for lesion in lesions]
+        predictions, _ = judge_lesions(self.bundle.stack, self._rows(lesions), assembled_inputs(self.bundle, records))
+        scored_at = utc_now()
+        scores = [self._score_row(lesion.lesion_id, row, actor, scored_at) for lesion, row in zip(lesions, predictions.itertuples())]
+        session.add_all(scores)
+        session.flush()
+        session.execute(update(Lesion), [{"lesion_id": lesion.lesion_id, "latest_score_id": score.score_id} for lesion, score in zip(lesions, scores)])
+
+    def _rows(self, lesions: list[Lesion]) -> pd.DataFrame:
+        """The canonical rows of one patient's lesions, in their order (`image_id`: the position)."""
+        return canonical_table(
+            {
+                "image_id": pd.Series([f"lesion{i}" for i in range(len(lesions))], dtype="string"),
+                "patient_id": pd.Series([lesion.patient_id for lesion in lesions], dtype="string"),
+                "age": pd.Series([lesion.age for lesion in lesions], dtype=float),
+                "sex": pd.Series([lesion.sex for lesion in lesions], dtype="string"),
+                "site": pd.Series([lesion.site for lesion in lesions], dtype="string"),
+                "split": pd.Series("test", index=range(len(lesions)), dtype="string"),
+            }
+        )
+
+    def _score_row(self, lesion_id: int, row: object, actor: str, scored_at: object) -> Score:
+        classes = {class_of(name): float(getattr(row, name)) for name in row._fields if is_class_column(name)}
+        return Score(
+            lesion_id=lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
+            melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
+            rank_in_patient=int(row.rank_in_patient), diagnosis=classes, missing_metadata=str(row.missing_metadata).split(), scored_by=actor, scored_at=scored_at,
+        )
+
+    def sweep_orphans(self, older_than_seconds: float = 3600) -> int:
+        """Delete stored images no lesion refers to (left by failed uploads), if older than the given age."""
+        with self.sessions() as session:
+            referenced = {f"{sha}{suffix}" for sha, suffix in session.execute(select(Lesion.image_sha256, Lesion.image_suffix)).all()}
+        cutoff = time.time() - older_than_seconds
+        orphans = [p for p in self.images.stored() if p.name not in referenced and p.stat().st_mtime < cutoff]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
+
+    # --- reads (each one recorded) ---------------------------------------------------------------
+
+    @staticmethod
+    def _record(session: Session, reader: Reader, pairs: list[tuple[str | None, int | None]]) -> None:
+        session.add_all([ReadRecord(actor=reader.actor, route=reader.route, request_id=reader.request_id, patient_id=p, lesion_id=lesion, read_at=utc_now())
+                         for p, lesion in pairs])
+
+    def patient(self, patient_id: str, *, reader: Reader) -> PatientOut:
+        """A patient's lesions with their current scores, riskiest first (the read recorded)."""
+        checked = patient_id if len(patient_id) <= 128 and "\x00" not in patient_id else None
+        with self.sessions.begin() as session:
+            if checked is None or session.get(Patient, checked) is None:
+                raise NotFound(f"no patient {patient_id[:128]!r}.")
+            return self._patient(session, checked, reader)
+
+    def _patient(self, session: Session, patient_id: str, reader: Reader) -> PatientOut:
+        found = session.execute(
+            select(Lesion, Score).where(Lesion.patient_id == patient_id).outerjoin(Score, Score.score_id == Lesion.latest_score_id)
+            .options(selectinload(Lesion.reviews))
+        ).all()
+        lesions = sorted((lesion_out(lesion, score) for lesion, score in found), key=lambda out: (out.rank_in_patient or 10**9, out.lesion_id))
+        self._record(session, reader, [(patient_id, None)])
+        return PatientOut(patient_id=patient_id, lesions=lesions)
+
+    def worklist(self, status: str, *, reader: Reader) -> WorklistOut:
+        """Alerted lesions (current score) across patients, highest risk first: without a review (`open`) or with one (`reviewed`)."""
+        with self.sessions.begin() as session:
+            reviewed = select(Review.lesion_id).distinct()
+            query = (
+                select(Lesion, Score).join(Score, Score.score_id == Lesion.latest_score_id).where(Score.alert.is_(True))
+                .where(Lesion.lesion_id.in_(reviewed) if status == "reviewed" else Lesion.lesion_id.not_in(reviewed))
+                .order_by(Score.melanoma_probability.desc(), Lesion.lesion_id).options(selectinload(Lesion.reviews))
+            )
+            lesions = [lesion_out(lesion, score) for lesion, score in session.execute(query).all()]
+            self._record(session, reader, [(patient, None) for patient in dict.fromkeys(lesion.patient_id for lesion in lesions)])
+        return WorklistOut(status=status, lesions=lesions)
+
+    def review(self, lesion_id: int, review: ReviewIn, *, actor: str) -> ReviewOut:
+        """Record a dermatologist's outcome for a lesion (added to its history, never overwritten), with
+        the score they saw: `score_id` (one of the lesion's), or its current one when not given."""
+        with self.sessions.begin() as session:
+            lesion = self._lesion(session, lesion_id)
+            score_id = review.score_id if review.score_id is not None else lesion.latest_score_id
+            if review.score_id is not None and session.scalar(select(Score.lesion_id).where(Score.score_id == score_id)) != lesion_id:
+                raise NotFound(f"no score {review.score_id} of lesion {lesion_id}.")
+            row = Review(lesion_id=lesion_id, score_id=score_id, outcome=review.outcome, note=review.note, reviewed_by=actor, reviewed_at=utc_now())
+            session.add(row)
+            session.flush()
+            return review_out(row)
+
+    @staticmethod
+    def _lesion(session: Session, lesion_id: int) -> Lesion:
+        lesion = session.get(Lesion, lesion_id)
+        if lesion is None:
+            raise NotFound(f"no lesion {lesion_id}.")
+        return lesion
+
+    def _stored_image(self, lesion: Lesion) -> Path:
+        path = self.images.path(lesion.image_sha256, lesion.image_suffix)
+        if not path.is_file():
+            raise Unavailable(f"lesion {lesion.lesion_id}: its image {path} is not in the image store")
+        return path
+
+    def image(self, lesion_id: int, *, reader: Reader) -> tuple[bytes, str]:
+        """The stored image of a lesion and its media type (the read recorded)."""
+        with self.sessions.begin() as session:
+            lesion = self._lesion(session, lesion_id)
+            self._record(session, reader, [(lesion.patient_id, lesion_id)])
+        return self._stored_image(lesion).read_bytes(), "image/png" if lesion.image_suffix == ".png" else "image/jpeg"
+
+    def gradcam(self, lesion_id: int, *, reader: Reader) -> bytes:
+        """The lesion's Grad-CAM overlay (mean over every fold model), computed once per image and bundle (the read recorded)."""
+        with self.sessions.begin() as session:
+            lesion = self._lesion(session, lesion_id)
+            self._record(session, reader, [(lesion.patient_id, lesion_id)])
+        cached = self.images.root / "gradcam" / f"{lesion.image_sha256}-{self.bundle_sha256[:16]}.png"
+        if not cached.exists():
+            with self._models:
+                if self._gradcams is None:
+                    self._gradcams = bundle_gradcams(self.bundle)
+                png = overlay_png(self._gradcams, self._stored_image(lesion).read_bytes())
+            atomic_write(cached, lambda temporary: temporary.write_bytes(png))
+        return cached.read_bytes()
+
+
+def review_out(review: Review) -> ReviewOut:
+    return ReviewOut(review_id=review.review_id, lesion_id=review.lesion_id, score_id=review.score_id, outcome=review.outcome, note=review.note,
+                     reviewed_at=review.reviewed_at, reviewed_by=review.reviewed_by)
+
+
+def lesion_out(lesion: Lesion, score: Score | None) -> LesionOut:
+    return LesionOut(
+        lesion_id=lesion.lesion_id, patient_id=lesion.patient_id, image_sha256=lesion.image_sha256, file_name=lesion.file_name,
+        age=lesion.age, sex=lesion.sex, site=lesion.site, uploaded_at=lesion.uploaded_at,
+        melanoma_probability=None if score is None else score.melanoma_probability,
+        alert=None if score is None else bool(score.alert),
+        alert_threshold=None if score is None else score.alert_threshold,
+        rank_in_patient=None if score is None else score.rank_in_patient,
+        diagnosis={} if score is None else dict(score.diagnosis),
+        missing_metadata=[] if score is None else list(score.missing_metadata),
+        scored_at=None if score is None else score.scored_at,
+        score_id=None if score is None else score.score_id,
+        bundle_sha256=None if score is None else score.bundle_sha256,
+        reviews=[review_out(r) for r in lesion.reviews],
+    )
