@@ -681,6 +681,61 @@ def migrate(database: Annotated[str, DATABASE]) -> None:
 
 
 @app.command()
+def recalibrate(
+    bundle: BundleOption,
+    out: Annotated[Path, typer.Option("--out", help="New folder for the recalibrated bundle (a new version).")],
+    database: DatabaseOption = None,
+    outcomes: Annotated[Optional[Path], typer.Option("--outcomes", help="predict's predictions.csv with a target column (1 melanoma, 0 not), instead of --database.")] = None,  # noqa: UP007
+    sensitivity: Annotated[float, typer.Option("--sensitivity", help="Target sensitivity of each recalibrated alert, on the site's lesions.")] = 0.95,
+    min_melanomas: Annotated[int, typer.Option("--min-melanomas", min=5, help="Melanomas (and benign lesions) with outcomes an operating point needs to be recalibrated.")] = 20,
+    bootstrap: BootstrapOption = 1000,
+    seed: SeedOption = 0,
+) -> None:
+    """Re-choose each operating point's calibration and alert threshold on the site's own lesions with known outcomes.
+
+    Reads the triage service's database (the lesions scored by this bundle, with their latest outcomes)
+    or a CSV; writes a new bundle version that records what it was recalibrated on. An operating point
+    with too few outcomes keeps the bundle's; with none to recalibrate it refuses, saying how many more are needed.
+    """
+    import pandas as pd
+
+    from ensemble.bundle import load_bundle
+    from ensemble.recalibrate import recalibrate_bundle
+
+    if (database is None) == (outcomes is None):
+        raise OptionError("give exactly one of --database URL (the triage service's) or --outcomes CSV.")
+    loaded = load_bundle(bundle)
+    if database is not None:
+        from triage.site import bundle_outcomes
+
+        site, source = bundle_outcomes(database, bundle), f"database {database.split('@')[-1]}"
+    else:
+        site, source = pd.read_csv(outcomes, dtype={"patient_id": str}), str(outcomes)
+    result = recalibrate_bundle(loaded, site, out, source=source, sensitivity=sensitivity, min_melanomas=min_melanomas, n_boot=bootstrap, seed=seed)
+    table = Table("operating point", "alert at", "site sens. [95% CI]", "site spec. [95% CI]", title=f"Recalibrated on {result.n_lesions} lesions ({result.n_melanomas} melanomas)")
+    for name, point in result.points.items():
+        table.add_row(name, f">= {point.threshold:.4f}", f"{point.oof_sensitivity:.3f} [{point.oof_sensitivity_ci[0]:.3f}, {point.oof_sensitivity_ci[1]:.3f}]",
+                      f"{point.oof_specificity:.3f} [{point.oof_specificity_ci[0]:.3f}, {point.oof_specificity_ci[1]:.3f}]")
+    console.print(table)
+    for name, why in result.kept.items():
+        console.print(f"[yellow]kept the bundle's operating point {name}[/yellow]: {why}")
+    console.print(f"recalibrated bundle: {out}")
+
+
+@app.command()
+def harvest(
+    database: Annotated[str, DATABASE],
+    store: Annotated[Path, typer.Option("--store", help="The triage service's image folder.")],
+    out: Annotated[Path, typer.Option("--out", help="New data folder (SIIM-ISIC 2020 layout).")],
+) -> None:
+    """Write the lesions with known outcomes as a dataset in the SIIM-ISIC 2020 layout (train.csv + jpeg/train/), for inspect, validate, folds and train-cnns."""
+    from triage.harvest import harvested
+
+    table = harvested(database, store, out)
+    console.print(f"{len(table)} lesion(s) of {table['patient_id'].nunique()} patient(s), {int(table['target'].sum())} melanoma(s): {out}")
+
+
+@app.command()
 def validate(
     bundle: BundleOption,
     data: DataOption,

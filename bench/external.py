@@ -19,6 +19,7 @@ the promise (or inside its CI), ECE <= 0.05 on OOF; issue 17 adds the stack's ex
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -77,14 +78,9 @@ def external_set(isic9: Path, ham: pd.DataFrame, out: Path) -> dict[str, int]:
     }
 
 
-def main() -> None:
-    parser = cnn_bench_parser(__doc__.splitlines()[0], "ham10000")
-    parser.set_defaults(run=ROOT / "runs" / "bench_external", epochs=10, k=3)
-    parser.add_argument("--isic9", type=Path, default=SHARED / "isic9")
-    parser.add_argument("--isic2019-metadata", type=Path, default=SHARED / "isic2019" / "ISIC_2019_Training_Metadata.csv")
-    parser.add_argument("--sensitivity", type=float, default=0.95)
-    parser.add_argument("--result", default="external.json", help="file name under bench/results/")
-    args = parser.parse_args()
+def trained_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, float]]:
+    """Train on all of `--data` (folds -> train-cnns with a diagnosis head -> stack; finished pairs are
+    reused) and export the bundle afresh at `--sensitivity`; the bundle and each step's seconds."""
     common = ["--data", str(args.data), "--run", str(args.run)]
     bundle = args.run / "bundle"
     steps = []
@@ -98,6 +94,18 @@ def main() -> None:
     seconds = run_cli_steps(steps)
     shutil.rmtree(bundle, ignore_errors=True)  # the stack was just refitted: export it afresh
     seconds.update(run_cli_steps([["export", "--run", str(args.run), "--out", str(bundle), "--sensitivity", str(args.sensitivity)]]))
+    return bundle, seconds
+
+
+def main() -> None:
+    parser = cnn_bench_parser(__doc__.splitlines()[0], "ham10000")
+    parser.set_defaults(run=ROOT / "runs" / "bench_external", epochs=10, k=3)
+    parser.add_argument("--isic9", type=Path, default=SHARED / "isic9")
+    parser.add_argument("--isic2019-metadata", type=Path, default=SHARED / "isic2019" / "ISIC_2019_Training_Metadata.csv")
+    parser.add_argument("--sensitivity", type=float, default=0.95)
+    parser.add_argument("--result", default="external.json", help="file name under bench/results/")
+    args = parser.parse_args()
+    bundle, seconds = trained_bundle(args)
     external = args.run / "external"
     exclusions = external_set(args.isic9, load_dataset(args.data).table, external)
     conditions = {}

@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,12 +178,9 @@ def export_bundle(run_dir: Path, out: Path, *, sensitivity: float = 0.95, n_boot
     """
     run_dir, out = Path(run_dir), Path(out)
     require_complete(run_dir, "train-cnns", "stack")
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"{out} exists and is not empty; choose a new --out or delete it.")
     stack = _exported_stack(run_dir, sensitivity, n_boot, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = BundleLayout(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def build(building: BundleLayout) -> None:
         config = {
             "cnns": [_export_cnn(run_dir, name, stack.folds, building) for name in stack.cnn_names],
             "vocabularies": VOCABULARIES,
@@ -190,30 +188,58 @@ def export_bundle(run_dir: Path, out: Path, *, sensitivity: float = 0.95, n_boot
         }
         stack.save(building.stack_model.root)
         write_json(config, building.config)
-        _write_manifest(building, run_dir)
-        if out.exists():
-            out.rmdir()
-        building.root.rename(out)
-    finally:
-        shutil.rmtree(building.root, ignore_errors=True)
+        _write_manifest(building, source_run=str(run_dir.resolve()), stack_oof_auc=(read_json(RunLayout(run_dir).stack_recipe) or {}).get("oof_auc"))
+
+    _assembled(out, build)
     return ExportSummary(stack.cnn_names, stack.folds, stack.operating_points, stack.pattern_sources)
 
 
-def _write_manifest(building: BundleLayout, run_dir: Path) -> None:
-    """BUNDLE/manifest.json, last: the SHA-256 of every other file."""
+def _write_manifest(building: BundleLayout, **provenance: object) -> None:
+    """BUNDLE/manifest.json, last: where the bundle comes from and the SHA-256 of every other file."""
     files = {p.relative_to(building.root).as_posix(): file_sha256(p) for p in sorted(building.root.rglob("*")) if p.is_file()}
     write_json(
         {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source_run": str(run_dir.resolve()),
-            "stack_oof_auc": (read_json(RunLayout(run_dir).stack_recipe) or {}).get("oof_auc"),
+            **provenance,
             "versions": package_versions(VERSIONED_PACKAGES),
             "files": files,
         },
         building.manifest,
     )
+
+
+def _assembled(out: Path, build: Callable[[BundleLayout], None]) -> None:
+    """Build a bundle in a temporary folder beside `out` and rename it into place: a failure leaves nothing that looks like a bundle."""
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} exists and is not empty; choose a new --out or delete it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = BundleLayout(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(building)
+        if out.exists():
+            out.rmdir()
+        building.root.rename(out)
+    finally:
+        shutil.rmtree(building.root, ignore_errors=True)
+
+
+def write_bundle_version(bundle: Bundle, stack: StackModel, out: Path, *, recalibration: dict) -> None:
+    """A new version of a bundle with another stack model (the CNNs and config copied as they are),
+    whose manifest names the bundle it came from and what changed."""
+    source = BundleLayout(bundle.path)
+
+    def build(building: BundleLayout) -> None:
+        for name in bundle.manifest["files"]:
+            if not name.startswith(source.stack_model.root.name + "/"):
+                (building.root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.root / name, building.root / name)
+        stack.save(building.stack_model.root)
+        _write_manifest(building, source_run=bundle.manifest.get("source_run"), stack_oof_auc=bundle.manifest.get("stack_oof_auc"),
+                        derived_from={"bundle_sha256": file_sha256(source.manifest), "created": bundle.manifest["created"]}, recalibration=recalibration)
+
+    _assembled(Path(out), build)
 
 
 def verify_bundle(path: Path) -> dict:

@@ -211,23 +211,25 @@ class LesionInputs:
     cnn_outputs: dict[str, pd.DataFrame]  # CNN name -> prob_fold<k>
     image_features: pd.DataFrame | None
     diagnosis: pd.DataFrame  # prob_<CLASS> and top_diagnosis (no columns without a diagnosis head)
+    image_statistics: pd.DataFrame | None = None  # colour and contrast of each image as the reference CNN saw it (fusion.shift)
 
 
-def lesion_inputs(
-    bundle: Bundle, sources: list[str], *, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
-) -> LesionInputs:
+def lesion_inputs(bundle: Bundle, sources: list[str], *, batch_size: int, advance: Advance) -> LesionInputs:
     """Every CNN's outputs, dermoscopy features and differential diagnosis of the images at `sources`,
-    computed as the run computed them; `seen` gets the batches of the CNN the scoring reference describes."""
+    computed as the run computed them, and the image statistics of the CNN the scoring reference describes."""
+    statistics: list[dict[str, np.ndarray]] = []
     outputs = {
         member.name: cnn_fold_probabilities(
-            member, sources, batch_size=batch_size, advance=advance, seen=seen if i == 0 and member.image_size == bundle.reference["image_size"] else None
+            member, sources, batch_size=batch_size, advance=advance,
+            seen=(lambda images: statistics.append(image_statistics(images))) if i == 0 and member.image_size == bundle.reference["image_size"] else None,
         )
         for i, member in enumerate(bundle.cnns)
     }
     recipe = bundle.stack.feature_recipe
     diagnosis = differential_diagnosis([o.diagnosis for o in outputs.values() if o.diagnosis is not None], pd.RangeIndex(len(sources)))
     features = None if recipe is None else compute_image_features(sources, recipe)
-    return LesionInputs({name: o.melanoma for name, o in outputs.items()}, features, diagnosis)
+    stats = pd.DataFrame(concat_statistics(statistics)) if statistics else None
+    return LesionInputs({name: o.melanoma for name, o in outputs.items()}, features, diagnosis, stats)
 
 
 def judge_lesions(stack: StackModel, rows: pd.DataFrame, inputs: LesionInputs) -> tuple[pd.DataFrame, StackPrediction]:
@@ -277,11 +279,11 @@ class Scored:
     image_features: pd.DataFrame = field(default_factory=pd.DataFrame)  # by image id: the dermoscopy features, if the stack takes them
 
 
-def batch_shift_warnings(bundle: Bundle, rows: pd.DataFrame, *, predictions: pd.DataFrame, cnn_scores: pd.DataFrame, image_stats: list[dict[str, np.ndarray]]) -> list[str]:
+def batch_shift_warnings(bundle: Bundle, rows: pd.DataFrame, *, predictions: pd.DataFrame, cnn_scores: pd.DataFrame, image_stats: pd.DataFrame | None) -> list[str]:
     """Where this batch looks unlike the training data (`fusion.shift`): images, CNN scores, missing metadata, alert rate."""
     reference, points = bundle.reference, bundle.operating_points
     return [
-        *shift_warnings(reference["images"], concat_statistics(image_stats)),
+        *shift_warnings(reference["images"], {} if image_stats is None else {c: image_stats[c].to_numpy() for c in image_stats}),
         *shift_warnings(
             reference["cnn_scores"], {c: cnn_scores[c].to_numpy() for c in cnn_scores.columns},
             "the OOF images (other cameras, or more suspicious lesions than the training mix, move it)",
@@ -299,15 +301,12 @@ def score_patients(bundle: Bundle, rows: pd.DataFrame, *, batch_size: int, advan
     pattern, recorded in the `operating_point` column.
     """
     rows = rows.reset_index(drop=True)
-    image_stats: list[dict[str, np.ndarray]] = []
-    inputs = lesion_inputs(
-        bundle, rows["image_path"].astype(str).tolist(), batch_size=batch_size, advance=advance, seen=lambda images: image_stats.append(image_statistics(images))
-    )
+    inputs = lesion_inputs(bundle, rows["image_path"].astype(str).tolist(), batch_size=batch_size, advance=advance)
     predictions, scored = judge_lesions(bundle.stack, rows, inputs)
     return Scored(
         predictions.sort_values(["patient_id", "rank_in_patient"], kind="stable"),
         scored.absent_features,
-        batch_shift_warnings(bundle, rows, predictions=predictions, cnn_scores=scored.cnn_scores, image_stats=image_stats),
+        batch_shift_warnings(bundle, rows, predictions=predictions, cnn_scores=scored.cnn_scores, image_stats=inputs.image_statistics),
         scored.cnn_scores.set_axis(rows["image_id"]),
         pd.DataFrame() if inputs.image_features is None else inputs.image_features.set_axis(rows["image_id"]),
     )

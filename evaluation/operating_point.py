@@ -65,6 +65,8 @@ class OperatingPoint:
     n_melanoma: int
     n_patients: int
     oof_alert_rate: float  # share of the OOF images alerted (what a batch like the training data should see)
+    # what the figures were measured on: the run's out-of-fold predictions, or a site's own lesions (`recalibrate`)
+    measured_on: str = "out-of-fold predictions"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -85,6 +87,7 @@ def choose_operating_point(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    measured_on: str = "out-of-fold predictions",
 ) -> OperatingPoint:
     """Threshold for the target sensitivity on OOF predictions, with its OOF sensitivity and specificity."""
     y_true, y_score = np.asarray(y_true, dtype=int), np.asarray(y_score, dtype=float)
@@ -106,4 +109,5 @@ def choose_operating_point(
         n_melanoma=int(y_true.sum()),
         n_patients=int(len(np.unique(np.asarray(patients)))),
         oof_alert_rate=float(alerts(y_score, threshold).mean()),
+        measured_on=measured_on,
     )

@@ -152,6 +152,16 @@ class PlattCalibration:
     def to_json(self) -> dict[str, float]:
         return {"slope": self.slope, "intercept": self.intercept}
 
+    def then(self, other: PlattCalibration) -> PlattCalibration:
+        """This calibration followed by `other` (fitted on this one's probabilities), as one: the logit is
+        linear in both, so the two compose into one slope and intercept.
+
+        >>> first, second = PlattCalibration(2.0, 0.5), PlattCalibration(0.5, -1.0)
+        >>> bool(np.allclose(first.then(second).apply(np.array([0.3])), second.apply(first.apply(np.array([0.3])))))
+        True
+        """
+        return PlattCalibration(slope=other.slope * self.slope, intercept=other.slope * self.intercept + other.intercept)
+
 
 def _logit(scores: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(scores, dtype=float), 1e-6, 1 - 1e-6)
@@ -263,6 +273,10 @@ class PatternCalibration:
 
     def to_json(self) -> dict[str, object]:
         return {"sources": self.sources, "calibrations": {name: c.to_json() for name, c in self.final.items()}, "scorers": self.scorers}
+
+    def followed_by(self, site: dict[str, PlattCalibration]) -> PatternCalibration:
+        """The final calibrations with a site's recalibration of some pattern sources composed onto them (`recalibrate`)."""
+        return PatternCalibration(self.sources, {name: c.then(site[name]) if name in site else c for name, c in self.final.items()}, {}, self.scorers)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> PatternCalibration:

@@ -46,7 +46,7 @@ from evaluation.metrics import roc_auc
 from evaluation.operating_point import OperatingPoint, choose_operating_point
 from fusion.cnn_scores import CnnScales
 from fusion.image_features.stage import FeatureRecipe
-from fusion.missingness import MaskedCopy, PatternCalibration, masked_copies, missingness_pattern
+from fusion.missingness import MaskedCopy, PatternCalibration, PlattCalibration, masked_copies, missingness_pattern
 from fusion.stacker import LightGBMStacker, build_stack_features, cross_val_stack, default_lgb_params
 from rundir.io import atomic_write, write_json
 from rundir.layout import StackModelLayout
@@ -252,6 +252,14 @@ class StackModel:
         chosen = copy.copy(self)
         chosen._operating_points, chosen._oof = points, {}
         return chosen
+
+    def recalibrated(self, calibrations: dict[str, PlattCalibration], points: dict[str, OperatingPoint]) -> StackModel:
+        """A copy with a site's calibrations composed onto some pattern sources' and their operating
+        points replaced by ones measured on the site (`ensemble.recalibrate`); other sources unchanged."""
+        changed = copy.copy(self)
+        changed._calibration = self._require_calibration().followed_by(calibrations)
+        changed._operating_points, changed._oof = {**self._operating_points, **points}, {}
+        return changed
 
     def gain_share(self) -> pd.Series:
         """Each feature's share of the total split gain, averaged over the fold boosters."""

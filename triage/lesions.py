@@ -24,16 +24,18 @@ def _number(value: float) -> float | None:
 
 
 def inputs_records(inputs: LesionInputs) -> list[dict[str, object]]:
-    """One JSON-ready record per image of `inputs` (cnn_outputs, image_features, diagnosis)."""
+    """One JSON-ready record per image of `inputs` (cnn_outputs, image_features, diagnosis, image_statistics)."""
     n_images = len(inputs.diagnosis)
     cnn = {name: frame.to_dict("list") for name, frame in inputs.cnn_outputs.items()}
     features = None if inputs.image_features is None else inputs.image_features.to_dict("records")
+    statistics = None if inputs.image_statistics is None else inputs.image_statistics.to_dict("records")
     diagnosis = inputs.diagnosis.to_dict("records")
     return [
         {
             "cnn_outputs": {name: {column.removeprefix("prob_fold"): float(values[i]) for column, values in columns.items()} for name, columns in cnn.items()},
             "image_features": None if features is None else {k: _number(v) for k, v in features[i].items()},
             "diagnosis": {k: (v if isinstance(v, str) else float(v)) for k, v in diagnosis[i].items()},
+            "image_statistics": None if statistics is None else {k: float(v) for k, v in statistics[i].items()},
         }
         for i in range(n_images)
     ]

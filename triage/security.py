@@ -20,13 +20,13 @@ import secrets
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from triage.db.models import PageSession, utc_now
+from triage.db.models import PageSession, as_utc, utc_now
 
 SESSION_COOKIE = "triage_session"
 CSRF_FIELD = "csrf_token"
@@ -60,11 +60,6 @@ def start_session(session: Session, actor: str, *, lifetime: timedelta) -> tuple
     return cookie, SignedIn(actor, csrf, sha256(cookie))
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every time here is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utc_now().tzinfo)
-
-
 def live_session(session: Session, cookie: str, *, idle: timedelta, labels: set[str]) -> SignedIn | None:
     """The session a cookie names, if it has not ended, expired, idled out or lost its token; its last
     request is recorded (at most once a minute)."""
@@ -72,9 +67,9 @@ def live_session(session: Session, cookie: str, *, idle: timedelta, labels: set[
     now = utc_now()
     if found is None or found.ended_at is not None or found.actor not in labels:
         return None
-    if now >= _aware(found.expires_at) or now - _aware(found.last_seen_at) >= idle:
+    if now >= as_utc(found.expires_at) or now - as_utc(found.last_seen_at) >= idle:
         return None
-    if now - _aware(found.last_seen_at) >= LAST_SEEN_GRANULARITY:
+    if now - as_utc(found.last_seen_at) >= LAST_SEEN_GRANULARITY:
         session.execute(update(PageSession).where(PageSession.session_sha256 == found.session_sha256).values(last_seen_at=now))
     return SignedIn(found.actor, found.csrf_token, found.session_sha256)
 

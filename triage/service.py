@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,23 +27,39 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from cnn.outputs import class_of, is_class_column
+from cnn.outputs import class_of, fold_column, is_class_column
 from ensemble.bundle import Bundle, file_sha256, load_bundle
 from ensemble.explain import bundle_gradcams, overlay_png
-from ensemble.predict import judge_lesions, lesion_inputs
+from ensemble.predict import batch_shift_warnings, judge_lesions, lesion_inputs
 from errors import DataError
 from metadata.schema import canonical_table
 from rundir.io import atomic_write
 from rundir.layout import BundleLayout
 from triage.db.engine import database_engine, migrate, ping, require_current, schema_state
-from triage.db.models import Lesion, LesionInputs, Patient, ReadRecord, Review, Score, utc_now
+from triage.db.models import Lesion, LesionInputs, Outcome, Patient, ReadRecord, Review, Score, as_utc, utc_now
 from triage.errors import Busy, Invalid, NotFound, TooLarge, Unavailable
 from triage.lesions import assembled_inputs, inputs_records
-from triage.schemas import LesionMetadata, LesionOut, PatientOut, ReviewIn, ReviewOut, WorklistOut
+from triage.monitoring import bundle_figures
+from triage.schemas import (
+    BundleFigures,
+    LesionMetadata,
+    LesionOut,
+    MonitoringOut,
+    OperatingPointFigures,
+    OutcomeIn,
+    OutcomeOut,
+    PatientOut,
+    ReviewIn,
+    ReviewOut,
+    ShiftFigures,
+    WorklistOut,
+)
+from triage.site import latest_lesions, scored_lesions
 from triage.store import ImageStore
 from triage.uploads import UploadLimits, checked_image, checked_patient_id, stored_file_name
 
 LOG = logging.getLogger(__name__)
+UNRECORDED = "not recorded"  # the operating point of a score from before scores named theirs
 LOCK_WAIT_SECONDS = 30  # how long an upload waits for another on the same patient (PostgreSQL; SQLite's busy timeout is the same)
 
 
@@ -72,6 +89,7 @@ class TriageService:
         self._models = threading.Lock()  # one CNN pass at a time: the models are shared
         self._gradcams: list | None = None
         self.images_scored = 0  # images this process ran through the CNNs (each content once per bundle)
+        self.on_scored: Callable[[float], None] | None = None  # told each upload's scoring seconds (the metrics' histogram)
         self.sweep_orphans()
 
     def ready(self) -> bool:
@@ -95,6 +113,7 @@ class TriageService:
                    uploaded_by=actor, **metadata.model_dump())
             for (name, content), suffix in zip(uploads, suffixes)
         ]
+        started = time.perf_counter()
         with self.sessions.begin() as session:  # before the lock: the slow part, each image once per bundle
             stored = list(session.scalars(select(Lesion).where(Lesion.patient_id == patient_id)))
             self._keep_inputs(session, [*stored, *new])
@@ -102,6 +121,8 @@ class TriageService:
             with self.sessions.begin() as session:
                 self._lock_patient(session, patient_id)
                 self._score_patient(session, patient_id, new, actor)
+                if self.on_scored is not None:
+                    self.on_scored(time.perf_counter() - started)
                 return self._patient(session, patient_id, reader)
         except OperationalError as error:
             if "locked" in str(error).lower() or "lock timeout" in str(error).lower():
@@ -176,6 +197,7 @@ class TriageService:
             lesion_id=lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
             melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
             rank_in_patient=int(row.rank_in_patient), diagnosis=classes, missing_metadata=str(row.missing_metadata).split(), scored_by=actor, scored_at=scored_at,
+            pattern=str(row.pattern), operating_point=str(row.operating_point),
         )
 
     def sweep_orphans(self, older_than_seconds: float = 3600) -> int:
@@ -206,7 +228,7 @@ class TriageService:
     def _patient(self, session: Session, patient_id: str, reader: Reader) -> PatientOut:
         found = session.execute(
             select(Lesion, Score).where(Lesion.patient_id == patient_id).outerjoin(Score, Score.score_id == Lesion.latest_score_id)
-            .options(selectinload(Lesion.reviews))
+            .options(selectinload(Lesion.reviews), selectinload(Lesion.outcomes))
         ).all()
         lesions = sorted((lesion_out(lesion, score) for lesion, score in found), key=lambda out: (out.rank_in_patient or 10**9, out.lesion_id))
         self._record(session, reader, [(patient_id, None)])
@@ -219,7 +241,7 @@ class TriageService:
             query = (
                 select(Lesion, Score).join(Score, Score.score_id == Lesion.latest_score_id).where(Score.alert.is_(True))
                 .where(Lesion.lesion_id.in_(reviewed) if status == "reviewed" else Lesion.lesion_id.not_in(reviewed))
-                .order_by(Score.melanoma_probability.desc(), Lesion.lesion_id).options(selectinload(Lesion.reviews))
+                .order_by(Score.melanoma_probability.desc(), Lesion.lesion_id).options(selectinload(Lesion.reviews), selectinload(Lesion.outcomes))
             )
             lesions = [lesion_out(lesion, score) for lesion, score in session.execute(query).all()]
             self._record(session, reader, [(patient, None) for patient in dict.fromkeys(lesion.patient_id for lesion in lesions)])
@@ -237,6 +259,49 @@ class TriageService:
             session.add(row)
             session.flush()
             return review_out(row)
+
+    # --- monitoring -----------------------------------------------------------------------------
+
+    def monitoring(self, *, window: int = 500, n_boot: int = 1000, seed: int = 0) -> MonitoringOut:
+        """Each bundle's operating points on this clinic's lesions (`triage.monitoring`), and the latest
+        `window` uploads against what the serving bundle saw out of fold."""
+        with self.sessions() as session:
+            scored = scored_lesions(session)
+            recent = latest_lesions(session, self.bundle_sha256, count=window)
+        scored = scored.assign(operating_point=scored["operating_point"].fillna(UNRECORDED))
+        bundles = [
+            BundleFigures(bundle_sha256=sha, bundle_version=version, serving=sha == self.bundle_sha256, operating_points=[
+                OperatingPointFigures(**figures)
+                for figures in bundle_figures(rows, self.bundle.operating_points if sha == self.bundle_sha256 else {}, n_boot=n_boot, seed=seed)
+            ])
+            for (sha, version), rows in scored.groupby(["bundle_sha256", "bundle_version"], sort=False)
+        ]
+        flagged = any(point.flags for bundle in bundles if bundle.serving for point in bundle.operating_points)
+        return MonitoringOut(bundles=bundles, shift=ShiftFigures(window_lesions=len(recent), warnings=self._shift_warnings(recent)), flagged=flagged)
+
+    def _shift_warnings(self, recent: pd.DataFrame) -> list[str]:
+        """`predict`'s batch-shift warnings for the latest uploads (images, CNN scores, missing metadata, alert rate)."""
+        if recent.empty:
+            return []
+        outputs = {m.name: pd.DataFrame({fold_column(f): [r[m.name][str(f)] for r in recent["cnn_outputs"]] for f in self.bundle.stack.folds}) for m in self.bundle.cnns}
+        statistics = [r for r in recent["image_statistics"] if r is not None]
+        return batch_shift_warnings(
+            self.bundle, recent, predictions=recent[["alert", "operating_point"]], cnn_scores=self.bundle.stack.cnn_scores(outputs),
+            image_stats=pd.DataFrame(statistics) if statistics else None,
+        )
+
+    def record_outcome(self, lesion_id: int, outcome: OutcomeIn, *, actor: str) -> OutcomeOut:
+        """Add a lesion's ground truth (its history is kept; the latest counts), beside the review. The
+        diagnosis is a unified class (`metadata.schema.DIAGNOSES`: the bundle's and any other a site
+        meets), or benign without a biopsy."""
+        if outcome.diagnosed_on > utc_now().date():
+            raise Invalid(f"diagnosed_on={outcome.diagnosed_on.isoformat()} is in the future.")
+        with self.sessions.begin() as session:
+            self._lesion(session, lesion_id)
+            row = Outcome(lesion_id=lesion_id, diagnosis=outcome.diagnosis, diagnosed_on=outcome.diagnosed_on, note=outcome.note, entered_by=actor, entered_at=utc_now())
+            session.add(row)
+            session.flush()
+            return outcome_out(row)
 
     @staticmethod
     def _lesion(session: Session, lesion_id: int) -> Lesion:
@@ -275,21 +340,27 @@ class TriageService:
 
 def review_out(review: Review) -> ReviewOut:
     return ReviewOut(review_id=review.review_id, lesion_id=review.lesion_id, score_id=review.score_id, outcome=review.outcome, note=review.note,
-                     reviewed_at=review.reviewed_at, reviewed_by=review.reviewed_by)
+                     reviewed_at=as_utc(review.reviewed_at), reviewed_by=review.reviewed_by)
 
 
 def lesion_out(lesion: Lesion, score: Score | None) -> LesionOut:
     return LesionOut(
         lesion_id=lesion.lesion_id, patient_id=lesion.patient_id, image_sha256=lesion.image_sha256, file_name=lesion.file_name,
-        age=lesion.age, sex=lesion.sex, site=lesion.site, uploaded_at=lesion.uploaded_at,
+        age=lesion.age, sex=lesion.sex, site=lesion.site, uploaded_at=as_utc(lesion.uploaded_at),
         melanoma_probability=None if score is None else score.melanoma_probability,
         alert=None if score is None else bool(score.alert),
         alert_threshold=None if score is None else score.alert_threshold,
         rank_in_patient=None if score is None else score.rank_in_patient,
         diagnosis={} if score is None else dict(score.diagnosis),
         missing_metadata=[] if score is None else list(score.missing_metadata),
-        scored_at=None if score is None else score.scored_at,
+        scored_at=None if score is None else as_utc(score.scored_at),
         score_id=None if score is None else score.score_id,
         bundle_sha256=None if score is None else score.bundle_sha256,
         reviews=[review_out(r) for r in lesion.reviews],
+        outcome=outcome_out(lesion.outcomes[-1]) if lesion.outcomes else None,
     )
+
+
+def outcome_out(outcome: Outcome) -> OutcomeOut:
+    return OutcomeOut(outcome_id=outcome.outcome_id, lesion_id=outcome.lesion_id, diagnosis=outcome.diagnosis, diagnosed_on=outcome.diagnosed_on,
+                      note=outcome.note, entered_at=as_utc(outcome.entered_at), entered_by=outcome.entered_by)

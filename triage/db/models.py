@@ -10,13 +10,15 @@
                     once per (image, bundle), so adding a lesion never re-reads the patient's other images
     read_records    every read of a patient's data: who, which route, when, under which request id
     page_sessions   signed-in browsers: the hash of the cookie, who, when it ends, its CSRF token
+    outcomes        a lesion's ground truth once known: its histopathology diagnosis (or benign, not
+                    biopsied, after follow-up), when and who entered it (only ever added: the latest counts)
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Date, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ID_LENGTH, LABEL_LENGTH, SHA_LENGTH = 128, 64, 64
@@ -24,6 +26,13 @@ ID_LENGTH, LABEL_LENGTH, SHA_LENGTH = 128, 64, 64
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC time (SQLite hands back naive ones; every time stored is UTC)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -55,6 +64,7 @@ class Lesion(Base):
     latest_score_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     patient: Mapped[Patient] = relationship(back_populates="lesions")
     reviews: Mapped[list[Review]] = relationship(back_populates="lesion", order_by="Review.review_id")
+    outcomes: Mapped[list[Outcome]] = relationship(back_populates="lesion", order_by="Outcome.outcome_id")
 
 
 class Score(Base):
@@ -72,6 +82,8 @@ class Score(Base):
     missing_metadata: Mapped[list] = mapped_column(JSON)
     scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     scored_by: Mapped[str] = mapped_column(String(LABEL_LENGTH))  # the token label of the request that caused it
+    pattern: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the lesion's missingness pattern (None: scored before it was kept)
+    operating_point: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)  # the pattern whose threshold judged it
 
 
 class Review(Base):
@@ -95,6 +107,7 @@ class LesionInputs(Base):
     cnn_outputs: Mapped[dict] = mapped_column(JSON)  # CNN name -> fold -> melanoma probability
     image_features: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # feature -> value (None: the stack takes none)
     diagnosis: Mapped[dict] = mapped_column(JSON)  # class -> probability (empty without a diagnosis head)
+    image_statistics: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # colour and contrast (fusion.shift), for shift monitoring
     computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
@@ -120,3 +133,16 @@ class PageSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Outcome(Base):
+    __tablename__ = "outcomes"
+
+    outcome_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lesion_id: Mapped[int] = mapped_column(ForeignKey("lesions.lesion_id"), index=True)
+    diagnosis: Mapped[str] = mapped_column(String(32))  # a class of the bundle, or `benign-not-biopsied`
+    diagnosed_on: Mapped[date] = mapped_column(Date)
+    note: Mapped[str] = mapped_column(Text, default="")
+    entered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    entered_by: Mapped[str] = mapped_column(String(LABEL_LENGTH))
+    lesion: Mapped[Lesion] = relationship(back_populates="outcomes")

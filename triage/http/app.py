@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse
 
 from triage.http.deps import Identity
 from triage.http.errors import API, add_error_handlers, error_answer
+from triage.http.metrics import Metrics, RequestTimer
 from triage.http.middleware import AccessGate, BodyLimit, RequestContext
-from triage.http.routers import auth, health, lesions, pages, patients, worklist
+from triage.http.routers import auth, health, lesions, monitoring, pages, patients, worklist
 from triage.security import SESSION_COOKIE, SignedIn, SignInThrottle, live_session, token_label
 from triage.service import TriageService
 from triage.settings import Settings
@@ -36,15 +37,15 @@ def build_service(settings: Settings) -> TriageService:
 
 
 def _identify(request: Request) -> Identity | None:
-    """Who a request is, before its body is read: the API by bearer token only, pages (and the API's
-    description) by page session."""
+    """Who a request is, before its body is read: the API and /metrics by bearer token only, pages (and
+    the API's description) by page session."""
     settings: Settings = request.app.state.settings
     tokens = settings.token_labels
     if not tokens:
         return Identity(ANONYMOUS, request.app.state.anonymous_session)
     header = request.headers.get("authorization", "")
     bearer = header[7:].strip() if header.lower().startswith("bearer ") else None
-    if request.url.path.startswith(API) or (bearer is not None and request.url.path == "/openapi.json"):
+    if request.url.path.startswith(API) or request.url.path == "/metrics" or (bearer is not None and request.url.path == "/openapi.json"):
         label = None if bearer is None else token_label(bearer, tokens)
         return None if label is None else Identity(label)
     cookie = request.cookies.get(SESSION_COOKIE)
@@ -65,7 +66,8 @@ def create_app(settings: Settings, service: TriageService | None = None) -> Fast
     # without tokens (loopback only) the forms still carry a token, bound to this process
     secret = hmac.new(app.state.service.bundle_sha256.encode(), str(id(app)).encode(), hashlib.sha256).hexdigest()
     app.state.anonymous_session = SignedIn(ANONYMOUS, secret, "")
-    for router in (health.router, patients.router, lesions.router, worklist.router, auth.router, pages.router):
+    app.state.metrics = Metrics(app.state.service)
+    for router in (health.router, patients.router, lesions.router, worklist.router, monitoring.router, auth.router, pages.router):
         app.include_router(router)
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -73,7 +75,8 @@ def create_app(settings: Settings, service: TriageService | None = None) -> Fast
         return JSONResponse(app.openapi())
 
     add_error_handlers(app)
-    # added innermost first: the request context runs first, then the gate, then the body limit
+    # added innermost first: the request context runs first, then the gate, the body limit, the timer
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, answer=error_answer)
     app.add_middleware(AccessGate, identify=_identify, answer=error_answer, open_paths=OPEN_PATHS, open_max_bytes=OPEN_MAX_BYTES)
     app.add_middleware(RequestContext, answer=error_answer)

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,7 +29,7 @@ PROTECTIVE_HEADERS = {
     "pragma": "no-cache",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make a browser send `Origin: null` with its own forms
     "content-security-policy": "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
 
@@ -80,7 +81,7 @@ class RequestContext:
 
 class BodyLimit:
     """413 for a request body over `max_bytes`, whether it says its length (answered at once) or is
-    chunked (counted as it arrives: the handler reading it gets `TooLarge`)."""
+    chunked (counted as it arrives: the handler reading it gets a 413)."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, answer: Answer) -> None:
         self.app, self.max_bytes, self.answer = app, max_bytes, answer
@@ -100,8 +101,8 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise TooLarge(f"a request body over {self.max_bytes} bytes.")
+            if received > self.max_bytes:  # an HTTP error, which the framework's body parsing passes on (it turns others into 400)
+                raise HTTPException(413, f"a request body over {self.max_bytes} bytes.")
             return message
 
         await self.app(scope, counted, send)

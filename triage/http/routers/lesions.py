@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from triage.http.deps import ReadBy, Service, Who
 from triage.http.routers import ERROR_RESPONSES
-from triage.schemas import MAX_LESION_ID, ReviewIn, ReviewOut
+from triage.schemas import MAX_LESION_ID, OutcomeIn, OutcomeOut, ReviewIn, ReviewOut
 
 router = APIRouter(prefix="/api/v1/lesions", tags=["lesions"], responses=ERROR_RESPONSES)
 LesionPath = Annotated[int, Path(ge=1, le=MAX_LESION_ID)]
@@ -27,6 +27,13 @@ def lesion_image(lesion_id: LesionPath, service: Service, reader: ReadBy) -> Res
 def gradcam(lesion_id: LesionPath, service: Service, reader: ReadBy) -> Response:
     """Where the CNNs found melanoma evidence (computed on demand, kept)."""
     return Response(service.gradcam(lesion_id, reader=reader), media_type="image/png")
+
+
+@router.post("/{lesion_id}/outcome", response_model=OutcomeOut)
+def post_outcome(lesion_id: LesionPath, outcome: OutcomeIn, service: Service, who: Who) -> OutcomeOut:
+    """Record a lesion's ground truth once known: its histopathology diagnosis (a class of the bundle), or
+    `benign-not-biopsied` after follow-up, and the day; the latest entered counts."""
+    return service.record_outcome(lesion_id, outcome, actor=who.actor)
 
 
 @router.post("/{lesion_id}/review", response_model=ReviewOut)

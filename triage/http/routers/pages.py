@@ -16,7 +16,8 @@ from triage.http.deps import FormFrom, ReadBy, Service, Who
 from triage.http.errors import page
 from triage.http.routers.lesions import LesionPath
 from triage.http.routers.patients import FormText, PatientPath, read_uploads
-from triage.schemas import MAX_NOTE, Outcome, ReviewIn
+from triage.plots import monitoring_png
+from triage.schemas import MAX_NOTE, OUTCOME_DIAGNOSES, DiagnosisDate, Outcome, OutcomeDiagnosis, OutcomeIn, ReviewIn
 from triage.uploads import checked_metadata
 
 router = APIRouter(include_in_schema=False)
@@ -44,12 +45,14 @@ def upload_form(
 
 @router.get("/patients/{patient_id}")
 def patient_page(request: Request, patient_id: PatientPath, service: Service, reader: ReadBy) -> Response:
-    return page(request, "patient.html", {"patient": service.patient(patient_id, reader=reader)})
+    context = {"patient": service.patient(patient_id, reader=reader), "diagnoses": OUTCOME_DIAGNOSES, "back": f"/patients/{patient_id}"}
+    return page(request, "patient.html", context)
 
 
 @router.get("/worklist")
 def worklist_page(request: Request, service: Service, reader: ReadBy, status: Literal["open", "reviewed"] = "open") -> Response:
-    return page(request, "worklist.html", {"worklist": service.worklist(status, reader=reader)})
+    context = {"worklist": service.worklist(status, reader=reader), "diagnoses": OUTCOME_DIAGNOSES, "back": f"/worklist?status={status}"}
+    return page(request, "worklist.html", context)
 
 
 @router.post("/lesions/{lesion_id}/review")
@@ -59,6 +62,29 @@ def review_form(
 ) -> Response:
     service.review(lesion_id, ReviewIn(outcome=outcome, note=note, score_id=score_id), actor=who.actor)
     return RedirectResponse("/worklist", status_code=303)
+
+
+# where an outcome form returns to: one of the service's own pages, never an address from elsewhere
+BACK = r"^/(patients/[A-Za-z0-9._-]{1,128}|worklist(\?status=(open|reviewed))?)$"
+
+
+@router.post("/lesions/{lesion_id}/outcome")
+def outcome_form(
+    lesion_id: LesionPath, *, who: FormFrom, service: Service, diagnosis: Annotated[OutcomeDiagnosis, Form()], diagnosed_on: Annotated[DiagnosisDate, Form()],
+    note: Annotated[str, Form(max_length=MAX_NOTE, pattern=r"^[^\x00]*$")] = "", back: Annotated[str, Form(pattern=BACK)] = "/worklist?status=reviewed",
+) -> Response:
+    service.record_outcome(lesion_id, OutcomeIn(diagnosis=diagnosis, diagnosed_on=diagnosed_on, note=note), actor=who.actor)
+    return RedirectResponse(back, status_code=303)
+
+
+@router.get("/monitoring")
+def monitoring_page(request: Request, service: Service, who: Who) -> Response:
+    return page(request, "monitoring.html", {"monitoring": service.monitoring()})
+
+
+@router.get("/monitoring/plot.png")
+def monitoring_plot(service: Service, who: Who) -> Response:
+    return Response(monitoring_png(service.monitoring()), media_type="image/png")
 
 
 @router.get("/lesions/{lesion_id}/image")

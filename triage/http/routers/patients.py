@@ -24,7 +24,7 @@ def read_uploads(service: TriageService, files: list[UploadFile]) -> list[tuple[
 
 @router.post("/{patient_id}/lesions", response_model=PatientOut)
 def upload_lesions(
-    patient_id: PatientPath, *, files: Annotated[list[UploadFile], File(description="JPEG or PNG images, one or more.")],
+    patient_id: PatientPath, *, files: Annotated[list[UploadFile], File(min_length=1, description="JPEG or PNG images, one or more.")],
     service: Service, who: Who, reader: ReadBy, age: FormText = None, sex: FormText = None, site: FormText = None,
 ) -> PatientOut:
     """Store one or more images as lesions of the patient, then score the patient (every lesion, from
