@@ -12,24 +12,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic cohort (SIIM-ISIC 2020 layout) at 32 px."""
+def synthetic_cohort(tmp_path_factory: pytest.TempPathFactory, name: str, *, patients: int, image_size: int, seed: int) -> Path:
+    """A synthetic cohort (SIIM-ISIC 2020 layout) in a new folder."""
     from metadata.synth import SynthConfig, generate_cohort
 
-    out = tmp_path_factory.mktemp("cohort")
-    generate_cohort(out, SynthConfig(patients=160, image_size=32, seed=7))
+    out = tmp_path_factory.mktemp(name)
+    generate_cohort(out, SynthConfig(patients=patients, image_size=image_size, seed=seed))
     return out
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic cohort at 32 px."""
+    return synthetic_cohort(tmp_path_factory, "cohort", patients=160, image_size=32, seed=7)
 
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 40-patient synthetic cohort at 16 px, for tests of the plumbing (never written to)."""
-    from metadata.synth import SynthConfig, generate_cohort
-
-    out = tmp_path_factory.mktemp("tiny_cohort")
-    generate_cohort(out, SynthConfig(patients=40, image_size=16, seed=3))
-    return out
+    return synthetic_cohort(tmp_path_factory, "tiny_cohort", patients=40, image_size=16, seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,9 @@ RUNNER = CliRunner(env={"COLUMNS": "300"})
 @pytest.fixture(scope="module")
 def site_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clinic's patients: a synthetic cohort the bundle never saw (another seed)."""
-    from metadata.synth import SynthConfig, generate_cohort
+    from conftest import synthetic_cohort
 
-    out = tmp_path_factory.mktemp("site")
-    generate_cohort(out, SynthConfig(patients=120, image_size=32, seed=23))
-    return out
+    return synthetic_cohort(tmp_path_factory, "site", patients=120, image_size=32, seed=23)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from triage.http.deps import Identity
 from triage.http.errors import API, add_error_handlers, error_answer
-from triage.http.metrics import Metrics, RequestTimer
+from triage.http.metrics import Metrics
 from triage.http.middleware import AccessGate, BodyLimit, RequestContext
 from triage.http.routers import auth, health, lesions, monitoring, pages, patients, worklist
 from triage.security import SESSION_COOKIE, SignedIn, SignInThrottle, live_session, token_label
@@ -75,10 +75,9 @@ def create_app(settings: Settings, service: TriageService | None = None) -> Fast
         return JSONResponse(app.openapi())
 
     add_error_handlers(app)
-    # added innermost first: the request context runs first, then the gate, the body limit, the timer
-    app.add_middleware(RequestTimer, metrics=app.state.metrics)
+    # added innermost first: the request context runs first, then the gate, then the body limit
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, answer=error_answer)
     app.add_middleware(AccessGate, identify=_identify, answer=error_answer, open_paths=OPEN_PATHS, open_max_bytes=OPEN_MAX_BYTES)
-    app.add_middleware(RequestContext, answer=error_answer)
+    app.add_middleware(RequestContext, answer=error_answer, observe=app.state.metrics.observe_request)
     return app
 

@@ -40,11 +40,12 @@ Answer = Callable[[Request, Exception], ASGIApp]  # the service's one error answ
 class RequestContext:
     """Gives each request an id (`scope["state"]["request_id"]`, echoed as `X-Request-ID`), adds the
     protective headers, answers a failure no handler took (`answer`: a 500 that names the request id,
-    never the error), and logs one JSON line per request: id, method, path, status, milliseconds, who
-    (the token label, once the gate knows it) and client."""
+    never the error), logs one JSON line per request (id, method, path, status, milliseconds, who: the
+    token label, once the gate knows it, and client) and tells `observe` (method, route template,
+    status, seconds) for the metrics."""
 
-    def __init__(self, app: ASGIApp, *, answer: Answer) -> None:
-        self.app, self.answer = app, answer
+    def __init__(self, app: ASGIApp, *, answer: Answer, observe: Callable[[str, str, int, float], None] | None = None) -> None:
+        self.app, self.answer, self.observe = app, answer, observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,11 +73,13 @@ class RequestContext:
                 raise
             await self.answer(Request(scope), error)(scope, receive, send_with_headers)
         finally:
+            seconds = time.perf_counter() - started
             ACCESS_LOG.info(json.dumps({
                 "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
-                "ms": round((time.perf_counter() - started) * 1000, 1), "actor": state.get("actor"),
-                "client": (scope.get("client") or ("-",))[0],
+                "ms": round(seconds * 1000, 1), "actor": state.get("actor"), "client": (scope.get("client") or ("-",))[0],
             }))
+            if self.observe is not None:
+                self.observe(scope["method"], getattr(scope.get("route"), "path", "unmatched"), status, seconds)
 
 
 class BodyLimit:
