@@ -271,6 +271,10 @@ def folds(
     max_linked_patients: Annotated[
         int, typer.Option("--max-linked-patients", help="Cut near-duplicate links that would join more patients than this into one group.")
     ] = 4,
+    extra_data: Annotated[
+        Optional[list[str]],  # noqa: UP007
+        typer.Option("--extra-data", help="Another labelled dataset every fold trains on (repeatable): DIR, or DIR,format=NAME,metadata=CSV. Never validated on."),
+    ] = None,
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     on_bad_image: BadImageOption = "raise",
@@ -281,9 +285,10 @@ def folds(
     Every image is decoded once here: an unreadable one stops the run (or, with --on-bad-image skip,
     is left out of the whole run and listed in RUN/skipped_images.csv); duplicate images share a fold.
     """
+    from metadata.extra_data import ExtraSource
     from metadata.run_folds import FoldOptions, write_run_folds
 
-    options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed)
+    options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed, tuple(ExtraSource.parse(spec) for spec in extra_data or ()))
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with Progress(transient=True) as progress:
         task = progress.add_task("decoding and hashing images", total=int(table["image_path"].notna().sum()))

@@ -25,7 +25,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from errors import DataError, OptionError, RunStateError
 from evaluation.metrics import roc_auc
 from metadata.dataset import record_skipped
 from metadata.duplicates import fingerprint_images
+from metadata.extra_data import EXTRA_FOLD, read_extra_data
 from metadata.folds import attach_folds
 from rundir.completion import writing
 from rundir.io import atomic_write, read_table, write_json, write_table
@@ -337,6 +338,7 @@ class FoldInputs:
     steps: int  # batches per epoch
     cache_mode: str
     cache_reason: str
+    extra_images: dict[str, int] = field(default_factory=dict)  # other datasets' training images (folds --extra-data), by dataset
 
 
 def fold_inputs(
@@ -370,7 +372,8 @@ def fold_inputs(
         augment=augmenter, mix=config.mix, seed=config.seed + fold, cache=cache["train"], color_constancy=config.color_constancy,
     )
     steps = math.ceil(sampler.epoch_size / config.batch_size)
-    return FoldInputs(train, val, test, sampler, augmenter, y_train, steps, cache_mode, cache_reason)
+    extra = train_rows["extra_data"].value_counts().to_dict() if "extra_data" in train_rows else {}
+    return FoldInputs(train, val, test, sampler, augmenter, y_train, steps, cache_mode, cache_reason, extra)
 
 
 def compiled_model(
@@ -530,6 +533,8 @@ def fold_history(
         "best_val_auc": best.val_aucs[chosen],
         "oof_auc_tta": roc_auc(oof["target"].to_numpy(), oof[MELANOMA].to_numpy()),
         "resumed_after_epoch": resumed.epochs_done,
+        # the other datasets' images this model trained on (folds --extra-data), by dataset
+        "extra_data": {str(k): int(v) for k, v in inputs.extra_images.items()},
         "sampling": {
             "negatives_per_patient": config.negatives_per_patient,
             "images_per_epoch": inputs.sampler.epoch_size,
@@ -605,6 +610,19 @@ def assemble_finished_models(run_dir: Path, models: dict[str, int], fold_ids: li
     return aucs
 
 
+def with_extra_rows(train: pd.DataFrame, run_dir: Path, target: TargetSpec) -> pd.DataFrame:
+    """The run's training rows and the extra datasets' (`folds --extra-data`, in fold `EXTRA_FOLD`: every
+    fold's model trains on them, none validates on them); for a diagnosis head only the extra rows of
+    its classes (the others are counted in the log)."""
+    extra = read_extra_data(run_dir)
+    if extra is None:
+        return train
+    usable = extra["diagnosis"].astype("string").isin(target.classes) if target.multiclass else extra["target"].notna()
+    if (~usable).any():
+        log.info("extra data: %d row(s) without a class of this run's diagnosis head left out", int((~usable).sum()))
+    return pd.concat([train, extra[usable].assign(fold=EXTRA_FOLD)], ignore_index=True)
+
+
 def train_cnns(
     table: pd.DataFrame,
     folds: pd.DataFrame,
@@ -630,10 +648,11 @@ def train_cnns(
     train = attach_folds(table, folds, str(RunLayout(run_dir).folds))
     test = table[table["split"] == "test"]
     fold_ids = sorted(int(f) for f in train["fold"].unique())
+    target = resolve_target(config.target, train)  # once, from the run's own rows, so every fold's head has the same classes
+    train = with_extra_rows(train, run_dir, target)
     pairs = selected_pairs(models, fold_ids, model, fold)
     write_plan(run_dir, models, fold_ids, config.epochs)
     progress = progress or Progress(disable=True)
-    target = resolve_target(config.target, train)  # once, so every fold's head has the same classes
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = STRATEGIES[config.strategy]()

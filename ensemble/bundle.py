@@ -149,6 +149,7 @@ def _export_cnn(run_dir: Path, name: str, folds: list[int], building: BundleLayo
         "color_constancy": history["config"].get("color_constancy", "none"),
         "classes": list(history.get("classes", ["MEL"])),  # runs from before diagnosis heads had melanoma heads only
         "training_priors": _training_priors(layout, name, folds),
+        "extra_data": history.get("extra_data", {}),  # other datasets' images it trained on (folds --extra-data)
     }
 
 

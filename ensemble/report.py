@@ -39,10 +39,11 @@ from evaluation.metrics import (
 )
 from fusion.family_gain import ALL_INPUTS, FEATURES_ONLY
 from fusion.missingness import PATTERNS
+from metadata.extra_data import read_extra_summary
 from metadata.schema import SEXES, SITES
 from rundir.completion import writing
 from rundir.io import atomic_write, read_table, write_json, write_text
-from rundir.layout import FAMILY_GAIN_FILE, FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
+from rundir.layout import FAMILY_GAIN_FILE, FIGURES_DIR, HISTORY_FILE, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 
 CI_LEVEL = 0.95
 CI_METRICS = ("auc", "pauc_80tpr")  # the ranking metrics: the ones a CI decides between
@@ -305,7 +306,21 @@ def build_report(
         "image_feature_gain": family_gain_section(run_dir, boot),
         "with_data": table is not None,
         "provenance": run_provenance(run_dir),
+        **({"extra_data": extra} if (extra := extra_data_section(run_dir)) else {}),
     }
+
+
+def extra_data_section(run_dir: Path) -> dict[str, object] | None:
+    """The other datasets that trained the CNNs (`folds --extra-data`): sources, what was kept and dropped,
+    and the images of each that every model trained on; None for a run without extra data."""
+    summary = read_extra_summary(run_dir)
+    if summary is None:
+        return None
+    trained: dict[str, dict[str, int]] = {}
+    for history_file in sorted(RunLayout(run_dir).cnn.glob(f"*/fold*/{HISTORY_FILE}")):
+        history = json.loads(history_file.read_text())
+        trained.setdefault(history["model"], {})[f"fold {history['fold']}"] = sum(history.get("extra_data", {}).values())
+    return {**summary, "images_per_model_and_fold": trained}
 
 
 
@@ -517,8 +532,28 @@ def report_tables(report: dict[str, object]) -> list[Table]:
                 ],
             )
         )
-    tables += [table for table in (_missingness_table(report), _stack_features_table(report), _family_gain_table(report)) if table is not None]
+    tables += [
+        table for table in (_extra_data_table(report), _missingness_table(report), _stack_features_table(report), _family_gain_table(report))
+        if table is not None
+    ]
     return tables
+
+
+def _extra_data_table(report: dict[str, object]) -> Table | None:
+    extra = report.get("extra_data")
+    if not extra:
+        return None
+    return Table(
+        "Extra training data (folds --extra-data): in every fold's training set, never validated on or scored",
+        ["dataset", "layout", "images", "kept", "unlabelled", "same id as the run's", "copies of the run's", "unreadable", "no diagnosis class"],
+        [
+            [str(c["data"]), str(c["format"]), str(c["images"]), str(c["kept"]), str(c["unlabelled"]), str(c["dropped_same_id_as_the_run"]),
+             str(c["dropped_perceptual_copies_of_the_run"]), str(c["unreadable"]), str(c["diagnosis_unmapped"])]
+            for c in extra["sources"]
+        ],
+        "Extra images each model trained on, per fold: "
+        + "; ".join(f"{model}: {', '.join(f'{f} {n}' for f, n in folds.items())}" for model, folds in extra["images_per_model_and_fold"].items()),
+    )
 
 
 def _summary(report: dict[str, object]) -> str:

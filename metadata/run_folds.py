@@ -15,7 +15,8 @@ import pandas as pd
 
 from errors import DataError
 from metadata.dataset import record_skipped
-from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
+from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, ImageFingerprint, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
+from metadata.extra_data import ExtraData, ExtraSource, extra_training_rows, write_extra_data
 from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
 from rundir.io import write_table
 from rundir.layout import RunLayout
@@ -32,6 +33,7 @@ class FoldOptions:
     max_linked_patients: int = MAX_LINKED_PATIENTS
     on_bad_image: str = "raise"
     seed: int = 0
+    extra_data: tuple[ExtraSource, ...] = ()  # other labelled datasets every fold trains on (metadata.extra_data)
 
 
 @dataclass
@@ -44,11 +46,13 @@ class FoldsResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, result: FoldsResult, *, advance: Callable[[], None] | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Fingerprint every image (recording unreadable ones as skipped); the table left and its duplicate pairs."""
+def _image_pairs(
+    table: pd.DataFrame, run_dir: Path, options: FoldOptions, result: FoldsResult, *, advance: Callable[[], None] | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None, list[ImageFingerprint]]:
+    """Fingerprint every image (recording unreadable ones as skipped); the table left, its duplicate pairs, the fingerprints."""
     with_images = table["image_path"].notna()
     if not with_images.any():
-        return table, None
+        return table, None, []
     fingerprints, unreadable = fingerprint_images(
         table.loc[with_images, "image_id"].tolist(), table.loc[with_images, "image_path"].tolist(), on_error=options.on_bad_image, advance=advance
     )
@@ -57,10 +61,10 @@ def _image_pairs(table: pd.DataFrame, run_dir: Path, options: FoldOptions, resul
         table = table[~table["image_id"].isin([i for i, _ in unreadable])]
         result.warnings.append(f"skipped {len(unreadable)} unreadable image(s); see {RunLayout(run_dir).skipped}")
     if not options.dedup:
-        return table, None
+        return table, None, fingerprints
     pairs = find_duplicate_pairs(fingerprints, max_distance=options.dedup_distance)
     result.notes.append(f"{len(pairs)} duplicate image pair(s); each group is kept within one fold")
-    return table, pairs
+    return table, pairs, fingerprints
 
 
 def write_run_folds(
@@ -74,7 +78,9 @@ def write_run_folds(
     that would chain more than `max_linked_patients` patients are cut and counted.
     """
     result = FoldsResult()  # notes and warnings gather on the way; the folds come last
-    table, pairs = _image_pairs(table, run_dir, options, result, advance=advance)
+    table, pairs, fingerprints = _image_pairs(table, run_dir, options, result, advance=advance)
+    extra = extra_training_rows(list(options.extra_data), table, fingerprints) if options.extra_data else None
+    result.notes += _extra_notes(extra)
     published = published_duplicate_pairs(data_dir, table["image_id"])
     if published is not None:
         listed, absent = published
@@ -98,10 +104,21 @@ def write_run_folds(
                     "raise --max-linked-patients to keep them"
                 )
         assigned = triple_stratified_folds(train, k=options.k, seed=options.seed, groups=fold_groups(train, pairs))
+    write_extra_data(run_dir, extra)
     write_table(assigned, RunLayout(run_dir).folds)
     result.folds, result.train = assigned, train
     result.warnings += _patients_larger_than_a_fold(train, assigned)
     return result
+
+
+def _extra_notes(extra: ExtraData | None) -> list[str]:
+    """What the extra datasets gave, and what was left out of them and why."""
+    return [
+        f"extra data {c['data']} ({c['format']}): {c['kept']} of {c['images']} image(s) join every fold's training set; left out: {c['unlabelled']} unlabelled, "
+        f"{c['dropped_same_id_as_the_run']} with the id of one of the run's, {c['dropped_perceptual_copies_of_the_run']} copies of the run's images "
+        f"(perceptual hash), {c['unreadable']} unreadable; {c['diagnosis_unmapped']} without a diagnosis class (missing or UNK)"
+        for c in (extra.counts if extra is not None else [])
+    ]
 
 
 def _require_both_classes(train: pd.DataFrame, data_dir: Path) -> None:

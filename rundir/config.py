@@ -42,6 +42,7 @@ VALUE_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
     int: ((int,), "a whole number"),
     float: ((int, float), "a number"),
     bool: ((bool,), "true or false"),
+    list[str]: ((list,), "a list of strings"),
 }
 
 
@@ -66,7 +67,7 @@ class OptionSpec:
         if self.annotation not in VALUE_TYPES:
             raise ConfigError(f"{where}: this option takes {self.annotation}, which a config file cannot set; pass it as a flag.")
         allowed, described = VALUE_TYPES[self.annotation]
-        if type(value) not in allowed:
+        if type(value) not in allowed or (isinstance(value, list) and not all(isinstance(item, str) for item in value)):
             raise ConfigError(f"{where} = {value!r}: expected {described}.")
 
 

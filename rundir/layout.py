@@ -3,6 +3,7 @@
     RUN/
       folds.parquet                 folds
       skipped_images.csv            images left out of the run (folds / any stage with --on-bad-image skip)
+      extra_data.{parquet,json}     folds --extra-data: other datasets' rows every fold trains on, and their counts
       manifest.json, config.json    data fingerprint, versions, each stage's options and seconds
       log.txt                       every stage's log
       tfrecords/                    tfrecords: shards and their index.parquet
@@ -35,6 +36,7 @@ from pathlib import Path
 
 FOLDS_FILE = "folds.parquet"
 SKIPPED_FILE = "skipped_images.csv"
+EXTRA_DATA_FILE, EXTRA_DATA_SUMMARY = "extra_data.parquet", "extra_data.json"  # folds --extra-data: other datasets' training rows
 MANIFEST_FILE = "manifest.json"
 RESOLVED_CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
@@ -87,6 +89,14 @@ class RunLayout(Folder):
     @property
     def skipped(self) -> Path:
         return self.root / SKIPPED_FILE
+
+    @property
+    def extra_data(self) -> Path:
+        return self.root / EXTRA_DATA_FILE
+
+    @property
+    def extra_data_summary(self) -> Path:
+        return self.root / EXTRA_DATA_SUMMARY
 
     @property
     def manifest(self) -> Path:
