@@ -96,9 +96,9 @@ def test_history_report_and_bundle_say_what_extra_data_trained(extra_run: Path, 
     assert cnn["name"] == "small" and cnn["extra_data"] == {str(extra_dir): kept}
 
 
-def test_extra_data_spec_is_checked() -> None:
+def test_extra_data_spec_is_checked(tiny_cohort: Path, tmp_path: Path) -> None:
     assert ExtraSource.parse("d,format=ham10000").format == "ham10000"
-    result = CliRunner().invoke(app, ["folds", "--data", "x", "--run", "y", "--extra-data", "d,colour=red"])
+    result = CliRunner().invoke(app, ["folds", "--data", str(tiny_cohort), "--run", str(tmp_path), "--extra-data", "d,colour=red"])
     assert result.exit_code == 2 and "DIR,format=NAME,metadata=CSV" in result.output
 
 
