@@ -285,10 +285,10 @@ def folds(
     Every image is decoded once here: an unreadable one stops the run (or, with --on-bad-image skip,
     is left out of the whole run and listed in RUN/skipped_images.csv); duplicate images share a fold.
     """
-    from metadata.extra_data import ExtraSource
     from metadata.run_folds import FoldOptions, write_run_folds
+    from metadata.sources import DataSource
 
-    options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed, tuple(ExtraSource.parse(spec) for spec in extra_data or ()))
+    options = FoldOptions(k, group_by, dedup, dedup_distance, max_linked_patients, on_bad_image, seed, tuple(DataSource.parse(spec) for spec in extra_data or ()))
     table = _run_table(data, run, fmt, metadata, on_bad_image)
     with Progress(transient=True) as progress:
         task = progress.add_task("decoding and hashing images", total=int(table["image_path"].notna().sum()))
@@ -360,7 +360,7 @@ def train_cnns(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak of the warm-up + cosine schedule.")] = 2e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's decoupled weight decay.")] = 1e-4,
-    weights: Annotated[str, typer.Option("--weights", help="none, imagenet, or a weights file path.")] = "none",
+    weights: Annotated[str, typer.Option("--weights", help="none, imagenet, a weights file path, or a BACKBONE folder of `pretrain` to fine-tune.")] = "none",
     target: Annotated[Literal[TARGET_CHOICES], typer.Option("--target", help="mel: binary; diagnosis: multi-class head; auto: diagnosis when every row has one.")] = "auto",
     loss: Annotated[Literal[LOSS_CHOICES], typer.Option("--loss")] = "bce",
     class_weight: Annotated[Literal[CLASS_WEIGHT_CHOICES], typer.Option("--class-weight", help="none (ranks melanoma best), sqrt, or balanced (equal weight per class).")] = "none",
@@ -438,6 +438,55 @@ def tfrecords(
         index = write_shards(table, run, image_size=image_size, records_per_shard=records_per_shard, quality=quality, advance=lambda n: progress.advance(task, n))
     size = sum(f.stat().st_size for f in RunLayout(run).shards.glob("*.tfrec"))
     console.print(f"{len(index)} images in {index['shard'].nunique()} shard(s), {size / 2**20:.1f} MiB: {RunLayout(run).shards}")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="Images to pretrain on (repeatable; labels ignored, test images too): DIR in any layout, DIR,format=NAME,metadata=CSV, or a run's tfrecords/ folder."),
+    ],
+    model: Annotated[str, typer.Option("--model", help="The backbone and image size to pretrain, as in --models: small:64.")],
+    out: Annotated[Path, typer.Option("--out", help="BACKBONE folder to write (train-cnns --weights BACKBONE fine-tunes from it).")],
+    epochs: Annotated[int, typer.Option("--epochs")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch: each is its own pair's positive and every other view's negative.")] = 128,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Peak of the warm-up + cosine schedule.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    temperature: Annotated[float, typer.Option("--temperature", help="NT-Xent softmax temperature.")] = 0.1,
+    projection_dim: Annotated[int, typer.Option("--projection-dim", help="Output size of the projection head (discarded after pretraining).")] = 64,
+    augment: Annotated[Literal[AUGMENT_LEVELS], typer.Option("--augment", help="Augmentation of each view.")] = "strong",
+    cache: Annotated[Literal[CACHE_CHOICES], typer.Option("--cache", help="As train-cnns: auto, memory, disk or none (streamed).")] = "auto",
+    cache_budget_gb: Annotated[float, typer.Option("--cache-budget", min=0.0, help="GB of decoded images --cache auto keeps in memory.")] = DEFAULT_CACHE_BUDGET_GB,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="TensorFlow op determinism: a resumed call ends where an uninterrupted one would (CPU).")] = False,
+    color_constancy: ColorConstancyOption = "none",
+    seed: SeedOption = 0,
+) -> None:
+    """Self-supervised pretraining (SimCLR: two augmented views per image, NT-Xent loss) of a backbone on unlabelled images.
+
+    Resumable: an interrupted call picks up at its last finished epoch. Fine-tune with `train-cnns --weights BACKBONE`.
+    """
+    from cnn.options import PretrainConfig
+    from cnn.pretrain import pretrain_backbone
+    from metadata.sources import DataSource
+
+    backbone, image_size = _single_model(model)
+    config = PretrainConfig(
+        backbone=backbone, image_size=image_size, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        temperature=temperature, projection_dim=projection_dim, augment=augment, color_constancy=color_constancy, cache=cache,
+        cache_budget_gb=cache_budget_gb, seed=seed, deterministic=deterministic,
+    )
+    record = pretrain_backbone([DataSource.parse(spec, option="--data") for spec in data], config, out=_writable_folder(out))
+    console.print(f"{record['backbone']}:{record['image_size']} pretrained on {record['images']} images, final contrastive loss {record['loss'][-1]:.4f}: {out}")
+
+
+def _single_model(spec: str) -> tuple[str, int]:
+    """`--model small:64` as (backbone, size): one backbone, no member seed."""
+    from cnn.backbones import parse_model_specs
+
+    models = parse_model_specs(spec, 64)
+    if len(models) != 1 or "@" in spec:
+        raise OptionError(f"--model {spec!r}: name one backbone and its size, e.g. small:64.")
+    return next(iter(models.items()))
 
 
 @app.command()

@@ -17,6 +17,8 @@ import keras
 from keras import layers
 
 from errors import OptionError
+from rundir.io import read_json
+from rundir.layout import BackboneLayout
 
 # Preprocessing conventions of keras.applications, as layers.
 Preprocess = Callable[[], list[layers.Layer]]
@@ -140,14 +142,50 @@ BACKBONES: dict[str, Backbone] = {
 
 
 def resolve_weights(weights: str) -> str | None:
-    """`none` -> None, `imagenet` -> 'imagenet', anything else must be an existing weights file."""
+    """`none` -> None, `imagenet` -> 'imagenet', anything else must be an existing weights file (a pretrained
+    BACKBONE folder is `PretrainedBackbone`'s)."""
     if weights.lower() == "none":
         return None
     if weights.lower() == "imagenet":
         return "imagenet"
+    if Path(weights).is_dir():
+        raise OptionError(f"--weights {weights}: a folder without {BackboneLayout(weights).record.name}; give a folder `pretrain` finished, or a weights file.")
     if not Path(weights).exists():
-        raise OptionError(f"--weights {weights}: no such file; give none, imagenet or a weights file path.")
+        raise OptionError(f"--weights {weights}: no such file; give none, imagenet, a weights file path or a pretrained BACKBONE folder.")
     return weights
+
+
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    """A backbone `pretrain` wrote (BACKBONE/): what `train-cnns --weights BACKBONE` fine-tunes from.
+
+    Its record says the architecture and image size it was pretrained at; a classifier of another
+    backbone or size is refused, since its weights would not fit (or fit only by accident of shape).
+    """
+
+    layout: BackboneLayout
+    record: dict
+
+    @classmethod
+    def at(cls, weights: str) -> PretrainedBackbone | None:
+        """The pretrained backbone in the folder `weights`, or None when `weights` names none."""
+        layout = BackboneLayout(weights)
+        record = read_json(layout.record) if layout.root.is_dir() else None
+        return None if record is None else cls(layout, record)
+
+    def check_fits(self, *, backbone: str, image_size: int) -> None:
+        """Refuse a classifier of another backbone or image size than the one pretrained."""
+        pretrained = (self.record["backbone"], self.record["image_size"])
+        if pretrained != (backbone, image_size):
+            raise OptionError(
+                f"--weights {self.layout.root}: a {pretrained[0]} backbone pretrained at {pretrained[1]} px cannot start a "
+                f"{backbone} model at {image_size} px; train --models {pretrained[0]}:{pretrained[1]}, or pretrain --model {backbone}:{image_size}."
+            )
+
+    def load_into(self, features: keras.Model, *, backbone: str, image_size: int) -> None:
+        """Load the weights into `features` (the backbone as `Backbone.build` made it), refusing a mismatch."""
+        self.check_fits(backbone=backbone, image_size=image_size)
+        features.load_weights(self.layout.weights)
 
 
 def get_backbone(name: str) -> Backbone:
@@ -155,6 +193,32 @@ def get_backbone(name: str) -> Backbone:
     if name not in BACKBONES:
         raise OptionError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}.")
     return BACKBONES[name]
+
+
+def feature_extractor(
+    name: str, image_size: int, weights: str = "none", *, bn_momentum: float = 0.9
+) -> tuple[keras.KerasTensor, keras.KerasTensor, keras.Model]:
+    """The backbone's input, its pooled features after its preprocessing, and the backbone itself (what
+    `pretrain` saves and `--weights BACKBONE` loads): the body of a classifier and of a pretraining model.
+
+    Batch-norm momentum is lowered from the applications' 0.99 to `bn_momentum` so the moving
+    statistics used at inference catch up within the few hundred steps of a small-data run.
+    """
+    backbone = get_backbone(name)
+    if image_size < backbone.min_size:
+        raise OptionError(f"backbone {name!r} needs images of at least {backbone.min_size} px, got {image_size}.")
+    pretrained = PretrainedBackbone.at(weights)
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    for layer in backbone.preprocess():
+        x = layer(x)
+    features = backbone.build((image_size, image_size, 3), weights=None if pretrained else resolve_weights(weights))
+    if pretrained is not None:
+        pretrained.load_into(features, backbone=name, image_size=image_size)
+    for layer in features.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    return inputs, features(x), features
 
 
 def build_classifier(
@@ -168,23 +232,10 @@ def build_classifier(
 ) -> keras.Model:
     """Backbone + its preprocessing + dropout and a head; input float32 [0, 255].
 
-    One output is a sigmoid melanoma probability; more are a softmax over diagnoses.
-
-    Batch-norm momentum is lowered from the applications' 0.99 to `bn_momentum` so the moving
-    statistics used at inference catch up within the few hundred steps of a small-data run.
+    One output is a sigmoid melanoma probability; more are a softmax over diagnoses. `weights`:
+    none, imagenet, a weights file, or a BACKBONE folder of `pretrain`.
     """
-    backbone = get_backbone(name)
-    if image_size < backbone.min_size:
-        raise OptionError(f"backbone {name!r} needs images of at least {backbone.min_size} px, got {image_size}.")
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    for layer in backbone.preprocess():
-        x = layer(x)
-    features = backbone.build((image_size, image_size, 3), weights=resolve_weights(weights))
-    for layer in features.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            layer.momentum = bn_momentum
-    x = features(x)
+    inputs, x, _ = feature_extractor(name, image_size, weights, bn_momentum=bn_momentum)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     activation = "sigmoid" if n_outputs == 1 else "softmax"
     outputs = layers.Dense(n_outputs, activation=activation, dtype="float32", name="head")(x)

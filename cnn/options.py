@@ -41,7 +41,21 @@ DEFAULT_CACHE_BUDGET_GB = 1.0  # decoded uint8 images `--cache auto` keeps in me
 LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "image_size": (1, False), "epochs": (1, False), "batch_size": (1, False), "learning_rate": (0, True), "weight_decay": (0, False),
     "label_smoothing": (0, False), "cache_budget_gb": (0, False), "negatives_per_patient": (1, False), "patience": (0, False),
+    "temperature": (0, True), "projection_dim": (1, False),
 }
+
+
+def check_choices_and_bounds(recipe: object) -> None:
+    """Refuse a recipe field outside its `Literal` choices or below its `LOWER_BOUNDS`, naming the option."""
+    hints = typing.get_type_hints(type(recipe))
+    for field in fields(recipe):
+        value, hint = getattr(recipe, field.name), hints[field.name]
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            raise OptionError(f"{option_name(field.name)} {value!r}: choose one of {', '.join(map(repr, get_args(hint)))}.")
+        if field.name in LOWER_BOUNDS and value is not None:
+            low, excluded = LOWER_BOUNDS[field.name]
+            if value < low or (excluded and value == low):
+                raise OptionError(f"{option_name(field.name)} {value}: must be {'above' if excluded else 'at least'} {low}.")
 
 
 def option_name(field: str) -> str:
@@ -56,7 +70,7 @@ class CnnConfig:
     image_size: int = 64  # default; each model of a run may have its own (see `cnn.backbones.parse_model_specs`)
     epochs: int = 5
     batch_size: int = 32
-    weights: str = "none"  # none, imagenet or a weights file (checked by cnn.backbones.resolve_weights)
+    weights: str = "none"  # none, imagenet, a weights file or a pretrained BACKBONE folder (cnn.backbones.feature_extractor)
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4  # AdamW's decoupled decay
     seed: int = 0
@@ -79,15 +93,7 @@ class CnnConfig:
     illuminant_augment: bool = False  # re-light training images under illuminants of other training images
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in fields(self):
-            value, hint = getattr(self, field.name), hints[field.name]
-            if get_origin(hint) is Literal and value not in get_args(hint):
-                raise OptionError(f"{option_name(field.name)} {value!r}: choose one of {', '.join(map(repr, get_args(hint)))}.")
-            if field.name in LOWER_BOUNDS and value is not None:
-                low, excluded = LOWER_BOUNDS[field.name]
-                if value < low or (excluded and value == low):
-                    raise OptionError(f"{option_name(field.name)} {value}: must be {'above' if excluded else 'at least'} {low}.")
+        check_choices_and_bounds(self)
         if not 0 <= self.label_smoothing < 1:
             raise OptionError(f"--label-smoothing {self.label_smoothing}: give a share from 0 up to (not including) 1.")
         unknown = [view for view in self.tta if view not in TTA_VIEW_CHOICES]
@@ -111,3 +117,37 @@ class CnnConfig:
         if isinstance(values.get("tta"), str):
             values["tta"] = tuple(view.strip() for view in values["tta"].split(",") if view.strip())
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Recipe of `pretrain`: SimCLR on unlabelled images (cnn.pretrain), checked at construction.
+
+    >>> PretrainConfig(backbone="small", image_size=32, epochs=1).augment
+    'strong'
+    >>> PretrainConfig(backbone="small", image_size=32, temperature=0)
+    Traceback (most recent call last):
+    errors.OptionError: --temperature 0: must be above 0.
+    """
+
+    backbone: str
+    image_size: int
+    epochs: int = 20
+    batch_size: int = 128  # images per batch; each gives two views, the other 2 x (batch - 1) views are its negatives
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1  # NT-Xent's softmax temperature (SimCLR)
+    projection_dim: int = 64  # the projection head's output, discarded after pretraining
+    augment: Literal[AUGMENT_LEVELS] = "strong"  # each view's augmentation (cnn.pipeline.AUGMENTATIONS)
+    color_constancy: Literal[COLOR_CONSTANCY_CHOICES] = "none"
+    cache: Literal[CACHE_CHOICES] = "auto"
+    cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB
+    seed: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices_and_bounds(self)
+        if self.augment == "none":
+            raise OptionError("--augment none: two identical views teach a contrastive objective nothing; choose light or strong.")
+        if self.batch_size < 2:
+            raise OptionError(f"--batch-size {self.batch_size}: a contrastive batch needs at least 2 images (each is the others' negative).")

@@ -101,9 +101,20 @@ def shard_sources(table: pd.DataFrame, run_dir: Path) -> pd.DataFrame | None:
             f"{index_file}: {len(missing)} image(s) of the data are not in the shards (first: {missing.iloc[0]!r}); "
             f"re-run `tfrecords` or delete {index_file.parent}."
         )
-    rows = index.loc[table["image_id"]]
-    sources = [f"{index_file.parent / s}#{p}" for s, p in zip(rows["shard"], rows["position"])]
-    return table.assign(image_path=sources)
+    return table.assign(image_path=_record_sources(index_file, index.loc[table["image_id"]]))
+
+
+def _record_sources(index_file: Path, rows: pd.DataFrame) -> list[str]:
+    """`SHARD.tfrec#POSITION` of each index row."""
+    return [f"{index_file.parent / s}#{p}" for s, p in zip(rows["shard"], rows["position"])]
+
+
+def folder_sources(folder: Path) -> list[str] | None:
+    """Every record of a shards folder (RUN/tfrecords) in stored order; None when `folder` has no shard index."""
+    index_file = Path(folder) / INDEX_FILE
+    if not index_file.exists():
+        return None
+    return _record_sources(index_file, read_table(index_file, "tfrecords").sort_values(["shard", "position"]))
 
 
 def is_shard_source(source: str) -> bool:

@@ -35,7 +35,7 @@ import pandas as pd
 import tensorflow as tf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cnn.backbones import build_classifier, member_backbone, parse_model_specs
+from cnn.backbones import PretrainedBackbone, build_classifier, member_backbone, parse_model_specs
 from cnn.options import CnnConfig
 from cnn.outputs import MELANOMA, probability_columns
 from cnn.pairs import (
@@ -191,22 +191,37 @@ class EpochCheckpoint(keras.callbacks.Callback):
         )
 
     def _save(self, done: int, best: int) -> None:
-        atomic_write(self.folder / f"epoch{done}.weights.h5", self.model.save_weights)
-        atomic_write(self.folder / f"epoch{done}.rng.npz", lambda tmp: np.savez(tmp, *[v.numpy() for v in self.rng]))
-        write_json(
-            {
-                "epochs_done": done,
-                "best_epochs_done": best,
-                "val_auc": self.best.val_aucs,
-                "loss": self.losses,
-                "config": asdict(self.config),
-                "seconds": self.seconds_before + time.perf_counter() - self.started,
-            },
-            self.folder / CHECKPOINT_STATE,
-        )
-        for stale in self.folder.glob("epoch*"):
-            if stale.name.split(".")[0] not in (f"epoch{done}", f"epoch{best}"):
-                stale.unlink(missing_ok=True)
+        state = {
+            "epochs_done": done,
+            "best_epochs_done": best,
+            "val_auc": self.best.val_aucs,
+            "loss": self.losses,
+            "config": asdict(self.config),
+            "seconds": self.seconds_before + time.perf_counter() - self.started,
+        }
+        save_epoch_state(self.folder, self.model, self.rng, state=state, keep=(done, best))
+
+
+def save_epoch_state(folder: Path, model: keras.Model, rng: list, *, state: dict, keep: tuple[int, ...]) -> None:
+    """Epoch `state["epochs_done"]`'s weights (optimizer included) and RNG states, then `state.json` naming it
+    (written last: a checkpoint is whole or absent); the files of epochs other than `keep` are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = state["epochs_done"]
+    atomic_write(folder / f"epoch{done}.weights.h5", model.save_weights)
+    atomic_write(folder / f"epoch{done}.rng.npz", lambda tmp: np.savez(tmp, *[v.numpy() for v in rng]))
+    write_json(state, folder / CHECKPOINT_STATE)
+    for stale in folder.glob("epoch*"):
+        if stale.name.split(".")[0] not in {f"epoch{epoch}" for epoch in keep}:
+            stale.unlink(missing_ok=True)
+
+
+def load_epoch_state(folder: Path, model: keras.Model, rng: list, epoch: int) -> None:
+    """Epoch `epoch`'s weights (optimizer included, built first) and RNG states, as `save_epoch_state` left them."""
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(folder / f"epoch{epoch}.weights.h5")
+    with np.load(folder / f"epoch{epoch}.rng.npz") as saved:
+        for i, variable in enumerate(rng):
+            variable.assign(saved[f"arr_{i}"])
 
 
 @dataclass(frozen=True)
@@ -250,10 +265,7 @@ def restore_checkpoint(folder: Path | None, model: keras.Model, rng: list, confi
     model.optimizer.build(model.trainable_variables)
     model.load_weights(folder / f"epoch{state['best_epochs_done']}.weights.h5")
     best_weights = model.get_weights()
-    model.load_weights(folder / f"epoch{state['epochs_done']}.weights.h5")
-    with np.load(folder / f"epoch{state['epochs_done']}.rng.npz") as saved:
-        for i, variable in enumerate(rng):
-            variable.assign(saved[f"arr_{i}"])
+    load_epoch_state(folder, model, rng, state["epochs_done"])
     return Resumed(state["val_auc"], state["loss"], best_weights, state["seconds"])
 
 
@@ -651,6 +663,9 @@ def train_cnns(
     target = resolve_target(config.target, train)  # once, from the run's own rows, so every fold's head has the same classes
     train = with_extra_rows(train, run_dir, target)
     pairs = selected_pairs(models, fold_ids, model, fold)
+    pretrained = PretrainedBackbone.at(config.weights)
+    for name, size in models.items() if pretrained is not None else ():
+        pretrained.check_fits(backbone=member_backbone(name)[0], image_size=size)  # before any pair starts
     write_plan(run_dir, models, fold_ids, config.epochs)
     progress = progress or Progress(disable=True)
     if config.deterministic:

@@ -10,8 +10,6 @@ melanoma head, not a diagnosis head. An image that is also the run's (the same i
 `CROSS_SET_HASH_BITS` of one of the run's images) is dropped from the extra set and counted, so no
 validation image is trained on. `RUN/extra_data.json` records the sources and the counts.
 
->>> ExtraSource.parse("../shared/data/isic9,format=class-folders")
-ExtraSource(data=PosixPath('../shared/data/isic9'), format='class-folders', metadata=None)
 """
 
 from __future__ import annotations
@@ -22,41 +20,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from errors import OptionError
-from metadata.dataset import load_dataset
 from metadata.duplicates import ImageFingerprint, find_duplicate_pairs, fingerprint_images
+from metadata.sources import DataSource
 from rundir.io import read_json, read_table, write_json, write_table
 from rundir.layout import RunLayout
 
 # Sets saved at other sizes (HAM10000 at 128 px, the 9-class set at 180 px) put copies of one photograph
 # a few bits apart, further than the 2 bits `folds` uses within one set.
 CROSS_SET_HASH_BITS = 8
-SPEC_KEYS = ("format", "metadata")
 EXTRA_FOLD = -1  # the fold of an extra row: never held out, so every fold's model trains on it
-
-
-@dataclass(frozen=True)
-class ExtraSource:
-    """One extra dataset: its folder, layout (None: detected) and metadata CSV (class folders)."""
-
-    data: Path
-    format: str | None = None
-    metadata: Path | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> ExtraSource:
-        """`DIR` or `DIR,format=NAME,metadata=CSV`."""
-        folder, *options = spec.split(",")
-        values = {}
-        for option in options:
-            key, equals, value = option.partition("=")
-            if not equals or key.strip() not in SPEC_KEYS or not value.strip():
-                raise OptionError(f"--extra-data {spec!r}: give DIR or DIR,format=NAME,metadata=CSV (keys: {', '.join(SPEC_KEYS)}).")
-            values[key.strip()] = value.strip()
-        return cls(Path(folder.strip()), values.get("format"), Path(values["metadata"]) if "metadata" in values else None)
-
-    def to_json(self) -> dict[str, str | None]:
-        return {"data": str(self.data), "format": self.format, "metadata": None if self.metadata is None else str(self.metadata)}
 
 
 @dataclass
@@ -67,8 +39,8 @@ class ExtraData:
     counts: list[dict[str, object]] = field(default_factory=list)
 
 
-def _labelled_rows(source: ExtraSource, prefix: str) -> tuple[pd.DataFrame, dict[str, object]]:
-    loaded = load_dataset(source.data, source.format, source.metadata)
+def _labelled_rows(source: DataSource, prefix: str) -> tuple[pd.DataFrame, dict[str, object]]:
+    loaded = source.load()
     table = loaded.table[loaded.table["image_path"].notna()]
     labelled = table[table["target"].notna()]
     rows = labelled.assign(
@@ -80,7 +52,7 @@ def _labelled_rows(source: ExtraSource, prefix: str) -> tuple[pd.DataFrame, dict
 
 
 def extra_training_rows(
-    sources: list[ExtraSource], run_table: pd.DataFrame, run_fingerprints: list[ImageFingerprint], *, advance: Callable[[], None] | None = None,
+    sources: list[DataSource], run_table: pd.DataFrame, run_fingerprints: list[ImageFingerprint], *, advance: Callable[[], None] | None = None,
 ) -> ExtraData:
     """The labelled rows of every extra dataset, without the images that are also the run's."""
     parts, counts = [], []

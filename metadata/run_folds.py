@@ -16,8 +16,9 @@ import pandas as pd
 from errors import DataError
 from metadata.dataset import record_skipped
 from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, ImageFingerprint, find_duplicate_pairs, fingerprint_images, published_duplicate_pairs
-from metadata.extra_data import ExtraData, ExtraSource, extra_training_rows, write_extra_data
+from metadata.extra_data import ExtraData, extra_training_rows, write_extra_data
 from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
+from metadata.sources import DataSource
 from rundir.io import write_table
 from rundir.layout import RunLayout
 
@@ -33,7 +34,7 @@ class FoldOptions:
     max_linked_patients: int = MAX_LINKED_PATIENTS
     on_bad_image: str = "raise"
     seed: int = 0
-    extra_data: tuple[ExtraSource, ...] = ()  # other labelled datasets every fold trains on (metadata.extra_data)
+    extra_data: tuple[DataSource, ...] = ()  # other labelled datasets every fold trains on (metadata.extra_data)
 
 
 @dataclass

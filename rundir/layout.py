@@ -20,7 +20,7 @@
       .incomplete/<stage>.json      a stage writing its outputs (left behind if it was interrupted)
 
 An exported bundle has its own layout (`BundleLayout`); the fitted stack model's files
-(`StackModelLayout`) are the same in both.
+(`StackModelLayout`) are the same in both. A pretrained backbone (`pretrain --out`) is `BackboneLayout`.
 
 >>> layout = RunLayout("runs/demo")
 >>> layout.folds.as_posix(), layout.fold_dir("small", 2).as_posix()
@@ -251,3 +251,30 @@ class BundleLayout(Folder):
     @property
     def stack_model(self) -> StackModelLayout:
         return StackModelLayout(self.root / "stack")
+
+
+@dataclass(frozen=True)
+class BackboneLayout(Folder):
+    """The files of a self-supervised backbone (`pretrain --out BACKBONE`, read by `train-cnns --weights BACKBONE`).
+
+        BACKBONE/backbone.weights.h5   the backbone's weights (the feature extractor without a head)
+        BACKBONE/backbone.json         architecture, image size, recipe, the images it was pretrained on; written last
+        BACKBONE/checkpoint/           the last epoch's weights, optimizer and RNG states (an unfinished call resumes)
+        BACKBONE/cache/                decoded images of a `--cache disk` call
+    """
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "backbone.weights.h5"
+
+    @property
+    def record(self) -> Path:
+        return self.root / "backbone.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from metadata.dataset import load_dataset
-from metadata.extra_data import ExtraSource, extra_training_rows
+from metadata.extra_data import extra_training_rows
 from metadata.schema import DIAGNOSES, DIAGNOSIS_ALIASES
+from metadata.sources import DataSource
 from tests.conftest import SHARED_DATA, synthetic_cohort
 
 
@@ -97,7 +98,7 @@ def test_history_report_and_bundle_say_what_extra_data_trained(extra_run: Path, 
 
 
 def test_extra_data_spec_is_checked(tiny_cohort: Path, tmp_path: Path) -> None:
-    assert ExtraSource.parse("d,format=ham10000").format == "ham10000"
+    assert DataSource.parse("d,format=ham10000").format == "ham10000"
     result = CliRunner().invoke(app, ["folds", "--data", str(tiny_cohort), "--run", str(tmp_path), "--extra-data", "d,colour=red"])
     assert result.exit_code == 2 and "DIR,format=NAME,metadata=CSV" in result.output
 
@@ -125,7 +126,7 @@ def test_isic9_images_also_in_ham10000_are_dropped_from_the_extra_set() -> None:
 
     ham = load_dataset(SHARED_DATA / "ham10000").table
     ham_prints, _ = fingerprint_images(ham["image_id"].tolist(), ham["image_path"].tolist())
-    extra = extra_training_rows([ExtraSource(SHARED_DATA / "isic9")], ham, ham_prints)
+    extra = extra_training_rows([DataSource(SHARED_DATA / "isic9")], ham, ham_prints)
     (counts,) = extra.counts
     dropped = counts["dropped_same_id_as_the_run"] + counts["dropped_perceptual_copies_of_the_run"]
     assert dropped >= 743 and counts["kept"] == counts["images"] - counts["unlabelled"] - dropped - counts["unreadable"]
