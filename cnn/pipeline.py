@@ -566,13 +566,29 @@ def predict_tta(model: keras.Model, images: tf.data.Dataset | tf.Tensor, views: 
     """Mean of the model's outputs (N, n_outputs) over the named test-time views of each image.
 
     The one test-time augmentation of the pipeline: `images` is a dataset of batches (a fold model's
-    OOF and test predictions in training) or one batch tensor (new patients scored with a bundle).
+    OOF and test predictions in training) or one batch tensor (new patients scored with a bundle: every
+    view in one call, padded by `padded_batch`).
     """
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
         raise OptionError(f"unknown TTA view(s) {unknown}; known: {sorted(TTA_VIEWS)}.")
     if isinstance(images, tf.data.Dataset):
         predictions = [model.predict(images.map(TTA_VIEWS[view], num_parallel_calls=AUTOTUNE), verbose=0) for view in views]
-    else:
-        predictions = [model.predict_on_batch(TTA_VIEWS[view](images)) for view in views]
-    return np.mean(predictions, axis=0)
+        return np.mean(predictions, axis=0)
+    n_images = int(images.shape[0])
+    every_view = tf.concat([TTA_VIEWS[view](images) for view in views], axis=0)
+    outputs = model.predict_on_batch(padded_batch(every_view))[: n_images * len(views)]
+    return np.asarray(outputs).reshape(len(views), n_images, -1).mean(axis=0)
+
+
+def padded_batch(images: tf.Tensor) -> tf.Tensor:
+    """The batch padded with zero images to the next power of two: a service scoring one patient's few
+    lesions at a time then meets a handful of batch shapes, each traced once per model, instead of
+    TensorFlow retracing every model for every new lesion count (each image's output is unchanged).
+
+    >>> tuple(padded_batch(tf.zeros((3, 2, 2, 3))).shape)
+    (4, 2, 2, 3)
+    """
+    n_images = int(images.shape[0])
+    size = 1 << max(n_images - 1, 0).bit_length()
+    return images if size == n_images else tf.concat([images, tf.zeros([size - n_images, *images.shape[1:]], images.dtype)], axis=0)

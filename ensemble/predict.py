@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from cnn.outputs import class_column, fold_column
 from cnn.pipeline import named_image_batches, predict_tta
@@ -142,15 +141,6 @@ class CnnOutputs:
     diagnosis: pd.DataFrame | None  # one column per class, rows sum to 1
 
 
-def padded_batch(images: tf.Tensor) -> tf.Tensor:
-    """The batch padded with zero images to the next power of two: a service scoring one patient's few
-    lesions at a time then meets a handful of batch shapes, each traced once per model, instead of
-    TensorFlow retracing every model for every new lesion count (each image's output is unchanged)."""
-    n_images = int(images.shape[0])
-    size = 1 << max(n_images - 1, 0).bit_length()
-    return images if size == n_images else tf.concat([images, tf.zeros([size - n_images, *images.shape[1:]], images.dtype)], axis=0)
-
-
 def cnn_fold_probabilities(
     member: CnnMember, sources: list[str], *, batch_size: int, advance: Advance, seen: Callable[[np.ndarray], None] | None = None
 ) -> CnnOutputs:
@@ -168,9 +158,8 @@ def cnn_fold_probabilities(
         if seen is not None:
             seen(images.numpy())
         per_fold = []
-        n_images, padded = len(images), padded_batch(images)
         for fold, model in member.models.items():
-            outputs = predict_tta(model, padded, member.tta)[:n_images]
+            outputs = predict_tta(model, images, member.tta)
             melanoma[fold].append(member.target.melanoma_prob(outputs))
             if member.target.multiclass:
                 per_fold.append(outputs if member.priors is None else prior_adjusted_probabilities(outputs, member.priors[fold]))

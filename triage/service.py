@@ -38,7 +38,7 @@ from rundir.layout import BundleLayout
 from triage.db.engine import database_engine, migrate, ping, require_current, schema_state
 from triage.db.models import Lesion, LesionInputs, Outcome, Patient, ReadRecord, Review, Score, as_utc, utc_now
 from triage.errors import Busy, Invalid, NotFound, TooLarge, Unavailable
-from triage.lesions import assembled_inputs, inputs_records
+from triage.lesions import CombinedPasses, assembled_inputs, inputs_records
 from triage.monitoring import bundle_figures
 from triage.schemas import (
     BundleFigures,
@@ -87,6 +87,7 @@ class TriageService:
         self.images = ImageStore(store_dir)
         self.limits, self.batch_size = limits, batch_size
         self._models = threading.Lock()  # one CNN pass at a time: the models are shared
+        self._passes = CombinedPasses(self._records, self._models)
         self._gradcams: list | None = None
         self.images_scored = 0  # images this process ran through the CNNs (each content once per bundle)
         self.on_scored: Callable[[float], None] | None = None  # told each upload's scoring seconds (the metrics' histogram)
@@ -140,13 +141,17 @@ class TriageService:
         suffix = {lesion.image_sha256: lesion.image_suffix for lesion in lesions}
         sources = [str(self.images.path(sha, suffix[sha])) for sha in todo]
         try:
-            with self._models:
-                computed = lesion_inputs(self.bundle, sources, batch_size=self.batch_size, advance=lambda n: None)
-                self.images_scored += len(todo)
+            records = self._passes(sources)
         except DataError as error:  # an image Pillow opened but the CNN pipeline cannot decode
             raise Invalid("an image could not be decoded by the models; upload it as a plain JPEG or PNG.") from error
-        rows = [{"image_sha256": sha, "bundle_sha256": self.bundle_sha256, "computed_at": utc_now(), **record} for sha, record in zip(todo, inputs_records(computed))]
+        rows = [{"image_sha256": sha, "bundle_sha256": self.bundle_sha256, "computed_at": utc_now(), **record} for sha, record in zip(todo, records)]
         session.execute(self._insert(LesionInputs).values(rows).on_conflict_do_nothing())
+
+    def _records(self, sources: list[str]) -> list[dict[str, object]]:
+        """One CNN and feature pass over `sources` (under the models' lock, `CombinedPasses`): each image's kept record."""
+        records = inputs_records(lesion_inputs(self.bundle, sources, batch_size=self.batch_size, advance=lambda n: None))
+        self.images_scored += len(sources)
+        return records
 
     def _insert(self, table: type) -> object:
         return {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[self.engine.dialect.name](table)
