@@ -12,11 +12,12 @@ file, content-addressed, is swept later if nothing refers to it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class TriageService:
         self.limits, self.batch_size = limits, batch_size
         self._models = threading.Lock()  # one CNN pass at a time: the models are shared
         self._passes = CombinedPasses(self._records, self._models)
+        self._sqlite_writer = threading.Lock()
         self._gradcams: list | None = None
         self.images_scored = 0  # images this process ran through the CNNs (each content once per bundle)
         self.on_scored: Callable[[float], None] | None = None  # told each upload's scoring seconds (the metrics' histogram)
@@ -115,12 +117,13 @@ class TriageService:
             for (name, content), suffix in zip(uploads, suffixes)
         ]
         started = time.perf_counter()
-        with self.sessions.begin() as session:  # before the lock: the slow part, each image once per bundle
+        with self.sessions() as session:  # before the lock and outside any write: the slow part, each image once per bundle
             stored = list(session.scalars(select(Lesion).where(Lesion.patient_id == patient_id)))
-            self._keep_inputs(session, [*stored, *new])
+            computed = self._missing_inputs(session, [*stored, *new])
         try:
-            with self.sessions.begin() as session:
+            with self._writer_turn(patient_id), self.sessions.begin() as session:
                 self._lock_patient(session, patient_id)
+                self._keep_inputs(session, computed)
                 self._score_patient(session, patient_id, new, actor)
                 if self.on_scored is not None:
                     self.on_scored(time.perf_counter() - started)
@@ -130,22 +133,40 @@ class TriageService:
                 raise Busy(f"patient {patient_id!r} stayed locked by other uploads for over {LOCK_WAIT_SECONDS} s; try again.") from error
             raise
 
-    def _keep_inputs(self, session: Session, lesions: list[Lesion]) -> None:
-        """Compute and keep the CNN outputs and features of the images not yet scored under this bundle
-        (normally only the new ones; every stored one after the bundle changed)."""
+    @contextlib.contextmanager
+    def _writer_turn(self, patient_id: str) -> Iterator[None]:
+        """SQLite has one writer at a time: this process's uploads queue for it here, in turn (a bounded
+        wait), rather than poll SQLite's busy handler, which lets a late writer in first and leaves
+        another waiting for seconds. PostgreSQL: nothing to wait for here (the patient's lock does)."""
+        if self.engine.dialect.name != "sqlite":
+            yield
+            return
+        if not self._sqlite_writer.acquire(timeout=LOCK_WAIT_SECONDS):
+            raise Busy(f"patient {patient_id!r}: the database stayed busy with other uploads for over {LOCK_WAIT_SECONDS} s; try again.")
+        try:
+            yield
+        finally:
+            self._sqlite_writer.release()
+
+    def _missing_inputs(self, session: Session, lesions: list[Lesion]) -> list[dict[str, object]]:
+        """The CNN outputs and features (`lesion_inputs` rows) of the images not yet kept under this bundle
+        (normally only the new ones; every stored one after the bundle changed), computed; nothing written."""
         shas = {lesion.image_sha256 for lesion in lesions}
         known = set(session.scalars(select(LesionInputs.image_sha256).where(LesionInputs.bundle_sha256 == self.bundle_sha256, LesionInputs.image_sha256.in_(shas))))
         todo = list(dict.fromkeys(lesion.image_sha256 for lesion in lesions if lesion.image_sha256 not in known))
         if not todo:
-            return
+            return []
         suffix = {lesion.image_sha256: lesion.image_suffix for lesion in lesions}
-        sources = [str(self.images.path(sha, suffix[sha])) for sha in todo]
         try:
-            records = self._passes(sources)
+            records = self._passes([str(self.images.path(sha, suffix[sha])) for sha in todo])
         except DataError as error:  # an image Pillow opened but the CNN pipeline cannot decode
             raise Invalid("an image could not be decoded by the models; upload it as a plain JPEG or PNG.") from error
-        rows = [{"image_sha256": sha, "bundle_sha256": self.bundle_sha256, "computed_at": utc_now(), **record} for sha, record in zip(todo, records)]
-        session.execute(self._insert(LesionInputs).values(rows).on_conflict_do_nothing())
+        return [{"image_sha256": sha, "bundle_sha256": self.bundle_sha256, "computed_at": utc_now(), **record} for sha, record in zip(todo, records)]
+
+    def _keep_inputs(self, session: Session, rows: list[dict[str, object]]) -> None:
+        """Keep computed `lesion_inputs` rows (one computed by another upload meanwhile stays as it is)."""
+        if rows:
+            session.execute(self._insert(LesionInputs).values(rows).on_conflict_do_nothing())
 
     def _records(self, sources: list[str]) -> list[dict[str, object]]:
         """One CNN and feature pass over `sources` (under the models' lock, `CombinedPasses`): each image's kept record."""
@@ -171,7 +192,7 @@ class TriageService:
         session.add_all(new)
         session.flush()
         lesions = [*known, *new]
-        self._keep_inputs(session, lesions)  # nothing to do unless another instance added a lesion under another bundle
+        self._keep_inputs(session, self._missing_inputs(session, lesions))  # none unless another instance added a lesion under another bundle
         kept = {r.image_sha256: r for r in session.scalars(select(LesionInputs).where(
             LesionInputs.bundle_sha256 == self.bundle_sha256, LesionInputs.image_sha256.in_({lesion.image_sha256 for lesion in lesions})))}
         records = [{"cnn_outputs": kept[lesion.image_sha256].cnn_outputs, "image_features": kept[lesion.image_sha256].image_features,
