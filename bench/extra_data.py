@@ -1,6 +1,6 @@
 """Benchmark: does another labelled dataset in every training fold help (`folds --extra-data`)?
 
-    python bench/extra_data.py [--models small:32] [--epochs 12] [--k 5] [--run runs/bench_extra_data]
+    python bench/extra_data.py [--models small:32] [--epochs 12] [--k 5] [--color-constancy shades-of-gray] [--run runs/bench_extra_data]
 
 HAM10000 (../shared/data/ham10000) k-fold, one recipe, twice: without and with the isic9 images that
 are not HAM10000's as extra training data. To keep an external check, those isic9 images (not in
@@ -89,7 +89,7 @@ def arm(args, name: str, extra: Path | None, external: Path) -> dict[str, object
 
 def main() -> None:
     parser = cnn_bench_parser(__doc__.splitlines()[0], "ham10000")
-    parser.set_defaults(run=ROOT / "runs" / "bench_extra_data", models="small:32", epochs=12, k=5)
+    parser.set_defaults(run=ROOT / "runs" / "bench_extra_data", models="small:32", epochs=12, k=5, color_constancy="shades-of-gray")
     parser.add_argument("--isic9", type=Path, default=SHARED / "isic9")
     parser.add_argument("--isic2019-metadata", type=Path, default=SHARED / "isic2019" / "ISIC_2019_Training_Metadata.csv")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Benchmark: label efficiency of self-supervised pretraining (`pretrain`, then `--weights BACKBONE`).
 
-    python bench/pretrain.py [--model small:32] [--epochs 12] [--k 5] [--pretrain-epochs 15] [--run runs/bench_pretrain]
+    python bench/pretrain.py [--model small:32] [--epochs 12] [--k 5] [--pretrain-epochs 15] [--color-constancy shades-of-gray] [--run runs/bench_pretrain]
 
 Pretrains one backbone (SimCLR) on every shared image, labels ignored: HAM10000 and the isic9 set
 (`pretrain --data ham10000 --data isic9`; reused when finished). Then, on HAM10000's k patient-grouped
@@ -33,7 +33,7 @@ from external import SHARED  # noqa: E402
 from extra_data import isic9_halves  # noqa: E402
 
 from cnn.backbones import parse_model_specs  # noqa: E402
-from cnn.options import CnnConfig  # noqa: E402
+from cnn.options import COLOR_CONSTANCY_CHOICES, CnnConfig  # noqa: E402
 from cnn.pipeline import decoded_store, predict_tta  # noqa: E402
 from cnn.targets import TargetSpec  # noqa: E402
 from cnn.train import array_fold_inputs, fit_fold  # noqa: E402
@@ -83,13 +83,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--pretrain-batch-size", type=int, default=128)
+    parser.add_argument("--color-constancy", default="shades-of-gray", choices=COLOR_CONSTANCY_CHOICES, help="for pretraining and fine-tuning alike")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     ((model, size),) = parse_model_specs(args.model, 32).items()
     backbone = args.run / "backbone"
     seconds = run_cli_steps([
         ["pretrain", "--data", str(args.ham10000), "--data", f"{args.isic9},format=class-folders", "--model", args.model, "--out", str(backbone),
-         "--epochs", str(args.pretrain_epochs), "--batch-size", str(args.pretrain_batch_size), "--seed", str(args.seed)],
+         "--epochs", str(args.pretrain_epochs), "--batch-size", str(args.pretrain_batch_size), "--seed", str(args.seed),
+         "--color-constancy", args.color_constancy],
         *([] if (args.run / "folds.parquet").exists() else [["folds", "--data", str(args.ham10000), "--run", str(args.run), "--k", str(args.k), "--seed", str(args.seed)]]),
     ])
     table = load_dataset(args.ham10000).table
@@ -97,12 +99,12 @@ def main() -> None:
     halves = isic9_halves(args.isic9, table, args.run / "isic9_halves", args.seed)
     external_files = sorted((args.run / "isic9_halves" / "external" / "Train").glob("*/*.jpg"))
     external_mel = np.array([f.parent.name == "melanoma" for f in external_files], dtype=int)
-    images = decoded_store(rows["image_path"].astype(str).tolist(), size)
-    external = decoded_store([str(f) for f in external_files], size)
+    images = decoded_store(rows["image_path"].astype(str).tolist(), size, color_constancy=args.color_constancy)
+    external = decoded_store([str(f) for f in external_files], size, color_constancy=args.color_constancy)
     spec = TargetSpec(tuple(c for c in ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC") if c in set(rows["diagnosis"].astype(str))))
     points = []
     for init in ("random", "pretrained"):
-        config = CnnConfig(image_size=size, epochs=args.epochs, seed=args.seed, target="diagnosis", class_weight="none",
+        config = CnnConfig(image_size=size, epochs=args.epochs, seed=args.seed, target="diagnosis", class_weight="none", color_constancy=args.color_constancy,
                            weights=str(backbone) if init == "pretrained" else "none")
         for fraction in FRACTIONS:
             fitted = fit_point(images, rows, external, model=model, config=config, spec=spec, fraction=fraction)
@@ -118,7 +120,7 @@ def main() -> None:
     result = {
         **provenance(),
         "recipe": {"model": args.model, "epochs": args.epochs, "k": args.k, "target": "diagnosis", "augment": "light", "class_weight": "none",
-                   "batch_size": CnnConfig().batch_size, "learning_rate": CnnConfig().learning_rate, "seed": args.seed},
+                   "batch_size": CnnConfig().batch_size, "learning_rate": CnnConfig().learning_rate, "color_constancy": args.color_constancy, "seed": args.seed},
         "pretraining": {k: v for k, v in json.loads((backbone / "backbone.json").read_text()).items() if k != "versions"},
         "external_half": {**halves, "melanomas": int(external_mel.sum())},
         "points": points,
