@@ -442,10 +442,7 @@ def tfrecords(
 
 @app.command()
 def pretrain(
-    data: Annotated[
-        list[str],
-        typer.Option("--data", help="Images to pretrain on (repeatable; labels ignored, test images too): DIR in any layout, DIR,format=NAME,metadata=CSV, or a run's tfrecords/ folder."),
-    ],
+    data: Annotated[list[str], DATA],  # repeatable here: every folder's images, labels ignored
     model: Annotated[str, typer.Option("--model", help="The backbone and image size to pretrain, as in --models: small:64.")],
     out: Annotated[Path, typer.Option("--out", help="BACKBONE folder to write (train-cnns --weights BACKBONE fine-tunes from it).")],
     epochs: Annotated[int, typer.Option("--epochs")] = 20,
@@ -463,7 +460,8 @@ def pretrain(
 ) -> None:
     """Self-supervised pretraining (SimCLR: two augmented views per image, NT-Xent loss) of a backbone on unlabelled images.
 
-    Resumable: an interrupted call picks up at its last finished epoch. Fine-tune with `train-cnns --weights BACKBONE`.
+    --data is repeatable: every image of each folder is used (test images too, labels ignored); a folder
+    is DIR in any layout, DIR,format=NAME,metadata=CSV, or a run's tfrecords/ folder. Resumable: an interrupted call picks up at its last finished epoch. Fine-tune with `train-cnns --weights BACKBONE`.
     """
     from cnn.options import PretrainConfig
     from cnn.pretrain import pretrain_backbone

@@ -193,10 +193,10 @@ def pretrain_backbone(data: list[DataSource], config: PretrainConfig, *, out: Pa
     model.fit(
         inputs.pairs, epochs=config.epochs, initial_epoch=resumed["epochs_done"], steps_per_epoch=inputs.steps, shuffle=False, callbacks=[checkpoint], verbose=0,
     )
-    return _write_backbone(layout, backbone, config, images, checkpoint)
+    return _write_backbone(layout, backbone, config=config, images=images, checkpoint=checkpoint)
 
 
-def _write_backbone(layout: BackboneLayout, backbone: keras.Model, config: PretrainConfig, images: PretrainImages, checkpoint: PretrainCheckpoint) -> dict:
+def _write_backbone(layout: BackboneLayout, backbone: keras.Model, *, config: PretrainConfig, images: PretrainImages, checkpoint: PretrainCheckpoint) -> dict:
     """BACKBONE/backbone.weights.h5, then its record (last: a backbone folder is whole or unfinished); the checkpoint and cache go."""
     atomic_write(layout.weights, backbone.save_weights)
     record = {

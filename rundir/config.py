@@ -42,7 +42,7 @@ VALUE_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
     int: ((int,), "a whole number"),
     float: ((int, float), "a number"),
     bool: ((bool,), "true or false"),
-    list[str]: ((list,), "a list of strings"),
+    list[str]: ((list, str), "a string or a list of strings"),  # a repeatable option: one value or several
 }
 
 
@@ -69,6 +69,10 @@ class OptionSpec:
         allowed, described = VALUE_TYPES[self.annotation]
         if type(value) not in allowed or (isinstance(value, list) and not all(isinstance(item, str) for item in value)):
             raise ConfigError(f"{where} = {value!r}: expected {described}.")
+
+    def normalised(self, value: Any) -> Any:
+        """A checked value as the command takes it: one string for a repeatable option is a list of one."""
+        return [value] if self.annotation == list[str] and isinstance(value, str) else value
 
 
 def _did_you_mean(word: str, allowed: list[str]) -> str:
@@ -155,7 +159,7 @@ def resolve_config(config: dict[str, Any], commands: dict[str, dict[str, OptionS
         chosen |= {key: (f"[{name}] {key}", value) for key, value in section.items()}
         for key, (where, value) in chosen.items():
             options[key].check(value, f"{source}: {where}")
-        defaults[name] = {options[key].parameter: value for key, (_, value) in chosen.items()}
+        defaults[name] = {options[key].parameter: options[key].normalised(value) for key, (_, value) in chosen.items()}
     return defaults
 
 

@@ -120,7 +120,7 @@ def test_a_top_level_key_that_means_different_things_to_different_commands_is_re
     config.write_text('out = "somewhere"\n')
     result = RUNNER.invoke(app, ["export", "--config", str(config)])
     output = " ".join(result.output.split())
-    assert result.exit_code == 2 and "top-level key 'out' means different things to synth, submit, export" in output, output
+    assert result.exit_code == 2 and "top-level key 'out' means different things to synth, pretrain, submit, export" in output, output
     config.write_text('[export]\nout = "somewhere"\n')  # in its command's section it has one meaning
     assert resolve_config({"export": {"out": "somewhere"}}, _commands(), "run.toml")["export"] == {"out": "somewhere"}
 
@@ -133,3 +133,10 @@ def test_each_shared_key_means_one_thing() -> None:
             declarations.setdefault(key, set()).add(id(spec.declaration))
     shared = sorted(key for key, found in declarations.items() if len(found) == 1 and sum(key in o for o in _commands().values()) > 1)
     assert {"data", "run", "seed", "format", "metadata", "bundle", "color-constancy"} <= set(shared), shared
+
+
+def test_a_repeatable_option_takes_one_value_or_a_list_from_a_config() -> None:
+    """`data` is one folder to most commands and several to `pretrain`: one string reaches it as a list of one."""
+    resolved = resolve_config({"data": "ham10000"}, _commands(), "run.toml")
+    assert resolved["pretrain"]["data"] == ["ham10000"] and resolved["folds"]["data"] == "ham10000"
+    assert resolve_config({"pretrain": {"data": ["a", "b"]}}, _commands(), "run.toml")["pretrain"]["data"] == ["a", "b"]
