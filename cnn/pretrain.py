@@ -152,12 +152,20 @@ class PretrainCheckpoint(keras.callbacks.Callback):
         log.info("pretrain %s:%d epoch %d/%d: contrastive loss %.4f", self.config.backbone, self.config.image_size, epoch + 1, self.config.epochs, self.losses[-1])
 
 
+RESUMABLE_CHANGES = frozenset({"cache", "cache_budget_gb", "deterministic"})  # how images are held, not what is learnt
+
+
+def _trained_state(recipe: dict) -> dict:
+    """The options of a recipe that shape the weights (JSON-normalised), to compare a checkpoint's with a call's."""
+    return {k: v for k, v in json.loads(json.dumps(recipe)).items() if k not in RESUMABLE_CHANGES}
+
+
 def _resumed_state(layout: BackboneLayout, model: keras.Model, rng: list, config: PretrainConfig) -> dict:
     """The last epoch checkpoint loaded into `model` and `rng` (its state), or a fresh start's."""
     state = read_json(layout.checkpoint / CHECKPOINT_STATE)
     if state is None:
         return {"epochs_done": 0, "loss": [], "seconds": 0.0}
-    if state["config"] != json.loads(json.dumps(asdict(config))):
+    if _trained_state(state["config"]) != _trained_state(asdict(config)):
         raise RunStateError(f"{layout.checkpoint} was written by a pretrain call with other options ({state['config']}); re-run with those, or delete {layout.root}.")
     load_epoch_state(layout.checkpoint, model, rng, state["epochs_done"])
     return state
@@ -172,7 +180,7 @@ def pretrain_backbone(data: list[DataSource], config: PretrainConfig, *, out: Pa
     images = pretraining_images(data)
     finished = read_json(layout.record)
     if finished is not None:
-        if finished["recipe"] == json.loads(json.dumps(asdict(config))) and finished["pretrained_on"] == images.counts:
+        if _trained_state(finished["recipe"]) == _trained_state(asdict(config)) and finished["pretrained_on"] == images.counts:
             return finished
         raise RunStateError(f"{layout.record}: {out} holds a backbone pretrained with another recipe or images; give a new --out, or delete {out}.")
     keras.utils.set_random_seed(config.seed)
