@@ -629,6 +629,11 @@ def with_extra_rows(train: pd.DataFrame, run_dir: Path, target: TargetSpec) -> p
     extra = read_extra_data(run_dir)
     if extra is None:
         return train
+    if train["image_path"].astype(str).map(is_shard_source).any():
+        raise RunStateError(
+            f"{RunLayout(run_dir).shards}: this run reads its images from TFRecord shards, which hold none of its extra data "
+            f"({RunLayout(run_dir).extra_data}); delete the shards folder to train on the image files."
+        )
     usable = extra["diagnosis"].astype("string").isin(target.classes) if target.multiclass else extra["target"].notna()
     if (~usable).any():
         log.info("extra data: %d row(s) without a class of this run's diagnosis head left out", int((~usable).sum()))
