@@ -40,9 +40,8 @@ from cnn.options import CnnConfig
 from cnn.outputs import MELANOMA, probability_columns
 from cnn.pairs import (
     assemble_model_outputs,
-    heartbeat,
+    claimed,
     is_done,
-    other_live_owner,
     pair_dir,
     record_failure,
     start_attempt,
@@ -559,17 +558,18 @@ def train_pair(
     model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, *, config: CnnConfig, target: TargetSpec,
     run_dir: Path, progress: Progress, strategy: tf.distribute.Strategy,
 ) -> None:
-    """Train one pair under a heartbeat, unless it is done or another live process trains it; record a failure."""
+    """Train one pair under this job's claim, unless it is done or another live process trains it; record a failure."""
     fold_dir = pair_dir(run_dir, model_name, fold)
     if is_done(run_dir, model_name, fold):
         return
-    owner = other_live_owner(fold_dir, time.time())
-    if owner is not None:
-        log.warning("%s fold %d: skipped, %s pid %d is training it", model_name, fold, owner["host"], owner["pid"])
-        return
-    start_attempt(fold_dir)
-    held_out = train["fold"] == fold
-    with heartbeat(fold_dir):
+    with claimed(fold_dir, log.warning) as owner:
+        if owner is not None:
+            log.warning("%s fold %d: skipped, %s is training it", model_name, fold, owner.describe(time.time()))
+            return
+        if is_done(run_dir, model_name, fold):  # finished by the job that held it until now
+            return
+        start_attempt(fold_dir)
+        held_out = train["fold"] == fold
         rows = {"train": train[~held_out], "val": train[held_out], "test": test}
         try:
             try:

@@ -25,6 +25,7 @@ from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_ta
 from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
 from ensemble.provenance import run_provenance
 from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from errors import RunStateError
 from evaluation.metrics import (
     METRICS,
     PROBABILITY_METRICS,
@@ -40,8 +41,8 @@ from evaluation.metrics import (
 from fusion.family_gain import ALL_INPUTS, FEATURES_ONLY
 from fusion.missingness import PATTERNS
 from metadata.schema import SEXES, SITES
-from rundir.completion import writing
-from rundir.io import atomic_write, read_table, write_json, write_text
+from rundir.completion import require_complete, writing
+from rundir.io import atomic_write, read_json, read_table, write_json, write_text
 from rundir.layout import FAMILY_GAIN_FILE, FIGURES_DIR, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 
 CI_LEVEL = 0.95
@@ -600,20 +601,33 @@ def write_figures(figures: list[ReportFigure], folder: Path) -> None:
         atomic_write(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(png))
 
 
-def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()) -> dict[str, object]:
+def write_report(
+    run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap(), *, check_complete: bool = True
+) -> dict[str, object]:
     """Write RUN/report.json, RUN/report.html, RUN/report.md and its RUN/figures/; return the report.
 
     `table` is the run's canonical data table (optional): it adds the subgroup, multi-class and test-set sections.
+    The report records the stack it describes: once the stack is written again, it is stale (`read_report`).
+    `check_complete=False`: written by the `stack` stage itself, which has not finished yet.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    predictions = load_run_predictions(run_dir)
+    predictions = load_run_predictions(run_dir, check_complete=check_complete)
     report = build_report(run_dir, predictions, table, boot)
     figures = report_figures(report, predictions, run_dir)
     report["report_seconds"] = round(time.perf_counter() - started, 2)
-    with writing(run_dir, "report"):  # report.json, .html, .md and the figures: together or not at all
+    with writing(run_dir, "report", reads=("stack",)):  # report.json, .html, .md and the figures: together or not at all
         write_json(report, RunLayout(run_dir).report_json)
         write_text(render_html(report, figures), RunLayout(run_dir).report_html)
         write_figures(figures, run_dir / FIGURES_DIR)
         write_text(render_markdown(report, figures), RunLayout(run_dir).report_md)
     return report
+
+
+def read_report(run_dir: Path) -> dict[str, object]:
+    """RUN/report.json, refused when the report is incomplete or older than the stack it describes."""
+    require_complete(run_dir, "report")
+    found = read_json(RunLayout(run_dir).report_json)
+    if found is None:
+        raise RunStateError(f"{run_dir} has no report: run `python cli.py report --run {run_dir}` (or `stack`).")
+    return found
