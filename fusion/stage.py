@@ -233,7 +233,8 @@ def write_stack(run_dir: Path, fit: StackFit) -> None:
 
 def run_stack(table: pd.DataFrame, run_dir: Path, *, num_boost_round: int = 300, seed: int = 0) -> float:
     """Fit the stacker on the run's folds and write its outputs (together or, if interrupted, marked
-    incomplete); return its OOF AUC."""
+    incomplete); return its OOF AUC. The run's report then describes an older stack: it is stale until
+    `report` runs (the `stack` command writes both)."""
     fit = fit_run_stack(table, run_dir, num_boost_round=num_boost_round, seed=seed)
     with writing(run_dir, "stack"):
         write_stack(run_dir, fit)

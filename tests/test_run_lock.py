@@ -59,15 +59,27 @@ def folded_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run
 
 
-def test_a_second_stack_on_a_run_being_written_refuses_naming_the_holder_and_writes_nothing(folded_run: Path, tiny_cohort: Path) -> None:
-    before = {p: p.stat().st_mtime_ns for p in folded_run.rglob("*") if p.is_file()}
-    with held_by_another_process(folded_run, "stack") as holder:
-        result = RUNNER.invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(folded_run), "--rounds", "20"])
-        output = _output(result)
-        assert result.exit_code == 2, output
-        assert f"being written by `stack` (pid {holder.pid} on {socket.gethostname()}, started " in output and "--wait" in output
-        assert {p: p.stat().st_mtime_ns for p in folded_run.rglob("*") if p.is_file() and ".lock" not in p.parts} == before  # not even config.json
-    assert not RunLayout(folded_run).writer_lock.exists()  # released when the holder ended
+def test_a_second_stack_while_one_runs_refuses_naming_it_and_the_run_holds_the_first_ones_outputs(folded_run: Path, tiny_cohort: Path) -> None:
+    """Two `stack` calls on one run used to both succeed, leaving the second's config.json beside the first's stack and report."""
+    from ensemble.report import read_report
+    from rundir.completion import require_complete
+
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "stack", "--data", str(tiny_cohort), "--run", str(folded_run), "--rounds", "20", "--seed", "1"],
+        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    log, deadline = folded_run / "log.txt", time.time() + 120
+    while f"[{first.pid}] cli INFO: stack started" not in log.read_text() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = RUNNER.invoke(app, ["stack", "--data", str(tiny_cohort), "--run", str(folded_run), "--rounds", "30", "--seed", "2"])
+    output = _output(second)
+    assert first.wait(timeout=120) == 0, first.stdout.read()
+    assert second.exit_code == 2, output
+    assert f"being written by `stack` (pid {first.pid} on {socket.gethostname()}, started " in output and "--wait" in output
+    assert json.loads((folded_run / "config.json").read_text())["stack"]["seed"] == 1  # the second wrote nothing, not even its options
+    require_complete(folded_run, "stack")
+    assert read_report(folded_run)["entries"]
+    assert not RunLayout(folded_run).writer_lock.exists()  # released when the first ended
 
 
 def test_with_wait_a_writer_starts_when_the_holder_finishes(folded_run: Path, tiny_cohort: Path) -> None:
@@ -78,8 +90,8 @@ def test_with_wait_a_writer_starts_when_the_holder_finishes(folded_run: Path, ti
         assert result.exit_code == 0, result.output
         assert time.perf_counter() - started > 1.0 and f"waiting for `folds` (pid {holder.pid}" in _output(result)
         holder.wait(timeout=30)
-    assert json.loads((folded_run / "config.json").read_text())["stack"]["rounds"] == 20  # --wait is not recorded
-    assert "wait" not in json.loads((folded_run / "config.json").read_text())["stack"]
+    recorded = json.loads((folded_run / "config.json").read_text())["stack"]
+    assert recorded["rounds"] == 20 and "wait" not in recorded  # --wait says how the command ran, not what it computed
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tiny_cohort: Path, tmp_path: Path) -> None:
