@@ -142,28 +142,34 @@ RACE = """
 import sys, time
 from pathlib import Path
 from rundir.lock import RunLockedError, run_lock
-run, log, start, shared = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "shared"
+run, log, start, kind, wait = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5] == "wait"
 time.sleep(max(0.0, start - time.time()))
 try:
-    with run_lock(run, "train-cnns" if shared else "stack", shared=shared):
+    with run_lock(run, "train-cnns" if kind == "shared" else "stack", shared=kind == "shared", wait=wait, note=lambda _: None):
         began = time.time()
         time.sleep(0.3)
         with open(log, "a") as out:
-            out.write(f"{sys.argv[4]} {began} {time.time()}\\n")
+            out.write(f"{kind} {began} {time.time()}\\n")
 except RunLockedError:
     with open(log, "a") as out:
         out.write("refused\\n")
 """
 
 
-def test_writers_started_together_never_hold_the_run_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wait", [False, True])
+def test_writers_started_together_never_hold_the_run_at_once(tmp_path: Path, wait: bool) -> None:
+    """Safety: only train-cnns jobs hold the run together. Without --wait a writer that meets another may refuse (two
+    of different kinds meeting may both refuse); with --wait every one of them writes, in turn."""
     log, start = tmp_path / "held.txt", time.time() + 3.0
     kinds = ["alone"] * 4 + ["shared"] * 3
-    processes = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "run"), str(log), str(start), kind], cwd=REPO) for kind in kinds]
-    assert all(p.wait(timeout=60) == 0 for p in processes)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "run"), str(log), str(start), kind, "wait" if wait else "refuse"], cwd=REPO)
+        for kind in kinds
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in processes)
     lines = log.read_text().split("\n")[:-1]
     held = [(kind, float(a), float(b)) for kind, a, b in (line.split() for line in lines if line != "refused")]
-    assert len(lines) == len(kinds) and held
+    assert len(lines) == len(kinds) and (len(held) == len(kinds) or not wait), lines
     for i, (kind, began, ended) in enumerate(held):
         for other, other_began, other_ended in held[i + 1 :]:
             overlap = began < other_ended and other_began < ended
