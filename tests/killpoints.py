@@ -2,8 +2,9 @@
 
 `python tests/killpoints.py` is a fork server: it imports the pipeline once, then reads one JSON job per
 line on stdin and runs each in a forked child, so a crash point costs the command's own work and no
-start-up. In the child every `os` call that changes the file system (create, write-open, fsync,
-rename, link, unlink, mkdir, rmdir: what a crash can fall between) is counted, and
+start-up. In the child every `os` call of the main thread that changes the file system (create,
+write-open, fsync, rename, link, unlink, mkdir, rmdir: what a crash can fall between) is counted (a
+lock's heartbeat, refreshed from another thread every 30 s, would make the count depend on timing), and
 
 - at change `kill_at` the child sends itself SIGKILL: no `finally` block, no lock release, no cleanup;
 - before each change listed in `snapshots` the child copies the run folder `watch` to `snapshot_dir/at<k>`:
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +42,8 @@ def _count_changes(job: dict) -> list[int]:
 
     def counted(name: str, real):  # noqa: ANN001, ANN202
         def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            if not paused[0] and (name != "open" or (args[1] if len(args) > 1 else kwargs.get("flags", 0)) & WRITE_FLAGS):
+            writes = name != "open" or (args[1] if len(args) > 1 else kwargs.get("flags", 0)) & WRITE_FLAGS
+            if writes and not paused[0] and threading.current_thread() is threading.main_thread():
                 count[0] += 1
                 if count[0] in snapshots:
                     paused[0] = True  # the copy's own changes are not the command's
