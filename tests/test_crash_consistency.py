@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +112,7 @@ def _crash_and_check(killpoints: KillPoints, command: Command, old_run: Path, tm
 
 
 @pytest.fixture(scope="module")
-def killpoints() -> KillPoints:
+def killpoints() -> Iterator[KillPoints]:
     server = KillPoints()
     yield server
     server.close()

@@ -37,7 +37,7 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @pytest.fixture(scope="module")
-def killpoints() -> KillPoints:
+def killpoints() -> Iterator[KillPoints]:
     server = KillPoints()
     yield server
     server.close()
