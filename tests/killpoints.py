@@ -145,6 +145,7 @@ class KillPoints:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
