@@ -128,6 +128,7 @@ SPLIT = typer.Option("--split", help="Rows of --data: all, train or test.")
 BOOTSTRAP = typer.Option("--bootstrap", min=1, help="Bootstrap resamples (of patients) per interval.")
 DATABASE = typer.Option("--database", help="The triage service's database, a SQLAlchemy URL: sqlite:///FILE (default runs/triage/triage.db) or postgresql+psycopg://...")
 PATIENTS = typer.Option("--patients", min=1, help="Synthetic patients (train + test).")
+WAIT = typer.Option("--wait", help="When another command is writing the run, wait for it to finish instead of refusing.")
 COLOR_CONSTANCY = typer.Option(
     "--color-constancy",
     help="Colour normalisation after decoding, kept in the bundle and applied alike at scoring: none, shades-of-gray (p=6), "
@@ -149,6 +150,7 @@ SplitOption = Annotated[Literal[SPLITS], SPLIT]
 BootstrapOption = Annotated[int, BOOTSTRAP]
 DatabaseOption = Annotated[Optional[str], DATABASE]  # noqa: UP007
 PatientsOption = Annotated[int, PATIENTS]
+WaitOption = Annotated[bool, WAIT]
 ColorConstancyOption = Annotated[Literal[COLOR_CONSTANCY_CHOICES], COLOR_CONSTANCY]
 
 
@@ -176,9 +178,38 @@ def _bug(error: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+# Writers that share the run's lock: train-cnns jobs, each claiming its own (model, fold) pairs. Every other writer holds it alone.
+SHARED_WRITERS = frozenset({"train-cnns"})
+# Options about how a command shares the run with others, not what it computes: left out of RUN/config.json.
+UNRECORDED_OPTIONS = frozenset({"wait"})
+
+
+def _note(message: str) -> None:
+    console.print(f"[yellow]note:[/yellow] {escape(message)}")
+
+
+def holding_run_lock(command: Callable[..., None]) -> Callable[..., None]:
+    """Run a command that writes RUN while it holds the run's lock (rundir.lock): a second writer refuses at
+    once, naming the holder, or with --wait waits for it."""
+    stage = command.__name__.replace("_", "-")
+    parameters = signature(command)
+
+    @functools.wraps(command)
+    def locked(*args: Any, **kwargs: Any) -> None:
+        from rundir.lock import run_lock
+
+        arguments = parameters.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        run, wait = Path(arguments.arguments["run"]), arguments.arguments["wait"]
+        with run_lock(run, stage, shared=stage in SHARED_WRITERS, wait=wait, note=_note):
+            command(*args, **kwargs)
+
+    return locked
+
+
 def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
-    """Run a stage with RUN/log.txt attached: its resolved options go to RUN/config.json and the
-    manifest before it starts, its wall time after it succeeds (called from Python, as `demo` does, too)."""
+    """Run a stage under the run's lock with RUN/log.txt attached: its resolved options go to RUN/config.json
+    and the manifest before it starts, its wall time after it succeeds (called from Python, as `demo` does, too)."""
     stage = command.__name__.replace("_", "-")
     parameters = signature(command)
 
@@ -191,8 +222,9 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
         arguments = parameters.bind(*args, **kwargs)
         arguments.apply_defaults()
         run = Path(arguments.arguments["run"])
+        options = {k: v for k, v in config_section(command_options(command), arguments.arguments).items() if k not in UNRECORDED_OPTIONS}
         with run_log(run):
-            record_stage_start(run, stage, config_section(command_options(command), arguments.arguments))
+            record_stage_start(run, stage, options)
             log.info("%s started", stage)
             started = time.perf_counter()
             try:
@@ -203,7 +235,7 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
             record_stage_seconds(run, stage, time.perf_counter() - started)
             log.info("%s finished in %.1f s", stage, time.perf_counter() - started)
 
-    return run_stage
+    return holding_run_lock(run_stage)
 
 
 def _run_table(
@@ -279,6 +311,7 @@ def folds(
     metadata: MetadataOption = None,
     on_bad_image: BadImageOption = "raise",
     seed: SeedOption = 0,
+    wait: WaitOption = False,
 ) -> None:
     """Patient-grouped, target-stratified, image-count-balanced folds -> RUN/folds.parquet.
 
@@ -346,7 +379,7 @@ def inspect(
 
 
 # train-cnns options that say what to train on and where, not how: every other option is a CnnConfig field.
-TRAIN_CNNS_RUN_OPTIONS = frozenset({"data", "run", "models", "model", "fold", "on_bad_image", "fmt", "metadata"})
+TRAIN_CNNS_RUN_OPTIONS = frozenset({"data", "run", "models", "model", "fold", "on_bad_image", "fmt", "metadata", "wait"})
 
 
 @app.command("train-cnns")
@@ -390,11 +423,11 @@ def train_cnns(
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
+    wait: WaitOption = False,
 ) -> None:
     """Train every model on every fold (or one pair, for a cluster job); write OOF and fold-averaged test probabilities.
 
-    Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint.
-    """
+    Finished pairs are skipped; an interrupted one resumes from its last epoch checkpoint. Jobs share the run, each claiming its own pairs."""
     recipe = {name: value for name, value in locals().items() if name not in TRAIN_CNNS_RUN_OPTIONS}  # the rest is the recipe
     from cnn.options import CnnConfig
     from cnn.pairs import describe_pairs
@@ -424,6 +457,7 @@ def tfrecords(
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     on_bad_image: BadImageOption = "raise",
+    wait: WaitOption = False,
 ) -> None:
     """Write the run's images as TFRecord shards; later `train-cnns` on RUN read them instead of the files.
 
@@ -498,6 +532,7 @@ def features(
     jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Worker processes (default: every core).")] = None,  # noqa: UP007
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
+    wait: WaitOption = False,
 ) -> None:
     """Dermoscopy features of every image (shape and asymmetry, colour, texture on a lesion mask): RUN/features/<family>.parquet.
 
@@ -516,11 +551,12 @@ def features(
         console.print(f"[yellow]note:[/yellow] no lesion stood out in {counts['no_lesion_found']} image(s); their features are missing (NaN)")
 
 
-def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int) -> None:
-    """Write the report files and print its CV and stack-vs-CNN tables and its warnings."""
+def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int, *, check_complete: bool = True) -> None:
+    """Write the report files and print its CV and stack-vs-CNN tables and its warnings (`check_complete=False`:
+    as part of the stage that has just written what the report reads)."""
     from ensemble.report import COMPACT_CV_COLUMNS, Bootstrap, summary_tables, write_report
 
-    written = write_report(run, table, Bootstrap(n_boot=n_boot, seed=seed))
+    written = write_report(run, table, Bootstrap(n_boot=n_boot, seed=seed), check_complete=check_complete)
     for summary in summary_tables(written, COMPACT_CV_COLUMNS):
         out = Table(*summary.header, title=summary.title)
         for row in summary.rows:
@@ -533,6 +569,7 @@ def _write_report(run: Path, table: pd.DataFrame | None, n_boot: int, seed: int)
 
 
 @app.command()
+@holding_run_lock
 def report(
     run: RunOption,
     data: OptionalDataOption = None,
@@ -540,6 +577,7 @@ def report(
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
+    wait: WaitOption = False,
 ) -> None:
     """Write RUN/report.json, RUN/report.html (standalone) and RUN/report.md (+ RUN/figures/) from the run's OOF predictions.
 
@@ -557,6 +595,7 @@ def stack(
     fmt: FormatOption = None,
     metadata: MetadataOption = None,
     seed: SeedOption = 0,
+    wait: WaitOption = False,
 ) -> None:
     """LightGBM stacker over CNN OOF scores (zero or more CNNs) + metadata + patient context; then the report.
 
@@ -568,15 +607,16 @@ def stack(
 
     table, layout = _run_data(data, run, fmt, metadata)
     fit = fit_run_stack(table, run, num_boost_round=rounds, seed=seed)
-    with writing(run, "stack"):  # the stack's files and its submission: together or not at all
+    with writing(run, "stack"):  # the stack's files, its submission and its report: together or not at all
         write_stack(run, fit)
         chosen = write_stack_submission(run, table, layout)
-    wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if chosen else " (no test rows)"
-    console.print(f"stack: OOF AUC {fit.auc:.4f}{wrote}")
-    _write_report(run, table, 1000, seed)
+        wrote = f"; submission ({chosen.title}): {RunLayout(run).submission}" if chosen else " (no test rows)"
+        console.print(f"stack: OOF AUC {fit.auc:.4f}{wrote}")
+        _write_report(run, table, 1000, seed, check_complete=False)
 
 
 @app.command()
+@holding_run_lock
 def submit(
     run: RunOption,
     submission_format: Annotated[
@@ -596,6 +636,7 @@ def submit(
         bool,
         typer.Option("--raw-probabilities", help="isic2018/2019: submit the probabilities as predicted, not divided by the training class prior."),
     ] = False,
+    wait: WaitOption = False,
 ) -> None:
     """Write a validated competition submission CSV (atomically) from the run's test predictions.
 
@@ -836,20 +877,29 @@ STATE_COLOURS = {"done": "green", "running": "cyan", "failed": "red", "interrupt
 
 @app.command()
 def status(run: RunOption) -> None:
-    """Each declared (model, fold) pair: done, running, failed, interrupted (re-run resumes it) or pending; best val AUC so far."""
+    """Each declared (model, fold) pair: done, running, failed, interrupted (re-run resumes it) or pending; best val AUC so far.
+    Then each stage's outputs (complete, being written, interrupted or stale) and the commands writing the run now."""
     from cnn.pairs import run_status
+    from rundir.completion import stage_states
+    from rundir.lock import live_writers
 
-    pairs = run_status(run, time.time())
-    if not pairs:
+    now = time.time()
+    pairs, stages = run_status(run, now), stage_states(run)
+    if not pairs and not stages:
         raise RunStateError(f"{run} has no CNN (model, fold) pairs yet: run `train-cnns` on it first.")
-    out = Table("model", "fold", "state", "epochs", "best val AUC", "detail", title=f"CNN pairs of {run}")
-    for pair in pairs:
-        out.add_row(
-            pair.model, str(pair.fold), f"[{STATE_COLOURS[pair.state]}]{pair.state}[/]", f"{pair.epochs_done}/{pair.epochs or '?'}",
-            "-" if pair.best_val_auc is None else f"{pair.best_val_auc:.4f}", pair.detail,
-        )
-    console.print(out)
-    console.print(", ".join(f"{count} {state}" for state, count in Counter(p.state for p in pairs).items()))
+    if pairs:
+        out = Table("model", "fold", "state", "epochs", "best val AUC", "detail", title=f"CNN pairs of {run}")
+        for pair in pairs:
+            out.add_row(
+                pair.model, str(pair.fold), f"[{STATE_COLOURS[pair.state]}]{pair.state}[/]", f"{pair.epochs_done}/{pair.epochs or '?'}",
+                "-" if pair.best_val_auc is None else f"{pair.best_val_auc:.4f}", pair.detail,
+            )
+        console.print(out)
+        console.print(", ".join(f"{count} {state}" for state, count in Counter(p.state for p in pairs).items()))
+    for stage, state in stages.items():
+        console.print(f"stage {stage}: {escape(state)}")
+    for writer in live_writers(run):
+        console.print(f"being written by {escape(writer.describe(now))}")
 
 
 @app.command()

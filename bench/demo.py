@@ -9,7 +9,6 @@ bench/results/demo.json with every model's OOF AUC, the stack's, and the wall ti
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import provenance  # noqa: E402
 
+from ensemble.report import read_report  # noqa: E402
 from rundir.io import write_json  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     started = time.perf_counter()
     subprocess.run([sys.executable, "cli.py", "demo", "--out", str(args.out)], cwd=ROOT, check=True)
     seconds = time.perf_counter() - started
-    report = json.loads((args.out / "report.json").read_text())
+    report = read_report(args.out)
     result = {
         **provenance(),
         "wall_seconds": round(seconds, 1),

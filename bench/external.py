@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import pandas as pd  # noqa: E402
 from common import cnn_bench_parser, provenance, run_cli_steps, trained_with  # noqa: E402
 
+from ensemble.report import read_report  # noqa: E402
 from evaluation.metrics import expected_calibration_error  # noqa: E402
 from metadata.dataset import load_dataset  # noqa: E402
 from metadata.duplicates import find_duplicate_pairs, fingerprint_images  # noqa: E402
@@ -126,7 +127,7 @@ def main() -> None:
     masked = read_table(args.run / "stack" / "masked_oof.parquet", "stack")
     # per pattern, each fold calibrated by the other folds (the calibration never saw the row's label)
     oof_ece = {p: expected_calibration_error(r["target"], r["prob_cross_fitted"]) for p, r in masked.groupby("pattern")}
-    cv = json.loads((args.run / "report.json").read_text())
+    cv = read_report(args.run)
     cv_auc = {e["name"]: e["auc"] for e in cv["entries"]}
     external_conditions = {k: c for k, c in conditions.items() if k in ("with_metadata", "without_metadata")}
     targets = {

@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import cnn_bench_parser, provenance, run_cli_steps, trained_with  # noqa: E402
 
+from ensemble.report import read_report  # noqa: E402
 from rundir.io import write_json  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         steps.insert(2, ["features", *common, "--families", args.features, "--image-size", str(args.feature_size),
                          "--color-constancy", args.color_constancy])
     seconds = run_cli_steps(steps)
-    report = json.loads((args.run / "report.json").read_text())
+    report = read_report(args.run)
     multiclass = {entry["name"]: entry for entry in report["multiclass"]}
     cnns = {}
     for entry in report["entries"]:

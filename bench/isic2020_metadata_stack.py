@@ -9,7 +9,6 @@ a simple LightGBM with age/sex/site and 5 patient-context features reaches 0.756
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import provenance, run_cli_steps  # noqa: E402
 
+from ensemble.report import read_report  # noqa: E402
 from fusion.stack_model import StackModel  # noqa: E402
 from rundir.io import write_json  # noqa: E402
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     common_args = ["--data", str(args.data), "--run", str(args.run)]
     seconds = sum(run_cli_steps([["folds", *common_args, "--k", "5"], ["stack", *common_args]]).values())
-    report = json.loads((args.run / "report.json").read_text())
+    report = read_report(args.run)
     features = StackModel.load(args.run / "stack").features
     stack = next(e for e in report["entries"] if e["name"] == "lightgbm_stack")
     result = {

@@ -3,7 +3,8 @@
 Importable without TensorFlow, so `status` and `stack` read a run at once. Files of one pair:
 
     RUN/cnn/plan.json                       declared models (with sizes), folds and epochs
-    RUN/cnn/<model>/fold<k>/heartbeat.json  host, pid and time, refreshed while a process trains the pair
+    RUN/cnn/<model>/fold<k>/heartbeat.json  the claim of the process training the pair (`rundir.lock`: created
+                                            atomically, its heartbeat refreshed, taken over when its process died)
     RUN/cnn/<model>/fold<k>/checkpoint/     last epoch (weights + optimizer + RNG state) and state.json
     RUN/cnn/<model>/fold<k>/failed.json     the error of the last attempt, if it raised
     RUN/cnn/<model>/fold<k>/done.json       written last: the pair's outputs are complete
@@ -15,9 +16,7 @@ version or the new one, plus dot-prefixed `.tmp` files that nothing reads and th
 from __future__ import annotations
 
 import math
-import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,9 +29,7 @@ from cnn.outputs import WRITTEN_BY, fold_mean_test_table
 from errors import RunStateError
 from rundir.io import read_json, read_table, write_json, write_table
 from rundir.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, DONE_FILE, FAILED_FILE, HEARTBEAT_FILE, HISTORY_FILE, OOF_FILE, RunLayout
-
-HEARTBEAT_SECONDS = 30.0
-STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS  # a heartbeat older than this belongs to a dead or stuck process
+from rundir.lock import Holder, acquire, holding
 
 
 def pair_dir(run_dir: Path, model: str, fold: int) -> Path:
@@ -72,61 +69,22 @@ def describe_pairs(pairs: list[tuple[str, int]]) -> str:
     )
 
 
-# --- heartbeat: which process trains a pair right now ---------------------------------------------
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def is_live(beat: dict, now: float) -> bool:
-    """A heartbeat is live while it is recent and, on this host, its process still exists."""
-    if now - beat["updated"] > STALE_AFTER_SECONDS:
-        return False
-    return beat["host"] != socket.gethostname() or _process_alive(beat["pid"])
-
-
-def other_live_owner(fold_dir: Path, now: float) -> dict | None:
-    """The live heartbeat of another process training this pair, if any."""
-    beat = read_json(fold_dir / HEARTBEAT_FILE)
-    if beat is None or not is_live(beat, now) or (beat["host"], beat["pid"]) == (socket.gethostname(), os.getpid()):
-        return None
-    return beat
+# --- claims: which process trains a pair right now ---------------------------------------------
 
 
 @contextmanager
-def heartbeat(fold_dir: Path, interval: float = HEARTBEAT_SECONDS) -> Iterator[None]:
-    """Refresh `heartbeat.json` from a background thread while the block runs; remove it afterwards.
-
-    A thread rather than a per-epoch write, since one epoch (or the final TTA pass) of a large model
-    can outlast any sensible staleness limit.
-    """
-    started = time.time()
+def claimed(fold_dir: Path, note: Callable[[str], None]) -> Iterator[Holder | None]:
+    """Claim a pair for this process while the block runs: its `heartbeat.json` is created atomically (so two
+    jobs never train one pair) and refreshed until the block ends. Yields None when claimed, else the
+    live holder that trains it (a dead holder's claim is taken over, with a note)."""
     path = fold_dir / HEARTBEAT_FILE
-    stop = threading.Event()
-
-    def beat() -> None:
-        write_json({"host": socket.gethostname(), "pid": os.getpid(), "started": started, "updated": time.time()}, path)
-
-    def refresh() -> None:
-        while not stop.wait(interval):
-            beat()
-
-    beat()
-    thread = threading.Thread(target=refresh, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        path.unlink(missing_ok=True)
+    holder = Holder.this_process("train-cnns")
+    in_the_way = acquire(path, holder, note)
+    if in_the_way is not None:
+        yield in_the_way
+        return
+    with holding(path, holder):
+        yield None
 
 
 def start_attempt(fold_dir: Path) -> None:
@@ -152,7 +110,7 @@ class PairEvidence:
     """What the files of one pair say."""
 
     done: bool
-    heartbeat: dict | None
+    heartbeat: Holder | None
     failure: dict | None
     checkpoint: dict | None  # checkpoint/state.json
     history: dict | None  # history.json of a finished pair
@@ -161,7 +119,7 @@ class PairEvidence:
     def read(cls, fold_dir: Path) -> PairEvidence:
         return cls(
             done=(fold_dir / DONE_FILE).exists(),
-            heartbeat=read_json(fold_dir / HEARTBEAT_FILE),
+            heartbeat=Holder.read(fold_dir / HEARTBEAT_FILE),
             failure=read_json(fold_dir / FAILED_FILE),
             checkpoint=read_json(fold_dir / CHECKPOINT_DIR / CHECKPOINT_STATE),
             history=read_json(fold_dir / HISTORY_FILE),
@@ -171,7 +129,7 @@ class PairEvidence:
 # First matching rule wins; no rule matching means "pending" (nothing trained yet).
 STATE_RULES: tuple[tuple[str, Callable[[PairEvidence, float], bool]], ...] = (
     ("done", lambda e, now: e.done),
-    ("running", lambda e, now: e.heartbeat is not None and is_live(e.heartbeat, now)),
+    ("running", lambda e, now: e.heartbeat is not None and e.heartbeat.dead_because(now) is None),
     ("failed", lambda e, now: e.failure is not None),
     ("interrupted", lambda e, now: e.checkpoint is not None),  # killed mid-fold: re-running resumes it
 )
@@ -199,7 +157,7 @@ def _detail(state: str, evidence: PairEvidence, now: float) -> str:
     beat, failure, checkpoint = evidence.heartbeat, evidence.failure, evidence.checkpoint
     details: dict[str, Callable[[], str]] = {
         "done": lambda: f"{evidence.history['seconds']:.0f} s" if evidence.history else "",
-        "running": lambda: f"{beat['host']} pid {beat['pid']}, heartbeat {now - beat['updated']:.0f} s ago",
+        "running": lambda: f"{beat.host} pid {beat.pid}, heartbeat {now - beat.updated:.0f} s ago",
         "failed": lambda: failure["error"].splitlines()[0] if failure["error"] else "",
         "interrupted": lambda: f"resumes at epoch {checkpoint['epochs_done'] + 1}",
         "pending": lambda: "",

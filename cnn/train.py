@@ -40,9 +40,8 @@ from cnn.options import CnnConfig
 from cnn.outputs import MELANOMA, probability_columns
 from cnn.pairs import (
     assemble_model_outputs,
-    heartbeat,
+    claimed,
     is_done,
-    other_live_owner,
     pair_dir,
     record_failure,
     start_attempt,
@@ -53,7 +52,7 @@ from cnn.pipeline import EpochSampler, array_dataset, build_augmenter, choose_ca
 from cnn.targets import TargetSpec, resolve_target
 from cnn.tfrecords import is_shard_source, shard_sources
 from errors import DataError, OptionError, RunStateError
-from evaluation.metrics import roc_auc
+from evaluation.metrics import metric_text, roc_auc
 from metadata.dataset import record_skipped
 from metadata.duplicates import fingerprint_images
 from metadata.extra_data import EXTRA_FOLD, read_extra_data
@@ -75,11 +74,16 @@ RESUMABLE_CHANGES = frozenset({"tta", "cache", "cache_budget_gb", "strategy", "j
 
 
 def best_epoch(val_aucs: list[float]) -> int:
-    """Index of the first epoch with the highest validation AUC (undefined AUCs never win)."""
+    """Index of the first epoch with the highest validation AUC (undefined AUCs never win); the last epoch
+    when none is defined (validation rows of one class: a fold without a melanoma).
+
+    >>> best_epoch([0.6, float("nan"), 0.7, 0.7]), best_epoch([float("nan")] * 3)
+    (2, 2)
+    """
     scores = np.array([-np.inf if math.isnan(a) else a for a in val_aucs])
     if len(scores) == 0:
         raise ValueError("no epochs to choose from.")
-    return int(np.argmax(scores))
+    return int(np.argmax(scores)) if np.isfinite(scores).any() else len(scores) - 1
 
 
 def should_stop(val_aucs: list[float], patience: int) -> bool:
@@ -186,8 +190,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if self.folder is not None:
             self._save(done, best)
         log.info(
-            "%s epoch %d/%d: loss %.4f, val AUC %.4f (best %.4f, epoch %d)", self.label, done, self.config.epochs,
-            self.losses[-1], self.best.val_aucs[-1], self.best.val_aucs[best - 1], best,
+            "%s epoch %d/%d: loss %.4f, val AUC %s (best %s, epoch %d)", self.label, done, self.config.epochs,
+            self.losses[-1], metric_text(self.best.val_aucs[-1], 4), metric_text(self.best.val_aucs[best - 1], 4), best,
         )
 
     def _save(self, done: int, best: int) -> None:
@@ -514,6 +518,11 @@ def train_fold(
     tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
     inputs = fold_inputs(model_name, fold, rows, config, target=target, fold_dir=fold_dir, progress=progress)
     y_val = rows["val"]["target"].to_numpy(dtype=np.float32)
+    if len(np.unique(y_val)) < 2:
+        log.warning(
+            "%s fold %d: the validation rows are all of one class (a fold without a melanoma), so the validation AUC is "
+            "undefined: the last epoch is kept and nothing stops early; `folds` with a smaller --k puts a melanoma in every fold", model_name, fold,
+        )
     fitted = fit_fold(
         model_name, inputs, y_val, config=config, target=target, fold=fold, strategy=strategy, checkpoint_dir=fold_dir / CHECKPOINT_DIR, progress=progress,
     )
@@ -523,7 +532,7 @@ def train_fold(
     shutil.rmtree(fold_dir / CACHE_DIR, ignore_errors=True)
     write_json({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fold_dir / DONE_FILE)
     shutil.rmtree(fold_dir / CHECKPOINT_DIR, ignore_errors=True)
-    log.info("%s fold %d done: best val AUC %.4f at epoch %d", model_name, fold, history["best_val_auc"], history["best_epoch"] + 1)
+    log.info("%s fold %d done: best val AUC %s at epoch %d", model_name, fold, metric_text(history["best_val_auc"], 4), history["best_epoch"] + 1)
 
 
 def fold_history(
@@ -576,17 +585,18 @@ def train_pair(
     model_name: str, fold: int, train: pd.DataFrame, test: pd.DataFrame, *, config: CnnConfig, target: TargetSpec,
     run_dir: Path, progress: Progress, strategy: tf.distribute.Strategy,
 ) -> None:
-    """Train one pair under a heartbeat, unless it is done or another live process trains it; record a failure."""
+    """Train one pair under this job's claim, unless it is done or another live process trains it; record a failure."""
     fold_dir = pair_dir(run_dir, model_name, fold)
     if is_done(run_dir, model_name, fold):
         return
-    owner = other_live_owner(fold_dir, time.time())
-    if owner is not None:
-        log.warning("%s fold %d: skipped, %s pid %d is training it", model_name, fold, owner["host"], owner["pid"])
-        return
-    start_attempt(fold_dir)
-    held_out = train["fold"] == fold
-    with heartbeat(fold_dir):
+    with claimed(fold_dir, log.warning) as owner:
+        if owner is not None:
+            log.warning("%s fold %d: skipped, %s is training it", model_name, fold, owner.describe(time.time()))
+            return
+        if is_done(run_dir, model_name, fold):  # finished by the job that held it until now
+            return
+        start_attempt(fold_dir)
+        held_out = train["fold"] == fold
         rows = {"train": train[~held_out], "val": train[held_out], "test": test}
         try:
             try:

@@ -102,7 +102,10 @@ def _oof_above_validation(evidence: RunEvidence) -> list[str]:
             history = json.loads(history_file.read_text())
             in_fold = (model.oof["fold"] == history["fold"]).to_numpy()
             oof_auc = roc_auc(target[in_fold], model.oof["prob"].to_numpy()[in_fold])
-            best_val = float(np.nanmax(np.asarray(history["val_auc"], dtype=float)))
+            val_aucs = np.asarray(history["val_auc"], dtype=float)
+            if np.isnan(oof_auc) or np.isnan(val_aucs).all():  # a fold of one class: both AUCs undefined, nothing to compare
+                continue
+            best_val = float(np.nanmax(val_aucs))
             n_positive = int(target[in_fold].sum())
             chance = VALIDATION_TOLERANCE_SE * auc_standard_error(best_val, n_positive, int(in_fold.sum()) - n_positive)
             if oof_auc > best_val + max(VALIDATION_TOLERANCE, chance):

@@ -25,12 +25,14 @@ from ensemble.diagnostics import RunEvidence, leakage_warnings, stack_feature_ta
 from ensemble.figures import fold_auc_figure, importance_figure, pr_figure, reliability_figure, roc_figure, subgroup_figure
 from ensemble.provenance import run_provenance
 from ensemble.run_files import ModelPredictions, RunPredictions, load_run_predictions, rows_of
+from errors import RunStateError
 from evaluation.metrics import (
     METRICS,
     PROBABILITY_METRICS,
     bootstrap_ci,
     bootstrap_cis,
     expected_calibration_error,
+    metric_text,
     multiclass_summary,
     paired_bootstrap,
     per_fold,
@@ -41,8 +43,8 @@ from fusion.family_gain import ALL_INPUTS, FEATURES_ONLY
 from fusion.missingness import PATTERNS
 from metadata.extra_data import read_extra_summary
 from metadata.schema import SEXES, SITES
-from rundir.completion import writing
-from rundir.io import atomic_write, read_table, write_json, write_text
+from rundir.completion import require_complete, writing
+from rundir.io import atomic_write, read_json, read_table, write_json, write_text
 from rundir.layout import FAMILY_GAIN_FILE, FIGURES_DIR, HISTORY_FILE, MASKED_OOF_FILE, SKIPPED_FILE, RunLayout
 
 CI_LEVEL = 0.95
@@ -104,7 +106,8 @@ def cv_entries(predictions: RunPredictions, boot: Bootstrap) -> list[dict[str, o
         score = model.oof["prob"].to_numpy()
         entry = metric_entry(model.name, model.kind, model.is_probability, target, score=score, patients=patients, boot=boot)
         entry["fold_auc"] = per_fold(roc_auc, target, score, folds)
-        entry["fold_auc_sd"] = float(np.std(entry["fold_auc"]))
+        defined = [auc for auc in entry["fold_auc"] if not np.isnan(auc)]  # a fold of one class has none
+        entry["fold_auc_sd"] = float(np.std(defined)) if defined else float("nan")
         entries.append(entry)
     return entries
 
@@ -374,21 +377,15 @@ class Table:
     note: str = ""
 
 
-def _num(value: object, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
 def _decision_note(entry: dict) -> str:
     """How a multi-class entry's classes were predicted, with the plain argmax figure when they differ."""
     if entry["decision"] != "prior_adjusted":
         return ""
-    return f" (argmax of probability / training prior; plain argmax {_num(entry['balanced_accuracy_argmax'])})"
+    return f" (argmax of probability / training prior; plain argmax {metric_text(entry['balanced_accuracy_argmax'])})"
 
 
 def _with_ci(value: object, ci: list[float], digits: int = 3) -> str:
-    return f"{_num(value, digits)} [{_num(ci[0], digits)}, {_num(ci[1], digits)}]"
+    return f"{metric_text(value, digits)} [{metric_text(ci[0], digits)}, {metric_text(ci[1], digits)}]"
 
 
 # Column header -> the cell of one metric entry (CV or test set).
@@ -397,16 +394,16 @@ ENTRY_COLUMNS: dict[str, Callable[[dict], str]] = {
     "kind": lambda e: e["kind"],
     "ROC AUC [95% CI]": lambda e: _with_ci(e["auc"], e["auc_ci"]),
     "pAUC TPR>=0.8 [95% CI]": lambda e: _with_ci(e["pauc_80tpr"], e["pauc_80tpr_ci"], 4),
-    "sens @ 90% / 95% spec": lambda e: f"{_num(e['sens_at_90spec'])} / {_num(e['sens_at_95spec'])}",
-    "spec @ 90% / 95% sens": lambda e: f"{_num(e['spec_at_90sens'])} / {_num(e['spec_at_95sens'])}",
-    "AP": lambda e: _num(e["average_precision"]),
-    "Brier": lambda e: _num(e["brier"], 4),
-    "ECE": lambda e: _num(e["ece"], 4),
-    "top-15 sens": lambda e: _num(e["top15_sensitivity"]),
+    "sens @ 90% / 95% spec": lambda e: f"{metric_text(e['sens_at_90spec'])} / {metric_text(e['sens_at_95spec'])}",
+    "spec @ 90% / 95% sens": lambda e: f"{metric_text(e['spec_at_90sens'])} / {metric_text(e['spec_at_95sens'])}",
+    "AP": lambda e: metric_text(e["average_precision"]),
+    "Brier": lambda e: metric_text(e["brier"], 4),
+    "ECE": lambda e: metric_text(e["ece"], 4),
+    "top-15 sens": lambda e: metric_text(e["top15_sensitivity"]),
 }
 FOLD_COLUMNS: dict[str, Callable[[dict], str]] = {
-    "AUC per fold": lambda e: " ".join(_num(a) for a in e["fold_auc"]),
-    "fold SD": lambda e: _num(e["fold_auc_sd"]),
+    "AUC per fold": lambda e: " ".join(metric_text(a) for a in e["fold_auc"]),
+    "fold SD": lambda e: metric_text(e["fold_auc_sd"]),
 }
 CV_COLUMNS = {**ENTRY_COLUMNS, **FOLD_COLUMNS}
 # What fits a terminal: the ranking metrics and the fold spread.
@@ -435,7 +432,7 @@ def summary_tables(report: dict[str, object], cv_columns: dict[str, Callable[[di
                 "Stack vs best single CNN (paired patient bootstrap)",
                 ["model", "versus", "metric", "difference [95% CI]", "p (two-sided)"],
                 [
-                    [c["model"], c["versus"], c["metric"], _with_ci(c["difference"], c["ci"], 4), _num(c["p_value"], 4)]
+                    [c["model"], c["versus"], c["metric"], _with_ci(c["difference"], c["ci"], 4), metric_text(c["p_value"], 4)]
                     for c in report["stack_vs_best_cnn"]
                 ],
             )
@@ -452,8 +449,8 @@ def _missingness_table(report: dict[str, object]) -> Table | None:
         ["pattern", "images", "melanomas", "stack AUC [95% CI]", "CNN", "CNN AUC", "difference [95% CI]", "p", "ECE"],
         [
             [e["pattern"], str(e["n"]), str(e["n_melanoma"]), _with_ci(e["auc"], e["auc_ci"]), e["versus"] or "-",
-             _num(e.get("cnn_auc")), _with_ci(e["difference"], e["difference_ci"], 4) if "difference" in e else "-",
-             _num(e.get("p_value"), 4), _num(e["ece"], 4)]
+             metric_text(e.get("cnn_auc")), _with_ci(e["difference"], e["difference_ci"], 4) if "difference" in e else "-",
+             metric_text(e.get("p_value"), 4), metric_text(e["ece"], 4)]
             for e in report["missingness"]
         ],
         "Each row scores every OOF image as a lesion of that pattern would reach the stack: metadata fields blanked "
@@ -470,7 +467,7 @@ def _stack_features_table(report: dict[str, object]) -> Table | None:
         "Stack features: what the LightGBM stack used, and how much stacking adds over each feature alone",
         ["feature", "gain share", "AUC alone", "stack AUC minus AUC alone"],
         [
-            [f["feature"], _num(f["gain_share"]), _num(f["single_feature_auc"]), _num(f["stack_auc_minus_single"])]
+            [f["feature"], metric_text(f["gain_share"]), metric_text(f["single_feature_auc"]), metric_text(f["stack_auc_minus_single"])]
             for f in report["stack_features"]
         ],
         "AUC alone: the feature's own OOF AUC in its better direction (numeric features only).",
@@ -487,7 +484,7 @@ def _family_gain_table(report: dict[str, object]) -> Table | None:
         "Dermoscopy feature families: the stack with and without each (OOF, paired patient bootstrap)",
         ["family", "stack AUC with", "stack AUC without", "gain [95% CI]", "p (two-sided)"],
         [
-            [g["family"], _num(g["auc_with"]), _num(g["auc_without"]), _with_ci(g["difference"], g["ci"], 4), _num(g["p_value"], 4)]
+            [g["family"], metric_text(g["auc_with"]), metric_text(g["auc_without"]), _with_ci(g["difference"], g["ci"], 4), metric_text(g["p_value"], 4)]
             for g in gain["families"]
         ],
         f"Plain LightGBM stacks (rows as given, no masked copies, no calibration) on the run's folds. "
@@ -512,11 +509,11 @@ def report_tables(report: dict[str, object]) -> list[Table]:
     for entry in report["multiclass"]:
         tables.append(
             Table(
-                f"{entry['name']}: balanced accuracy {_num(entry['balanced_accuracy'])}{_decision_note(entry)}; "
+                f"{entry['name']}: balanced accuracy {metric_text(entry['balanced_accuracy'])}{_decision_note(entry)}; "
                 "confusion matrix (rows: true, columns: predicted)",
                 ["true \\ predicted", *entry["classes"], "one-vs-rest AUC"],
                 [
-                    [c, *(str(n) for n in counts), _num(entry["class_auc"][c])]
+                    [c, *(str(n) for n in counts), metric_text(entry["class_auc"][c])]
                     for c, counts in zip(entry["classes"], entry["confusion_matrix"])
                 ],
             )
@@ -635,20 +632,33 @@ def write_figures(figures: list[ReportFigure], folder: Path) -> None:
         atomic_write(folder / f"{figure.name}.png", lambda tmp, png=figure.png: tmp.write_bytes(png))
 
 
-def write_report(run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap()) -> dict[str, object]:
+def write_report(
+    run_dir: Path, table: pd.DataFrame | None = None, boot: Bootstrap = Bootstrap(), *, check_complete: bool = True
+) -> dict[str, object]:
     """Write RUN/report.json, RUN/report.html, RUN/report.md and its RUN/figures/; return the report.
 
     `table` is the run's canonical data table (optional): it adds the subgroup, multi-class and test-set sections.
+    The report records the stack it describes: once the stack is written again, it is stale (`read_report`).
+    `check_complete=False`: written by the `stack` stage itself, which has not finished yet.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    predictions = load_run_predictions(run_dir)
+    predictions = load_run_predictions(run_dir, check_complete=check_complete)
     report = build_report(run_dir, predictions, table, boot)
     figures = report_figures(report, predictions, run_dir)
     report["report_seconds"] = round(time.perf_counter() - started, 2)
-    with writing(run_dir, "report"):  # report.json, .html, .md and the figures: together or not at all
+    with writing(run_dir, "report", reads=("stack",)):  # report.json, .html, .md and the figures: together or not at all
         write_json(report, RunLayout(run_dir).report_json)
         write_text(render_html(report, figures), RunLayout(run_dir).report_html)
         write_figures(figures, run_dir / FIGURES_DIR)
         write_text(render_markdown(report, figures), RunLayout(run_dir).report_md)
     return report
+
+
+def read_report(run_dir: Path) -> dict[str, object]:
+    """RUN/report.json, refused when the report is incomplete or older than the stack it describes."""
+    require_complete(run_dir, "report")
+    found = read_json(RunLayout(run_dir).report_json)
+    if found is None:
+        raise RunStateError(f"{run_dir} has no report: run `python cli.py report --run {run_dir}` (or `stack`).")
+    return found

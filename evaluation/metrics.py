@@ -35,8 +35,29 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 ISIC_MIN_TPR = 0.80  # ISIC 2024's pAUC counts the ROC curve above 80% sensitivity
 
 
+UNDEFINED = "undefined"  # how a metric reads on rows of one class (a fold without a melanoma), where it has no value
+
+
+def metric_text(value: float | None, digits: int = 3) -> str:
+    """A metric for people: its value, `undefined` where it is NaN (one class only), `-` where there is none.
+
+    >>> metric_text(0.91234), metric_text(float("nan")), metric_text(None)
+    ('0.912', 'undefined', '-')
+    """
+    if value is None:
+        return "-"
+    return UNDEFINED if np.isnan(value) else f"{value:.{digits}f}"
+
+
 def auc_standard_error(auc: float, n_positive: int, n_negative: int) -> float:
-    """Hanley & McNeil (1982) standard error of an AUC: how far a fold's AUC moves by chance alone."""
+    """Hanley & McNeil (1982) standard error of an AUC: how far a fold's AUC moves by chance alone; NaN
+    (undefined) where the AUC is, on rows without a melanoma or without another lesion.
+
+    >>> auc_standard_error(float("nan"), 0, 300)
+    nan
+    """
+    if n_positive < 1 or n_negative < 1 or np.isnan(auc):
+        return float("nan")
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc**2) + (n_negative - 1) * (q2 - auc**2)) / (
         n_positive * n_negative

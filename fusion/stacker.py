@@ -23,7 +23,6 @@ from fusion.patient_context import (
     patient_metadata_context,
 )
 
-
 PARALLEL_PREDICT_ROWS = 20_000  # rows from which a prediction runs on every core (`LightGBMStacker.predict`)
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from cnn.outputs import cnn_names, read_cnn_outputs, run_cnn_outputs
 from cnn.pairs import require_finished_cnns
+from errors import DataError
 from fusion.cnn_scores import cnn_class_score_table
 from fusion.diagnosis_stack import cross_val_diagnosis_stack, diagnosis_classes, diagnosis_tables
 from fusion.family_gain import family_gain_scores
@@ -72,6 +73,18 @@ class StackFit:
     scoring_reference: dict[str, Any] = field(default_factory=dict)
 
 
+def require_learnable_folds(train: pd.DataFrame) -> None:
+    """Refuse a fold whose training rows (the other folds) are all of one class: no stack learns melanoma from them
+    (every melanoma of the run is in that fold)."""
+    target, folds = train["target"].to_numpy(dtype=int), train["fold"].to_numpy()
+    for fold in sorted(set(folds)):
+        if len(set(target[folds != fold])) < 2:
+            raise DataError(
+                f"fold {fold} holds every melanoma of the run ({int(target.sum())}), so the stack of fold {fold} would learn from "
+                "rows without one: add melanomas, or run `folds` again (another --seed, a smaller --k) so that two folds or more hold one."
+            )
+
+
 def fit_stack(inputs: StackInputs, *, num_boost_round: int = 300, seed: int = 0) -> StackFit:
     """Fit the LightGBM stack model (calibrated per missingness pattern), score the test rows with it,
     and fit the logistic-regression baseline, the feature families' gains and the diagnosis stack on
@@ -90,6 +103,7 @@ def fit_stack(inputs: StackInputs, *, num_boost_round: int = 300, seed: int = 0)
     (['logreg_oof.parquet', 'logreg_test.parquet', 'masked_oof.parquet', 'oof.parquet', 'oof_features.parquet', 'test.parquet'], ['image_id', 'patient_id', 'prob', 'score', 'pattern'])
     """
     train, test = inputs.train, inputs.test
+    require_learnable_folds(train)
     model = StackModel(num_boost_round=num_boost_round, seed=seed).fit(
         train, cnn_oof=inputs.cnn_oof, image_features=inputs.train_images, feature_recipe=inputs.feature_recipe
     )
@@ -219,7 +233,8 @@ def write_stack(run_dir: Path, fit: StackFit) -> None:
 
 def run_stack(table: pd.DataFrame, run_dir: Path, *, num_boost_round: int = 300, seed: int = 0) -> float:
     """Fit the stacker on the run's folds and write its outputs (together or, if interrupted, marked
-    incomplete); return its OOF AUC."""
+    incomplete); return its OOF AUC. The run's report then describes an older stack: it is stale until
+    `report` runs (the `stack` command writes both)."""
     fit = fit_run_stack(table, run_dir, num_boost_round=num_boost_round, seed=seed)
     with writing(run_dir, "stack"):
         write_stack(run_dir, fit)

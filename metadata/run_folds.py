@@ -19,6 +19,7 @@ from metadata.duplicates import NEAR_DUPLICATE_BITS, PUBLISHED_DUPLICATES, Image
 from metadata.extra_data import ExtraData, extra_training_rows, write_extra_data
 from metadata.folds import MAX_LINKED_PATIENTS, cut_chaining_links, fold_groups, source_folds, triple_stratified_folds
 from metadata.sources import DataSource
+from rundir.completion import writing
 from rundir.io import write_table
 from rundir.layout import RunLayout
 
@@ -105,10 +106,11 @@ def write_run_folds(
                     "raise --max-linked-patients to keep them"
                 )
         assigned = triple_stratified_folds(train, k=options.k, seed=options.seed, groups=fold_groups(train, pairs))
-    write_extra_data(run_dir, extra)
-    write_table(assigned, RunLayout(run_dir).folds)
+    with writing(run_dir, "folds"):  # the folds and the extra data they train with: together or not at all
+        write_extra_data(run_dir, extra)
+        write_table(assigned, RunLayout(run_dir).folds)
     result.folds, result.train = assigned, train
-    result.warnings += _patients_larger_than_a_fold(train, assigned)
+    result.warnings += _patients_larger_than_a_fold(train, assigned) + folds_without_a_class(train, assigned)
     return result
 
 
@@ -142,3 +144,35 @@ def _patients_larger_than_a_fold(train: pd.DataFrame, folds: pd.DataFrame) -> li
         "holds them all, and its model trains on the other patients only"
         for patient, count in per_patient[per_patient > share].items()
     ]
+
+
+def folds_without_a_class(train: pd.DataFrame, folds: pd.DataFrame) -> list[str]:
+    """A warning per fold without a melanoma (every metric on it that needs both classes is undefined, and the
+    CNNs of that fold keep their last epoch) or, where a diagnosis head can be trained (every image has a
+    diagnosis, 3 or more occur), without a diagnosis that occurs: the fix is fewer folds or more images of the class.
+
+    >>> train = pd.DataFrame({"image_id": list("abcdef"), "target": [1, 0, 0, 1, 0, 0], "diagnosis": ["MEL", "NV", "BCC", "MEL", "NV", "NV"]})
+    >>> [w.split(":")[0] for w in folds_without_a_class(train, train.assign(fold=[0, 0, 0, 1, 1, 1]))]
+    ['fold 1 holds no image of diagnosis BCC']
+    """
+    fold_of = train[["image_id"]].merge(folds[["image_id", "fold"]], on="image_id", how="left")["fold"].to_numpy()
+    melanomas = train["target"].to_numpy(dtype=int)
+    fewer = min(int(melanomas.sum()), len(set(fold_of)) - 1)
+    fix = f"use --k {fewer} or fewer, or add melanomas" if fewer >= 2 else "add melanomas: no split of so few puts one in every fold"
+    warnings = [
+        f"fold {fold} holds no melanoma ({int(melanomas.sum())} in all): its validation AUC and every per-fold metric that needs "
+        f"both classes are undefined, and its CNNs keep their last epoch; {fix}"
+        for fold in sorted(set(fold_of))
+        if melanomas[fold_of == fold].sum() == 0
+    ]
+    diagnosis = train["diagnosis"].astype("string")
+    if not diagnosis.notna().all() or diagnosis.nunique() < 3:
+        return warnings
+    for fold in sorted(set(fold_of)):
+        absent = sorted(set(diagnosis) - set(diagnosis[fold_of == fold]) - {"MEL"})  # a fold without MEL is warned about above
+        if absent:
+            warnings.append(
+                f"fold {fold} holds no image of diagnosis {', '.join(absent)}: their per-class AUCs on it are undefined; "
+                "use a smaller --k, or add images of those classes"
+            )
+    return warnings

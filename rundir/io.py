@@ -2,6 +2,8 @@
 
 Stages talk only through files, so every artifact is written atomically (temp file + rename):
 a crash never leaves a half-written table that a later stage could mistake for a finished one.
+The rename is durable too: the temp file is flushed to disk (`fsync`) before it, the folder after,
+so a power loss cannot leave a renamed but empty file (a zero-length parquet).
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ import pandas as pd
 from errors import RunStateError
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (a rename into it), to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` then rename the temp file onto `path`.
+    """Call `write(tmp_path)`, flush the temp file to disk, rename it onto `path` and flush the folder.
 
     The temp file keeps the target's extensions (`.tmp.weights.h5`), since some writers (Keras)
     choose the format by them; its leading dot and `.tmp` keep it from being read as an artifact.
@@ -32,9 +43,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
     return path
 
 

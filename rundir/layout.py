@@ -18,6 +18,9 @@
       submission.csv                stack: the primary stack's submission in the data's format
       report.{json,html,md}, figures/   report
       .incomplete/<stage>.json      a stage writing its outputs (left behind if it was interrupted)
+      .complete/<stage>.json        a stage's last finished outputs: when, an id, the ids of the stages it read
+      .lock/                        the command writing the run (rundir.lock): writer.json, or shared-<token>.json
+                                    per train-cnns job
 
 An exported bundle has its own layout (`BundleLayout`); the fitted stack model's files
 (`StackModelLayout`) are the same in both. A pretrained backbone (`pretrain --out`) is `BackboneLayout`.
@@ -205,6 +208,31 @@ class RunLayout(Folder):
     def incomplete(self, stage: str) -> Path:
         """The marker of `stage` while it writes (rundir.completion)."""
         return self.incomplete_dir / f"{stage}.json"
+
+    @property
+    def complete_dir(self) -> Path:
+        return self.root / ".complete"
+
+    def complete(self, stage: str) -> Path:
+        """The record of `stage`'s last finished outputs (rundir.completion)."""
+        return self.complete_dir / f"{stage}.json"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def writer_lock(self) -> Path:
+        """The lock file of the one command writing the run (rundir.lock)."""
+        return self.lock_dir / "writer.json"
+
+    def shared_lock(self, token: str) -> Path:
+        """The lock file of one job among those sharing the run (`train-cnns`)."""
+        return self.lock_dir / f"shared-{token}.json"
+
+    @property
+    def shared_locks(self) -> list[Path]:
+        return sorted(self.lock_dir.glob("shared-*.json"))
 
     def submission_file(self, submission_format: str) -> Path:
         """Where `submit` writes a format's CSV unless told otherwise."""

@@ -132,7 +132,7 @@ def test_each_shared_key_means_one_thing() -> None:
         for key, spec in options.items():
             declarations.setdefault(key, set()).add(id(spec.declaration))
     shared = sorted(key for key, found in declarations.items() if len(found) == 1 and sum(key in o for o in _commands().values()) > 1)
-    assert {"data", "run", "seed", "format", "metadata", "bundle", "color-constancy"} <= set(shared), shared
+    assert {"data", "run", "seed", "format", "metadata", "bundle", "color-constancy", "wait"} <= set(shared), shared
 
 
 def test_a_repeatable_option_takes_one_value_or_a_list_from_a_config() -> None:

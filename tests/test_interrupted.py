@@ -19,12 +19,13 @@ ORIGINAL_ATOMIC_WRITE = run_io.atomic_write
 
 
 @contextmanager
-def interrupted_at_write(k: int) -> Iterator[list[Path]]:
-    """Every atomic write of the project (whatever module imported it) raises Ctrl-C at its k-th call."""
+def interrupted_at_write(k: int | None = None, *, name: str | None = None) -> Iterator[list[Path]]:
+    """Every atomic write of the project (whatever module imported it) raises Ctrl-C at its k-th call, or at
+    the first write of a file called `name`."""
     written: list[Path] = []
 
     def write(path: Path, writer):  # noqa: ANN001, ANN202
-        if len(written) + 1 == k:
+        if len(written) + 1 == k or Path(path).name == name:
             raise KeyboardInterrupt
         written.append(Path(path))
         return ORIGINAL_ATOMIC_WRITE(path, writer)
@@ -107,3 +108,35 @@ def test_an_interrupted_assembly_of_a_cnn_is_refused_until_train_cnns_runs_again
     assert result.exit_code == 2 and "`train-cnns.small` was interrupted" in " ".join(result.output.split()), result.output
     assert runner.invoke(app, train).exit_code == 0  # finished pairs are skipped; the assembly is redone
     assert runner.invoke(app, ["stack", *common]).exit_code == 0
+
+
+def test_stack_interrupted_while_writing_its_report_is_refused_until_stack_runs_again(stacked_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    """The report is one of the stack's outputs: a new stack beside the old report is not a finished stack."""
+    run = tmp_path / "run"
+    shutil.copytree(stacked_run, run)
+    new_call = ["stack", "--data", str(tiny_cohort), "--run", str(run), "--rounds", "30", "--seed", "1"]
+    with interrupted_at_write(name="report.json"):
+        assert runner.invoke(app, new_call).exit_code == 130
+    for reader in (["submit", "--run", str(run), "--submission-format", "isic2020"], ["report", "--run", str(run), "--bootstrap", "20"]):
+        result = runner.invoke(app, reader)
+        assert result.exit_code == 2 and "`stack` was interrupted" in " ".join(result.output.split()), result.output
+    assert runner.invoke(app, new_call).exit_code == 0
+    assert runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020"]).exit_code == 0
+
+
+def test_a_report_older_than_its_stack_is_stale(stacked_run: Path, tiny_cohort: Path, tmp_path: Path) -> None:
+    from ensemble.report import read_report
+    from fusion.stage import run_stack
+    from metadata.dataset import run_data
+    from rundir.completion import IncompleteRunError
+
+    run = tmp_path / "run"
+    shutil.copytree(stacked_run, run)
+    assert read_report(run)["entries"]
+    run_stack(run_data(tiny_cohort, run).table, run, num_boost_round=10)  # the stack alone, through the library
+    with pytest.raises(IncompleteRunError, match="`report` is stale: it describes the outputs `stack` had when it finished .* `stack` ran again"):
+        read_report(run)
+    status = runner.invoke(app, ["status", "--run", str(run)])
+    assert status.exit_code == 0 and "stage report: `report` is stale" in " ".join(status.output.split()), status.output
+    assert runner.invoke(app, ["report", "--run", str(run), "--bootstrap", "20"]).exit_code == 0
+    assert read_report(run)["entries"]

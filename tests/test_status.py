@@ -15,17 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from cnn.pairs import (
-    STALE_AFTER_SECONDS,
-    heartbeat,
-    other_live_owner,
-    pair_dir,
-    require_finished_cnns,
-    run_status,
-    write_plan,
-)
+from cnn.pairs import claimed, pair_dir, require_finished_cnns, run_status, write_plan
 from errors import UserError
 from rundir.layout import HEARTBEAT_FILE
+from rundir.lock import STALE_AFTER_SECONDS, Holder, acquire, holding
 
 
 def _write(path: Path, content: dict) -> None:
@@ -126,19 +119,26 @@ def test_finished_pairs_are_assembled_when_their_job_died_before_assembling(tmp_
 def test_only_another_live_process_owns_a_pair(tmp_path: Path) -> None:
     folder = tmp_path / "fold0"
     now = time.time()
+    notes: list[str] = []
     for beat, owned in (
-        (_beat(os.getpid(), now), False),  # ourselves
+        (_beat(os.getppid(), now), True),  # a live process on this host
         (_beat(_dead_pid(), now), False),  # a dead process on this host
         (_beat(1, now, host="gpu-node-7"), True),  # another machine, recent
         (_beat(1, now - STALE_AFTER_SECONDS - 1, host="gpu-node-7"), False),  # another machine, silent too long
     ):
         _write(folder / HEARTBEAT_FILE, beat)
-        assert (other_live_owner(folder, now) is not None) == owned, beat
+        with claimed(folder, notes.append) as owner:
+            assert (owner is not None) == owned, beat
+            assert (Holder.read(folder / HEARTBEAT_FILE).pid == os.getpid()) != owned
+        assert (folder / HEARTBEAT_FILE).exists() == owned  # a claim is removed when its block ends, another's stays
+    assert len(notes) == 2 and all("took over" in n for n in notes), notes
 
 
-def test_heartbeat_refreshes_while_running_and_is_removed_after(tmp_path: Path) -> None:
+def test_a_claim_refreshes_its_heartbeat_while_held_and_is_removed_after(tmp_path: Path) -> None:
     path = tmp_path / HEARTBEAT_FILE
-    with heartbeat(tmp_path, interval=0.05):
+    holder = Holder.this_process("train-cnns")
+    assert acquire(path, holder, print) is None
+    with holding(path, holder, interval=0.05):
         first = json.loads(path.read_text())["updated"]
         time.sleep(0.3)
         assert json.loads(path.read_text())["updated"] > first

@@ -26,7 +26,7 @@ from joblib import Parallel, delayed
 
 from errors import DataError, RunStateError
 from fusion.image_features.families import FEATURE_FAMILIES, batch_features, check_families, family_columns
-from rundir.completion import require_complete, writing
+from rundir.completion import require_complete, stage_problem, writing
 from rundir.io import read_json, read_table, write_json, write_table
 from rundir.layout import RunLayout
 
@@ -115,7 +115,8 @@ def run_features(
     """
     layout = RunLayout(run_dir)
     rows = image_rows(table)
-    finished = read_json(layout.feature_recipe) if finished_recipe(run_dir) == recipe else None
+    previous = None if stage_problem(run_dir, "features") else read_json(layout.feature_recipe)  # an interrupted call's are redone
+    finished = previous if previous is not None and FeatureRecipe.from_json(previous["recipe"]) == recipe else None
     if finished is not None and read_table(layout.feature_table(recipe.families[0]), "features")["image_id"].astype(str).equals(rows["image_id"].astype(str)):
         if advance is not None:
             advance(len(rows))
