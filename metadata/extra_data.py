@@ -45,7 +45,8 @@ def _labelled_rows(source: DataSource, prefix: str) -> tuple[pd.DataFrame, dict[
     labelled = table[table["target"].notna()]
     rows = labelled.assign(
         source_image_id=labelled["image_id"], image_id=prefix + labelled["image_id"].astype(str),
-        patient_id=(prefix + labelled["patient_id"].astype("string")).astype(labelled["patient_id"].dtype),  # a missing id stays missing split="train", extra_data=str(source.data),
+        patient_id=(prefix + labelled["patient_id"].astype("string")).astype(labelled["patient_id"].dtype),  # a missing id stays missing
+        split="train", extra_data=str(source.data),
     )
     return rows, {**source.to_json(), "format": loaded.format_name, "images": int(len(table)), "unlabelled": int(len(table) - len(labelled)),
                   "diagnosis_unmapped": int((rows["diagnosis"].isna() | (rows["diagnosis"] == "UNK")).sum())}
