@@ -54,6 +54,8 @@ def isic9_halves(isic9: Path, ham: pd.DataFrame, out: Path, seed: int) -> dict[s
 def arm(args, name: str, extra: Path | None, external: Path) -> dict[str, object]:  # noqa: ANN001
     """One arm: train, export, validate on the external half; its figures."""
     run = args.run / name
+    for refitted in ("bundle", "validation"):  # the stack is refitted below (finished CNN pairs are kept): export and validate afresh
+        shutil.rmtree(run / refitted, ignore_errors=True)
     common = ["--data", str(args.data), "--run", str(run)]
     folds = ["folds", *common, "--k", str(args.k), *(["--extra-data", f"{extra},format=class-folders"] if extra else [])]
     seconds = run_cli_steps([
