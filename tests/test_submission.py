@@ -191,5 +191,6 @@ def test_submit_command(cohort_dir: Path, tmp_path: Path) -> None:
     with_data = ["--data", str(cohort_dir)]
     result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "isic2020", "--model", "small", *with_data])
     assert result.exit_code == 2 and "1 test id(s) missing" in _said(result.output)
-    result = runner.invoke(app, ["submit", "--run", str(run), "--format", "kaggle"])
-    assert result.exit_code == 2 and "choose one of ['isic2018', 'isic2019', 'isic2020', 'isic2024']" in _said(result.output)
+    result = runner.invoke(app, ["submit", "--run", str(run), "--submission-format", "kaggle"])
+    said = _said(result.output)
+    assert result.exit_code == 2 and "'kaggle' is not one of" in said and all(f"'{name}'" in said for name in SUBMISSION_FORMATS)
