@@ -188,19 +188,30 @@ def _note(message: str) -> None:
     console.print(f"[yellow]note:[/yellow] {escape(message)}")
 
 
+def _arguments_reader(command: Callable[..., None]) -> Callable[[tuple, dict], dict[str, Any]]:
+    """A function giving the arguments one call of `command` binds, by name, its defaults filled in."""
+    parameters = signature(command)
+
+    def arguments_of(args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = parameters.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    return arguments_of
+
+
 def holding_run_lock(command: Callable[..., None]) -> Callable[..., None]:
     """Run a command that writes RUN while it holds the run's lock (rundir.lock): a second writer refuses at
     once, naming the holder, or with --wait waits for it."""
     stage = command.__name__.replace("_", "-")
-    parameters = signature(command)
+    arguments_of = _arguments_reader(command)
 
     @functools.wraps(command)
     def locked(*args: Any, **kwargs: Any) -> None:
         from rundir.lock import run_lock
 
-        arguments = parameters.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        run, wait = Path(arguments.arguments["run"]), arguments.arguments["wait"]
+        arguments = arguments_of(args, kwargs)
+        run, wait = Path(arguments["run"]), arguments["wait"]
         with run_lock(run, stage, shared=stage in SHARED_WRITERS, wait=wait, note=_note):
             command(*args, **kwargs)
 
@@ -211,7 +222,7 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
     """Run a stage under the run's lock with RUN/log.txt attached: its resolved options go to RUN/config.json
     and the manifest before it starts, its wall time after it succeeds (called from Python, as `demo` does, too)."""
     stage = command.__name__.replace("_", "-")
-    parameters = signature(command)
+    arguments_of = _arguments_reader(command)
 
     @functools.wraps(command)
     def run_stage(*args: Any, **kwargs: Any) -> None:
@@ -219,10 +230,9 @@ def recorded_stage(command: Callable[..., None]) -> Callable[..., None]:
         from rundir.manifest import record_stage_seconds, record_stage_start
         from rundir.runlog import run_log
 
-        arguments = parameters.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        run = Path(arguments.arguments["run"])
-        options = {k: v for k, v in config_section(command_options(command), arguments.arguments).items() if k not in UNRECORDED_OPTIONS}
+        arguments = arguments_of(args, kwargs)
+        run = Path(arguments["run"])
+        options = {k: v for k, v in config_section(command_options(command), arguments).items() if k not in UNRECORDED_OPTIONS}
         with run_log(run):
             record_stage_start(run, stage, options)
             log.info("%s started", stage)

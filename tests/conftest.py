@@ -96,3 +96,13 @@ def browser():  # noqa: ANN201
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture(scope="module")
+def killpoints():  # noqa: ANN201
+    """The fork server that runs commands and kills them at chosen writes (tests/killpoints.py), one per test module."""
+    from killpoints import KillPoints
+
+    server = KillPoints()
+    yield server
+    server.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,13 +109,6 @@ def _crash_and_check(killpoints: KillPoints, command: Command, old_run: Path, tm
         assert again["code"] == 0 and command.outputs(run) == new, again["output"]
         assert not left or "took over the lock" in again["output"], again["output"]
     return set(outcomes.values())
-
-
-@pytest.fixture(scope="module")
-def killpoints() -> Iterator[KillPoints]:
-    server = KillPoints()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,6 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @pytest.fixture(scope="module")
-def killpoints() -> Iterator[KillPoints]:
-    server = KillPoints()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def small_bundle(killpoints: KillPoints, tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny cohort's run (one CNN of 16 px on 2 folds, one epoch) exported."""
     run = tmp_path_factory.mktemp("service_crash") / "run"

@@ -12,14 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename into it) to disk."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+from rundir.io import fsync_path
 
 
 class ImageStore:
@@ -52,7 +45,7 @@ class ImageStore:
             os.replace(temporary, target)
         finally:
             Path(temporary).unlink(missing_ok=True)
-        fsync_folder(target.parent)
+        fsync_path(target.parent)
         return sha256, True
 
     def stored(self) -> list[Path]:
