@@ -53,7 +53,7 @@ def site_images(isic9_external: Path, metadata_csv: Path, seed: int) -> pd.DataF
     files = pd.DataFrame({"path": sorted(isic9_external.glob("Train/*/*.jpg"))})
     files["image_id"] = files["path"].map(lambda p: p.stem)
     files["diagnosis"] = files["path"].map(lambda p: DIAGNOSIS_ALIASES[clean_text(pd.Series([p.parent.name]))[0]])
-    meta = pd.read_csv(metadata_csv).rename(columns={"image": "image_id"})[["image_id", "age_approx", "sex", "anatom_site_general"]]
+    meta = pd.read_csv(metadata_csv).rename(columns={"image": "image_id", "gender": "sex"})[["image_id", "age_approx", "sex", "anatom_site_general"]]
     files = files.merge(meta, on="image_id", how="left")
     rng = np.random.default_rng(seed)
     half = pd.Series("held_out", index=files.index)
