@@ -49,23 +49,24 @@ def labelled_subset(train: pd.DataFrame, fraction: float, seed: int) -> pd.DataF
     """`fraction` of the rows of each diagnosis (at least one), seeded."""
     if fraction >= 1:
         return train
-    return train.groupby("diagnosis", observed=True, group_keys=False).apply(
-        lambda rows: rows.sample(max(1, round(len(rows) * fraction)), random_state=seed)
-    )
+    diagnosis = train["diagnosis"].astype(str)
+    order = pd.Series(np.random.default_rng(seed).random(len(train)), index=train.index).groupby(diagnosis).rank(method="first")
+    wanted = np.maximum(1, (diagnosis.map(diagnosis.value_counts()) * fraction).round())
+    return train[order <= wanted]
 
 
 def fit_point(images: np.ndarray, rows: pd.DataFrame, external: np.ndarray, *, model: str, config: CnnConfig, spec: TargetSpec, fraction: float) -> dict:
     """Every fold fitted on `fraction` of its training labels: pooled OOF probabilities, training priors, external mean."""
     oof, priors, external_probs, seconds = np.zeros((len(rows), spec.n_outputs)), np.zeros((len(rows), spec.n_outputs)), [], []
-    for fold in sorted(rows["fold"].unique()):
+    for fold in sorted(int(f) for f in rows["fold"].unique()):  # Python ints: keras seeds refuse numpy ones
         started = time.perf_counter()
         keras.utils.set_random_seed(config.seed + fold)
         tf.random.set_global_generator(tf.random.Generator.from_seed(config.seed + fold))
         held_out = (rows["fold"] == fold).to_numpy()
         train = labelled_subset(rows[~held_out], fraction, config.seed + fold)
         y_train = spec.labels(train)
-        inputs = array_fold_inputs(images[train.index.to_numpy()], y_train, images[held_out], config=config, fold=int(fold), test_images=external)
-        fitted = fit_fold(model, inputs, rows.loc[held_out, "target"].to_numpy(np.float32), config=config, target=spec, fold=int(fold))
+        inputs = array_fold_inputs(images[train.index.to_numpy()], y_train, images[held_out], config=config, fold=fold, test_images=external)
+        fitted = fit_fold(model, inputs, rows.loc[held_out, "target"].to_numpy(np.float32), config=config, target=spec, fold=fold)
         oof[held_out] = predict_tta(fitted.model, inputs.val, config.tta)
         priors[held_out] = spec.training_prior(y_train, config.class_weight)
         external_probs.append(predict_tta(fitted.model, inputs.test, config.tta))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
@@ -198,11 +198,10 @@ class TriageService:
         records = [{"cnn_outputs": kept[lesion.image_sha256].cnn_outputs, "image_features": kept[lesion.image_sha256].image_features,
                     "diagnosis": kept[lesion.image_sha256].diagnosis} for lesion in lesions]
         predictions, _ = judge_lesions(self.bundle.stack, self._rows(lesions), assembled_inputs(self.bundle, records))
-        scored_at = utc_now()
-        scores = [self._score_row(lesion.lesion_id, row, actor, scored_at) for lesion, row in zip(lesions, predictions.itertuples())]
-        session.add_all(scores)
-        session.flush()
-        session.execute(update(Lesion), [{"lesion_id": lesion.lesion_id, "latest_score_id": score.score_id} for lesion, score in zip(lesions, scores)])
+        lesion_ids = [lesion.lesion_id for lesion in lesions]
+        # one multi-row INSERT ... RETURNING, not an ORM object per lesion: this part runs for every lesion of the patient
+        score_ids = session.scalars(insert(Score).returning(Score.score_id, sort_by_parameter_order=True), self._score_values(lesion_ids, predictions, actor)).all()
+        session.execute(update(Lesion), [{"lesion_id": lesion_id, "latest_score_id": score_id} for lesion_id, score_id in zip(lesion_ids, score_ids)])
 
     def _rows(self, lesions: list[Lesion]) -> pd.DataFrame:
         """The canonical rows of one patient's lesions, in their order (`image_id`: the position)."""
@@ -217,14 +216,18 @@ class TriageService:
             }
         )
 
-    def _score_row(self, lesion_id: int, row: object, actor: str, scored_at: object) -> Score:
-        classes = {class_of(name): float(getattr(row, name)) for name in row._fields if is_class_column(name)}
-        return Score(
-            lesion_id=lesion_id, bundle_sha256=self.bundle_sha256, bundle_version=self.bundle_version,
-            melanoma_probability=float(row.melanoma_probability), alert=bool(row.alert), alert_threshold=float(row.alert_threshold),
-            rank_in_patient=int(row.rank_in_patient), diagnosis=classes, missing_metadata=str(row.missing_metadata).split(), scored_by=actor, scored_at=scored_at,
-            pattern=str(row.pattern), operating_point=str(row.operating_point),
-        )
+    def _score_values(self, lesion_ids: list[int], predictions: pd.DataFrame, actor: str) -> list[dict[str, object]]:
+        """The `scores` rows of one scoring: a row per lesion (in `predictions`' order), one time for all."""
+        classes = predictions[[c for c in predictions.columns if is_class_column(c)]].astype(float)
+        diagnoses = classes.rename(columns=class_of).to_dict("records")
+        common = {"bundle_sha256": self.bundle_sha256, "bundle_version": self.bundle_version, "scored_by": actor, "scored_at": utc_now()}
+        return [
+            {**common, "lesion_id": lesion_id, "melanoma_probability": float(probability), "alert": bool(alert), "alert_threshold": float(threshold),
+             "rank_in_patient": int(rank), "diagnosis": diagnosis, "missing_metadata": str(missing).split(), "pattern": str(pattern), "operating_point": str(point)}
+            for lesion_id, probability, alert, threshold, rank, diagnosis, missing, pattern, point in zip(
+                lesion_ids, predictions["melanoma_probability"], predictions["alert"], predictions["alert_threshold"], predictions["rank_in_patient"],
+                diagnoses, predictions["missing_metadata"], predictions["pattern"], predictions["operating_point"])
+        ]
 
     def sweep_orphans(self, older_than_seconds: float = 3600) -> int:
         """Delete stored images no lesion refers to (left by failed uploads), if older than the given age."""
