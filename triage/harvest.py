@@ -24,7 +24,7 @@ from errors import DataError, RunStateError
 from triage.db.engine import database_engine, require_current
 from triage.db.models import Lesion
 from triage.schemas import BENIGN_NOT_BIOPSIED
-from triage.site import MELANOMA, latest_outcomes
+from triage.site import latest_outcomes, outcome_target
 from triage.store import ImageStore
 
 # Each outcome as the SIIM-ISIC 2020 layout's words, which its reader maps back (metadata.schema.DIAGNOSIS_ALIASES).
@@ -40,7 +40,7 @@ def harvest_table(session: Session) -> pd.DataFrame:
     columns = [Lesion.lesion_id, Lesion.patient_id, Lesion.sex, Lesion.age, Lesion.site, Lesion.image_sha256, Lesion.image_suffix]
     lesions = pd.DataFrame(session.execute(select(*columns).where(Lesion.lesion_id.in_(outcomes["lesion_id"].tolist()))).all(), columns=[c.key for c in columns])
     rows = lesions.merge(outcomes, on="lesion_id").sort_values("lesion_id")
-    melanoma = (rows["diagnosis"] == MELANOMA).astype(int)
+    melanoma = outcome_target(rows["diagnosis"]).astype(int)  # every harvested lesion has an outcome
     return pd.DataFrame({
         "image_name": [f"TRIAGE_{i:08d}" for i in rows["lesion_id"]], "patient_id": rows["patient_id"].to_numpy(), "sex": rows["sex"].to_numpy(),
         "age_approx": rows["age"].to_numpy(), "anatom_site_general_challenge": rows["site"].to_numpy(),

@@ -11,16 +11,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ensemble.bundle import file_sha256
+from metadata.schema import targets_from_diagnosis
 from rundir.layout import BundleLayout
 from triage.db.engine import database_engine, require_current
 from triage.db.models import Lesion, LesionInputs, Outcome, Score
 
-MELANOMA = "MEL"
-
 
 def outcome_target(diagnosis: pd.Series) -> pd.Series:
     """1 for a melanoma outcome, 0 for any other, NaN where none is known."""
-    return diagnosis.map(lambda d: float(d == MELANOMA) if isinstance(d, str) else float("nan"))
+    return targets_from_diagnosis(diagnosis).astype(float)
 
 
 def latest_outcomes(session: Session) -> pd.DataFrame:
